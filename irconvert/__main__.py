@@ -1,0 +1,5 @@
+"""`python -m irconvert` (also what torchrun runs)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,228 @@
+"""Stage 2, analyze: read the model's dataflow graph with torch.fx and record, for every conv/linear,
+the facts a binarization policy needs: is it the first layer (no conv/linear between it and the
+input), the last (its output reaches the model output without passing another conv/linear), a
+depthwise conv, and which activation modules feed it. Decisions come from the graph, not names.
+
+timm's non-traceable modules and functions are registered with the tracer (timm keeps the list), and
+every conv/linear is a leaf so subclasses with their own forward show up as one node. A conv/linear
+inside another leaf module is attributed to that module's node. When tracing fails, the analysis
+falls back to module order (first and last registered conv/linear, nearest preceding activation) and
+says so in `Analysis.warning`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .layers import SUPPORTED, can_binarize, fan_in, is_depthwise
+
+# Activations whose output is never negative: sign() of it is always +1, so a binary layer fed by
+# one sees no information. These are the ones the policy may replace by Hardtanh.
+RELU_FAMILY = (nn.ReLU, nn.ReLU6)
+
+# Nodes a sign can see through: they keep "never negative" true of their input.
+_TRANSPARENT_MODULES = (
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Upsample,
+)
+_TRANSPARENT_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.cat, torch.permute, torch.transpose, F.pad, F.max_pool2d,
+    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, F.interpolate,
+    operator.getitem,
+}
+_TRANSPARENT_METHODS = {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "mean", "float"}
+_RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.relu_, torch.relu_}
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What the graph says about one conv/linear layer."""
+
+    name: str
+    type_name: str
+    kind: str  # "conv" or "linear"
+    fan_in: int
+    out_channels: int
+    depthwise: bool
+    first: bool
+    last: bool
+    binarizable: bool  # weight laid out one row per output channel
+    feeders: tuple[str, ...] = ()  # ReLU-family modules whose output reaches this layer's input
+    functional_relu: bool = False  # fed by F.relu / torch.relu, which no module swap can reach
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Facts per conv/linear layer, in module order, and how they were found."""
+
+    layers: dict[str, LayerFacts]
+    traced: bool
+    warning: str | None = None
+    norm_after: dict[str, str] = field(default_factory=dict)  # conv name -> norm module right after it
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer with timm's leaf modules/functions registered and every conv/linear a leaf."""
+
+    def __init__(self):
+        self._timm_leaves: tuple[type, ...] = ()
+        functions: tuple = ()
+        try:
+            from timm.layers import _fx as timm_fx
+
+            self._timm_leaves = tuple(timm_fx.get_notrace_modules())
+            functions = tuple(timm_fx.get_notrace_functions())
+        except ImportError:  # timm is optional for user models
+            pass
+        super().__init__(autowrap_functions=functions)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, SUPPORTED) or (self._timm_leaves and isinstance(m, self._timm_leaves)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """Return the fx graph of `model` (raises whatever fx raises when it cannot trace)."""
+    return _Tracer().trace(model)
+
+
+def analyze(model: nn.Module) -> Analysis:
+    """Return the per-layer facts of `model`, from its fx graph or, if tracing fails, module order."""
+    try:
+        graph = trace(model)
+    except Exception as exc:  # any trace failure: the fallback still gives an answer
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return _analyze_module_order(
+            model, f"{type(model).__name__}: torch.fx could not trace the model ({reason}); "
+            "first/last layers and activations were found from module order instead"
+        )
+    return _analyze_graph(model, graph)
+
+
+def _weighted(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
+
+
+def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False) -> LayerFacts:
+    ok = can_binarize(m)
+    return LayerFacts(
+        name=name,
+        type_name=type(m).__name__,
+        kind="linear" if isinstance(m, nn.Linear) else "conv",
+        fan_in=fan_in(m) if ok else 0,
+        out_channels=int(m.weight.shape[0]) if ok else 0,
+        depthwise=is_depthwise(m),
+        first=first,
+        last=last,
+        binarizable=ok,
+        feeders=tuple(feeders),
+        functional_relu=functional,
+    )
+
+
+def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
+    modules = dict(model.named_modules())
+    weighted = _weighted(model)
+    nodes = list(graph.nodes)
+
+    def owner_names(node: fx.Node) -> list[str]:
+        """The conv/linear layers a call_module node runs (itself, or those inside a leaf)."""
+        if node.op != "call_module":
+            return []
+        if node.target in weighted:
+            return [node.target]
+        prefix = node.target + "."
+        return [n for n in weighted if n.startswith(prefix)]
+
+    is_w = {n: bool(owner_names(n)) for n in nodes}
+
+    # first: no weighted node upstream; last: a weighted-free path to the output downstream.
+    upstream = {}
+    for n in nodes:
+        upstream[n] = any(upstream[a] or is_w[a] for a in n.all_input_nodes)
+    free_to_out = {}
+    for n in reversed(nodes):
+        free_to_out[n] = n.op == "output" or any((not is_w[u]) and free_to_out[u] for u in n.users)
+
+    first, last, used = set(), set(), set()
+    for n in nodes:
+        names = owner_names(n)
+        if not names:
+            continue
+        used.update(names)
+        if not upstream[n]:
+            first.add(names[0])
+        if any(u.op == "output" or ((not is_w[u]) and free_to_out[u]) for u in n.users):
+            last.add(names[-1])
+
+    feeders: dict[str, tuple[set, bool]] = {}
+    norm_after: dict[str, str] = {}
+    for n in nodes:
+        if n.op == "call_module" and n.target in weighted and n.args:
+            found, functional = _find_relus(n.args[0], modules)
+            feeders[n.target] = (found, functional)
+            if len(n.users) == 1:
+                (u,) = n.users
+                if u.op == "call_module" and isinstance(modules.get(u.target), nn.modules.batchnorm._BatchNorm):
+                    norm_after[n.target] = u.target
+
+    layers = {}
+    for name, m in weighted.items():
+        found, functional = feeders.get(name, (set(), False))
+        layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional)
+    return Analysis(layers=layers, traced=True, norm_after=norm_after)
+
+
+def _find_relus(start, modules: dict[str, nn.Module]) -> tuple[set[str], bool]:
+    """Walk back from a layer's input through transparent nodes; return ReLU modules met, functional?"""
+    found: set[str] = set()
+    functional = False
+    stack, seen = [start], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            m = modules.get(n.target)
+            if isinstance(m, RELU_FAMILY):
+                found.add(n.target)
+                continue
+            act = getattr(m, "act", None)  # timm's norm+act layers (BatchNormAct2d, ...)
+            if isinstance(act, RELU_FAMILY) and not isinstance(m, SUPPORTED):
+                found.add(f"{n.target}.act")
+                continue
+            if isinstance(m, _TRANSPARENT_MODULES):
+                stack.extend(n.all_input_nodes)
+        elif n.op == "call_function":
+            if n.target in _RELU_FUNCTIONS:
+                functional = True
+            elif n.target in _TRANSPARENT_FUNCTIONS:
+                stack.extend(n.all_input_nodes)
+        elif n.op == "call_method":
+            if n.target in ("relu", "relu_"):
+                functional = True
+            elif n.target in _TRANSPARENT_METHODS:
+                stack.extend(n.all_input_nodes)
+    return found, functional
+
+
+def _analyze_module_order(model: nn.Module, warning: str) -> Analysis:
+    weighted = _weighted(model)
+    names = list(weighted)
+    layers = {}
+    last_relu: str | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, RELU_FAMILY):
+            last_relu = name
+        if name in weighted:
+            feeders = (last_relu,) if last_relu else ()
+            layers[name] = _facts(name, m, name == names[0], name == names[-1], feeders)
+    return Analysis(layers=layers, traced=False, warning=warning)

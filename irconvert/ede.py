@@ -1,0 +1,56 @@
+"""EDE, the Error Decay Estimator of IR-Net (Qin et al., CVPR 2020, Sec. 3.3).
+
+Forward: B = sign(x) with sign(0) = +1, so that every value is one bit.
+Backward: dL/dx = k * t * (1 - tanh^2(t * x)) * dL/dB, with
+    t = 10^(log10 T_min + (log10 T_max - log10 T_min) * progress),  T_min = 1e-3, T_max = 10,
+    k = max(1/t, 1),
+progress running 0 -> 1 over training: early on the estimator is the identity (k*t = 1 near x = 0,
+large support), late it approaches the true derivative of sign.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+T_MIN = 1e-3
+T_MAX = 10.0
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """Return sign(x) in {-1, +1} with sign(0) = +1 (torch.sign would give 0, a third value)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class EDESign(torch.autograd.Function):
+    """sign(x) forward, k * t * (1 - tanh^2(t x)) backward (IR-Net Eq. 10-11)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, t: float, k: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.t, ctx.k = t, k
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        th = torch.tanh(x * ctx.t)
+        return grad_out * (ctx.k * ctx.t) * (1 - th * th), None, None
+
+
+def ede_sign(x: torch.Tensor, t: float, k: float) -> torch.Tensor:
+    """Return sign(x) whose gradient is EDE's k * t * (1 - tanh^2(t x))."""
+    return EDESign.apply(x, t, k)
+
+
+def ede_t(progress: float, t_min: float = T_MIN, t_max: float = T_MAX) -> float:
+    """Return t = 10^(log10 t_min + (log10 t_max - log10 t_min) * progress), progress clamped to [0, 1]."""
+    p = min(max(float(progress), 0.0), 1.0)
+    lo, hi = math.log10(t_min), math.log10(t_max)
+    return 10.0 ** (lo + (hi - lo) * p)
+
+
+def ede_k(t: float) -> float:
+    """Return k = max(1/t, 1)."""
+    return max(1.0 / t, 1.0)

@@ -1,0 +1,130 @@
+"""Binary layers of IR-Net (Qin et al., "Forward and Backward Information Retention for Accurate
+Binary Neural Networks", CVPR 2020).
+
+A binary layer computes, for a conv or linear operator (*):
+
+    W1A1:   y = (s * B_w) (*) B_a + b,   B_w = sign(w_hat), s = 2^round(log2 mean|w_hat|),
+                                         w_hat = (w - mean w) / std w per output channel (Libra-PB),
+                                         B_a = sign(a), sign(0) = +1, no activation scale
+    W1A32:  y = (s * B_w) (*) a + b
+
+and backpropagates through both signs with EDE, k * t * (1 - tanh^2(t x)) (see `ede.py`).
+(The formulas above are the `irnet` method; `methods.py` holds the others.)
+
+Design: a binary layer is the original layer's own class with `BinaryMixin` in front of it. The
+mixin turns `self.weight` into a property that returns the binarized weight, and binarizes the
+input before calling the class's own `forward`. So a subclass with its own forward (timm's
+StdConv2d, Conv2dSame, ScaledStdConv2d, ...) keeps its padding and standardization untouched, the
+latent weight stays in `_parameters['weight']` (state_dict keys do not change), and no class is
+special-cased. `BinaryConv2d` and `BinaryLinear` are the two common instances; `binary_class`
+makes the others on demand.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .ede import T_MIN, ede_k
+from .methods import Binarizer
+
+MODES = ("W1A1", "W1A32")
+
+
+class BinaryMixin:
+    """Put in front of an nn.Conv*d / nn.Linear class: weight and input are binarized by `binarizer`.
+
+    Attributes set by `make_binary`: `binarizer` (a methods.Binarizer), `binary_mode` ('W1A1' or
+    'W1A32'), `ede_t` and `ede_k` (EDE's t and k, floats, not in the state_dict), and
+    `binary_frozen` (True in a model rebuilt from a packed file: the stored weight already is s*B).
+    """
+
+    @property
+    def weight(self) -> torch.Tensor:
+        latent = self._parameters["weight"]
+        if self.binary_frozen:
+            return latent
+        return self.binarizer.weight(latent, self)
+
+    @property
+    def latent_weight(self) -> torch.Tensor:
+        """The full-precision latent weight the optimizer updates."""
+        return self._parameters["weight"]
+
+    def forward(self, input, *args, **kwargs):
+        if self.binary_mode == "W1A1":
+            input = self.binarizer.activation(input, self)
+        return super().forward(input, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.binary_mode}, method={self.binarizer.name}"
+
+
+class BinaryConv2d(BinaryMixin, nn.Conv2d):
+    """IR-Net binary Conv2d: y = conv(B_a, s * B_w) + b (W1A1) or conv(a, s * B_w) + b (W1A32)."""
+
+
+class BinaryLinear(BinaryMixin, nn.Linear):
+    """IR-Net binary Linear: y = B_a (s * B_w)^T + b (W1A1) or a (s * B_w)^T + b (W1A32)."""
+
+
+class BinaryConv1d(BinaryMixin, nn.Conv1d):
+    """IR-Net binary Conv1d, the same equations as BinaryConv2d."""
+
+
+class BinaryConv3d(BinaryMixin, nn.Conv3d):
+    """IR-Net binary Conv3d, the same equations as BinaryConv2d."""
+
+
+_STATIC = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear, nn.Conv1d: BinaryConv1d, nn.Conv3d: BinaryConv3d}
+SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@functools.lru_cache(maxsize=None)
+def binary_class(cls: type) -> type:
+    """Return the binary version of layer class `cls` (BinaryMixin placed before it in the MRO)."""
+    if issubclass(cls, BinaryMixin):
+        return cls
+    if cls in _STATIC:
+        return _STATIC[cls]
+    doc = f"IR-Net binary version of {cls.__module__}.{cls.__qualname__} (see irconvert.layers)."
+    return type(f"Binary{cls.__name__}", (BinaryMixin, cls), {"__doc__": doc, "__module__": __name__})
+
+
+def can_binarize(module: nn.Module) -> bool:
+    """True if `module` is a conv/linear whose weight is laid out one row per output channel."""
+    if not isinstance(module, SUPPORTED) or isinstance(module, BinaryMixin):
+        return False
+    w = module._parameters.get("weight")
+    if not isinstance(w, torch.Tensor):
+        return False
+    out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    want_dim = 2 if isinstance(module, nn.Linear) else len(module.kernel_size) + 2
+    return w.dim() == want_dim and w.shape[0] == out
+
+
+def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1") -> nn.Module:
+    """Turn `module` into a binary layer in place (its class gains BinaryMixin) and return it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    module.__class__ = binary_class(type(module))
+    module.binarizer = binarizer
+    module.binary_mode = mode
+    module.binary_frozen = False
+    module.ede_t = T_MIN
+    module.ede_k = ede_k(T_MIN)
+    return module
+
+
+def fan_in(module: nn.Module) -> int:
+    """Return the number of weights per output channel."""
+    w = module._parameters["weight"]
+    return int(w[0].numel())
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """True for a conv with one input channel per group and more than one group."""
+    groups = getattr(module, "groups", 1)
+    return isinstance(module, nn.modules.conv._ConvNd) and groups > 1 and groups == module.in_channels

@@ -1,0 +1,162 @@
+"""Stage 1, load: build a timm or torchvision model, with weights from the hub or a local file.
+
+One function, `create_model`, is the only build path, and `_weights_source` the one place that
+decides where weights come from:
+    pretrained=False                      random init
+    pretrained=True                       the hub (timm's or torchvision's default weights; needs internet)
+    pretrained=PATH or weights=PATH       a local file: .safetensors, or a torch checkpoint read with
+                                          weights_only=True (never unpickled)
+For timm models a local file goes through timm's own mechanism (pretrained_cfg_overlay=dict(file=...)),
+so timm adapts the classifier to num_classes and the stem to in_chans exactly as for hub weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .errors import IRConvertError
+
+SOURCES = ("timm", "torchvision")
+
+
+def split_name(name: str, source: str | None = None) -> tuple[str, str]:
+    """Return (source, model name) from 'torchvision:resnet18', 'timm:resnet18' or a plain timm name."""
+    if ":" in name:
+        prefix, _, rest = name.partition(":")
+        if prefix in SOURCES:
+            return prefix, rest
+    return source or "timm", name
+
+
+def _suggest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """Return the tensors of a .safetensors file or a weights-only torch checkpoint (never unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IRConvertError(f"{path}: weights file not found; pass an existing .safetensors or .pth file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IRConvertError(f"{path}: cannot read weights ({str(exc).splitlines()[0][:160]}); "
+                             "use a .safetensors file or a torch state_dict saved with torch.save") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise IRConvertError(f"{path}: holds no state_dict of tensors; save model.state_dict() instead")
+    return obj
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str, head: tuple[str, ...] = ()) -> nn.Module:
+    """Load `state` into `model`; tensors of the `head` modules that do not fit are left at init."""
+    own = model.state_dict()
+    skipped = [k for k in state if k in own and own[k].shape != state[k].shape and k.rpartition(".")[0] in head]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing = [k for k in own if k not in state and k not in skipped]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or bad_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
+        raise IRConvertError(f"{origin}: weights do not fit the model ({'; '.join(parts)}); "
+                             "check the model name and its kwargs (num_classes, in_chans)")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _weights_source(pretrained: Union[bool, str, os.PathLike, None], weights: Union[str, os.PathLike, None]):
+    """Return None (random init), 'hub', or a local Path: the one place that decides."""
+    if weights is not None:
+        return Path(weights)
+    if pretrained is True:
+        return "hub"
+    if pretrained:
+        return Path(pretrained)
+    return None
+
+
+def create_model(
+    name: str,
+    source: str | None = None,
+    pretrained: Union[bool, str, os.PathLike, None] = False,
+    weights: Union[str, os.PathLike, None] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Return the model `name` (timm by default, 'torchvision:' prefix or source='torchvision')."""
+    source, name = split_name(name, source)
+    where = _weights_source(pretrained, weights)
+    if isinstance(where, Path) and not where.is_file():
+        raise IRConvertError(f"{where}: weights file not found; pass an existing .safetensors or .pth file")
+    if source == "timm":
+        return _create_timm(name, where, kwargs)
+    if source == "torchvision":
+        return _create_torchvision(name, where, kwargs)
+    raise IRConvertError(f"model.source: unknown source {source!r}; use one of {', '.join(SOURCES)}")
+
+
+def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise IRConvertError(f"model.name: unknown timm model {name!r}{_suggest(name, timm.list_models())}")
+    try:
+        if where is None:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        if where == "hub":
+            return timm.create_model(name, pretrained=True, **kwargs)
+        if where.suffix not in (".safetensors",):
+            read_state_dict(where)  # refuse anything that is not a weights-only checkpoint, clearly
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(where)), **kwargs)
+    except IRConvertError:
+        raise
+    except TypeError as exc:
+        raise IRConvertError(f"model.kwargs: timm model {name!r} rejects its arguments ({exc})") from None
+    except RuntimeError as exc:
+        if "state_dict" in str(exc) or "size mismatch" in str(exc):
+            first = " ".join(str(exc).split())[:300]
+            raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({first})") from None
+        raise
+
+
+def _create_torchvision(name: str, where, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise IRConvertError(f"model.name: unknown torchvision classifier {name!r}{_suggest(name, names)}")
+    try:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as exc:
+        raise IRConvertError(f"model.kwargs: torchvision model {name!r} rejects its arguments ({exc})") from None
+    if where is None:
+        return model
+    if where == "hub":
+        enum = torchvision.models.get_model_weights(name)
+        state = enum.DEFAULT.get_state_dict(progress=True)
+        origin = f"torchvision hub weights {enum.DEFAULT}"
+    else:
+        state, origin = read_state_dict(where), str(where)
+    return load_weights(model, state, origin, head=_head_names(model))
+
+
+def _head_names(model: nn.Module) -> tuple[str, ...]:
+    """Names of the classifier layers (the last conv/linear by graph), whose shape num_classes may change."""
+    from .analyze import analyze
+
+    return tuple(n for n, f in analyze(model).layers.items() if f.last)

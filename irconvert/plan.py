@@ -1,0 +1,171 @@
+"""Stage 3, plan: the binarization policy, and the per-layer decisions it gives on an Analysis.
+
+`Policy` is one small immutable object (it is also the `binarize:` section of a recipe).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .analyze import Analysis, LayerFacts
+from .methods import METHODS
+
+Decision = Literal["keep", "binary", "W1A1", "W1A32"]
+
+
+class Policy(BaseModel):
+    """Which conv/linear layers become binary, and how.
+
+    Each layer's decision is taken from the most specific rule that speaks about it, in this order
+    of precedence (lowest first; a later level overrides an earlier one):
+
+      1. global:     every binarizable conv/linear gets `mode` (W1A1 or W1A32) with `method`.
+      2. type:       `types` maps a class name (the layer's class or any base class, e.g.
+                     "Linear", "StdConv2d") to a decision.
+      3. structure:  `keep_first`, `keep_last`, `keep_depthwise` and `min_fan_in` keep layers full
+                     precision by what the graph says (first = no conv/linear between it and the
+                     input; last = its output reaches the model output without another one).
+      4. pattern:    `patterns` maps a glob ("blocks.*.attn.qkv") or a regex prefixed "re:" to a
+                     decision, matched against the full module name; when several match, the one
+                     written last wins.
+      5. exact name: `layers` maps a full module name to a decision.
+
+    A decision is "keep" (full precision), "binary" (binary in the global `mode`), "W1A1" or
+    "W1A32". Layers whose weight is not one row per output channel (CondConv2d's expert bank) are
+    always kept. `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by
+    Hardtanh(-1, 1) (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["W1A1", "W1A32"] = "W1A1"
+    method: str = "irnet"
+    keep_first: bool = True
+    keep_last: bool = True
+    keep_depthwise: bool = True
+    min_fan_in: int = Field(0, ge=0)
+    types: dict[str, Decision] = Field(default_factory=dict)
+    patterns: dict[str, Decision] = Field(default_factory=dict)
+    layers: dict[str, Decision] = Field(default_factory=dict)
+    hardtanh: Optional[bool] = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("patterns")
+    @classmethod
+    def _valid_patterns(cls, v: dict) -> dict:
+        for p in v:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"pattern {p!r} is not a valid regex ({e})") from None
+        return v
+
+    @property
+    def replace_relu(self) -> bool:
+        """Whether ReLU-family modules feeding W1A1 layers become Hardtanh."""
+        return self.mode == "W1A1" if self.hardtanh is None else self.hardtanh
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's decision: mode is None for a layer kept full precision; reason says which rule."""
+
+    name: str
+    mode: Optional[str]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Decisions for every conv/linear, the activations to replace, and warnings to show the user."""
+
+    policy: Policy
+    layers: dict[str, LayerPlan]
+    hardtanh: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def binary(self) -> list[str]:
+        """Names of the layers that become binary."""
+        return [n for n, p in self.layers.items() if p.mode is not None]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _resolve(decision: str, policy: Policy) -> Optional[str]:
+    if decision == "keep":
+        return None
+    return policy.mode if decision == "binary" else decision
+
+
+def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> LayerPlan:
+    """Return the decision for one layer by the precedence written in `Policy`'s docstring."""
+    if not facts.binarizable:
+        return LayerPlan(facts.name, None, "weight is not one row per output channel")
+    mode, reason = policy.mode, "global"
+    for t in mro_names:
+        if t in policy.types:
+            mode, reason = _resolve(policy.types[t], policy), f"type {t}"
+            break
+    structural = [
+        (policy.keep_first and facts.first, "first layer"),
+        (policy.keep_last and facts.last, "last layer"),
+        (policy.keep_depthwise and facts.depthwise, "depthwise"),
+        (facts.fan_in < policy.min_fan_in, f"fan-in {facts.fan_in} < min_fan_in {policy.min_fan_in}"),
+    ]
+    for hit, why in structural:
+        if hit:
+            mode, reason = None, why
+            break
+    for pat, dec in policy.patterns.items():
+        if _matches(pat, facts.name):
+            mode, reason = _resolve(dec, policy), f"pattern {pat}"
+    if facts.name in policy.layers:
+        mode, reason = _resolve(policy.layers[facts.name], policy), "name"
+    return LayerPlan(facts.name, mode, reason)
+
+
+def plan(analysis: Analysis, policy: Policy, layer_types: dict[str, type]) -> Plan:
+    """Return the Plan of `policy` over `analysis`; `layer_types` maps layer names to their classes."""
+    unknown = [n for n in policy.layers if n not in analysis.layers]
+    warnings = [analysis.warning] if analysis.warning else []
+    if unknown:
+        warnings.append(f"binarize.layers names no conv/linear layer: {', '.join(unknown)}")
+    layers = {}
+    for name, facts in analysis.layers.items():
+        mro = tuple(c.__name__ for c in layer_types[name].__mro__)
+        layers[name] = decide(facts, policy, mro)
+
+    hardtanh: set[str] = set()
+    functional = []
+    if policy.replace_relu:
+        for name, lp in layers.items():
+            if lp.mode != "W1A1":
+                continue
+            hardtanh.update(analysis.layers[name].feeders)
+            if analysis.layers[name].functional_relu:
+                functional.append(name)
+    if functional:
+        warnings.append(
+            f"{len(functional)} W1A1 layer(s) are fed by a functional relu (F.relu/torch.relu) that no "
+            f"module swap can reach, so their binary input is always +1: {', '.join(functional[:5])}"
+            + (" ..." if len(functional) > 5 else "")
+            + "; keep them with binarize.patterns or use W1A32"
+        )
+    return Plan(policy=policy, layers=layers, hardtanh=tuple(sorted(hardtanh)), warnings=tuple(warnings))
