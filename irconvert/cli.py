@@ -55,7 +55,7 @@ def _parse_size(text: str | None) -> tuple[int, ...] | None:
 def summary_cmd(model, weights, mode, method, input_size, num_classes):
     """Print the per-layer summary of MODEL binarized with the default policy."""
     from . import binarize, summary
-    from .load import create_model
+    from .models import create_model
     from .plan import Policy
 
     kwargs = {"num_classes": num_classes} if num_classes else {}

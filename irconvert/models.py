@@ -1,4 +1,4 @@
-"""Stage 1, load: build a timm or torchvision model, with weights from the hub or a local file.
+"""Stage 1, load the model: build a timm or torchvision model, with weights from the hub or a local file.
 
 One function, `create_model`, is the only build path, and `_weights_source` the one place that
 decides where weights come from:
@@ -104,10 +104,14 @@ def create_model(
     if isinstance(where, Path) and not where.is_file():
         raise IRConvertError(f"{where}: weights file not found; pass an existing .safetensors or .pth file")
     if source == "timm":
-        return _create_timm(name, where, kwargs)
-    if source == "torchvision":
-        return _create_torchvision(name, where, kwargs)
-    raise IRConvertError(f"model.source: unknown source {source!r}; use one of {', '.join(SOURCES)}")
+        model = _create_timm(name, where, kwargs)
+    elif source == "torchvision":
+        model = _create_torchvision(name, where, kwargs)
+    else:
+        raise IRConvertError(f"model.source: unknown source {source!r}; use one of {', '.join(SOURCES)}")
+    # what the exporter writes so that a file can rebuild the architecture without this call
+    model.irconvert_origin = {"name": name, "source": source, "kwargs": dict(kwargs)}
+    return model
 
 
 def _create_timm(name: str, where, kwargs: dict) -> nn.Module:

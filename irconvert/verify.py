@@ -1,0 +1,107 @@
+"""Stage 7, verify: rebuild a model from a written file and check it reproduces the trained one.
+
+`load_packed(path)` rebuilds from packed.safetensors alone: the architecture from the metadata
+(model name, source, kwargs), the binary layers from the stored plan, their weights s * B from the
+packed bits and exponents (frozen: the layer uses them as they are). `load(path)` rebuilds the
+latent, trainable model from model.safetensors. Both give the trained model's eval outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import IRConvertError
+from .layers import BinaryMixin
+from .plan import LayerPlan, Plan, Policy
+from .swap import swap
+from .write import LATENT_FORMAT, PACKED_FORMAT, read
+
+
+def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Module:
+    """Return the unbinarized architecture: `model` if given, else built from the metadata."""
+    try:
+        origin = json.loads(meta.get("model") or "null")
+        policy = Policy.model_validate_json(meta["policy"])
+        decisions = json.loads(meta["plan"])
+        hardtanh = tuple(json.loads(meta["hardtanh"]))
+    except (KeyError, ValueError) as exc:
+        raise IRConvertError(f"{path}: metadata is incomplete or invalid ({exc}); export it again") from None
+    if model is None:
+        if not origin:
+            raise IRConvertError(f"{path}: made from a user model with no registered name; "
+                                 "pass the unconverted architecture: load_packed(path, model=MyNet())")
+        from .models import create_model
+
+        model = create_model(origin["name"], origin["source"], pretrained=False, **origin.get("kwargs", {}))
+    elif any(isinstance(m, BinaryMixin) for m in model.modules()):
+        raise IRConvertError("load: pass the unconverted architecture as model=, not a binarized one")
+    try:
+        layers = {n: LayerPlan(n, mode, "from file") for n, mode in decisions.items()}
+        for n in layers:
+            model.get_submodule(n)
+        return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=()))
+    except AttributeError as exc:
+        raise IRConvertError(f"{path}: its layers do not fit this architecture ({exc})") from None
+
+
+def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
+    """Return the binarized, trainable model stored in model.safetensors (latent weights)."""
+    tensors, meta = read(path, LATENT_FORMAT)
+    net = _skeleton(meta, path, model)
+    _load_strict(net, tensors, path)
+    return net
+
+
+def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
+    """Return the deployment model rebuilt from packed.safetensors alone (binary weights frozen to s*B)."""
+    from .pack import binary_weight
+
+    tensors, meta = read(path, PACKED_FORMAT)
+    net = _skeleton(meta, path, model)
+    try:
+        layers = json.loads(meta["layers"])
+    except (KeyError, ValueError):
+        raise IRConvertError(f"{path}: metadata has no valid 'layers' entry; export it again") from None
+    for name, m in net.named_modules():
+        if not isinstance(m, BinaryMixin):
+            continue
+        try:
+            bits, exp = tensors.pop(f"{name}.weight.bits"), tensors.pop(f"{name}.weight.exp")
+            shape = tuple(layers[name]["shape"])
+            w = binary_weight(bits, exp, shape)
+        except (KeyError, RuntimeError) as exc:
+            raise IRConvertError(f"{path}: packed weight of layer {name} is missing or malformed ({exc})") from None
+        if w.shape != m.latent_weight.shape:
+            raise IRConvertError(f"{path}: layer {name} has shape {tuple(w.shape)}, model expects "
+                                 f"{tuple(m.latent_weight.shape)}")
+        m._parameters["weight"] = nn.Parameter(w.to(m.latent_weight.dtype), requires_grad=False)
+        m.binary_frozen = True
+        tensors[f"{name}.weight"] = m._parameters["weight"].data
+    _load_strict(net, tensors, path)
+    return net.eval()
+
+
+def _load_strict(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    result = net.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise IRConvertError(f"{path}: tensors do not fit the model (missing: {result.missing_keys[:3]}, "
+                             f"unexpected: {result.unexpected_keys[:3]}); export it again")
+
+
+@torch.no_grad()
+def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Return max |a(x) - b(x)| in eval mode (outputs flattened over tuples)."""
+    was = a.training, b.training
+    a.eval(), b.eval()
+    try:
+        ya, yb = a(x), b(x)
+    finally:
+        a.train(was[0]), b.train(was[1])
+    ya = ya if isinstance(ya, (tuple, list)) else [ya]
+    yb = yb if isinstance(yb, (tuple, list)) else [yb]
+    return max(float((p - q).abs().max()) for p, q in zip(ya, yb))
