@@ -44,7 +44,10 @@ def from_fan_in_order(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tenso
     """Inverse of fan_in_order: [out, fan_in] back to the weight's own shape (OIHW)."""
     if len(shape) > 2:
         ohwi = (shape[0], *shape[2:], shape[1])
-        return rows.reshape(ohwi).permute(0, len(shape) - 1, *range(1, len(shape) - 1)).contiguous()
+        w = rows.reshape(ohwi).permute(0, len(shape) - 1, *range(1, len(shape) - 1))
+        # .contiguous() keeps odd strides on size-1 dims (a 1x1 kernel), which makes conv kernels
+        # pick the channels-last path and round differently from the trained model
+        return w.clone(memory_format=torch.contiguous_format)
     return rows.reshape(shape)
 
 
