@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -37,7 +38,8 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
                                  "pass the unconverted architecture: load_packed(path, model=MyNet())")
         from .models import create_model
 
-        model = create_model(origin["name"], origin["source"], pretrained=False, **origin.get("kwargs", {}))
+        model = create_model(origin["name"], origin["source"], pretrained=False, adapt=origin.get("adapt"),
+                             **origin.get("kwargs", {}))
     elif any(isinstance(m, BinaryMixin) for m in model.modules()):
         raise IRConvertError("load: pass the unconverted architecture as model=, not a binarized one")
     try:
@@ -87,6 +89,10 @@ def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> n
 
 
 def _load_strict(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    # safetensors keeps no state_dict metadata; modules that check their saved version when loading
+    # (torchvision's MNASNet) get the versions of the architecture just built, which wrote the file
+    tensors = OrderedDict(tensors)
+    tensors._metadata = getattr(net.state_dict(), "_metadata", None)
     result = net.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise IRConvertError(f"{path}: tensors do not fit the model (missing: {result.missing_keys[:3]}, "
