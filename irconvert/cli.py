@@ -72,6 +72,27 @@ def summary_cmd(model, weights, mode, method, input_size, num_classes):
     click.echo(str(summary(b, _parse_size(input_size))))
 
 
+@cli.command("convert")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help="Recipe YAML (see recipes/).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local pretrained weights (.safetensors or .pth).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: the recipe's output.dir).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. train.epochs=2.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
+@click.option("--seed", type=int, help="Seed (train.seed).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N (train.device).")
+def convert_cmd(models, recipe_path, weights, out, overrides, resume, overwrite, seed, device):
+    """Convert MODEL with a recipe: load, fine-tune, binarize, distill, evaluate, export."""
+    from .convert import convert
+
+    if len(models) > 1:
+        raise IRConvertError("several models in one call: batch conversion is not available yet; convert one at a time")
+    convert(models[0], recipe_path, out=out, weights=weights, overrides=tuple(overrides), resume=resume,
+            overwrite=overwrite, seed=seed, device=device, log=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors become one line on stderr and exit code 2."""
     try:

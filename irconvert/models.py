@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -96,9 +96,14 @@ def create_model(
     source: str | None = None,
     pretrained: Union[bool, str, os.PathLike, None] = False,
     weights: Union[str, os.PathLike, None] = None,
+    adapt: Optional[dict] = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Return the model `name` (timm by default, 'torchvision:' prefix or source='torchvision')."""
+    """Return the model `name` (timm by default, 'torchvision:' prefix or source='torchvision').
+
+    `adapt` holds the input fixes of `adapt_input` (in_chans, first_stride, stem_pool), applied
+    after the weights are loaded; kwargs go to the model's constructor.
+    """
     source, name = split_name(name, source)
     where = _weights_source(pretrained, weights)
     if isinstance(where, Path) and not where.is_file():
@@ -109,8 +114,45 @@ def create_model(
         model = _create_torchvision(name, where, kwargs)
     else:
         raise IRConvertError(f"model.source: unknown source {source!r}; use one of {', '.join(SOURCES)}")
+    adapt = {k: v for k, v in (adapt or {}).items() if v is not None}
+    adapt_input(model, **adapt)
     # what the exporter writes so that a file can rebuild the architecture without this call
-    model.irconvert_origin = {"name": name, "source": source, "kwargs": dict(kwargs)}
+    model.irconvert_origin = {"name": name, "source": source, "kwargs": dict(kwargs), "adapt": adapt}
+    return model
+
+
+def adapt_input(model: nn.Module, in_chans: Optional[int] = None, first_stride: Optional[int] = None,
+                stem_pool: bool = True) -> nn.Module:
+    """Fit the stem to other images, in place: input channels (pretrained filters summed or repeated,
+    as timm does), the first conv's stride, and (stem_pool=False) no max-pool right after the stem.
+    The state_dict keys stay the same, so pretrained weights still load."""
+    if in_chans is None and first_stride is None and stem_pool:
+        return model
+    from .analyze import trace
+
+    graph = trace(model)
+    convs = [n for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Conv2d)]
+    if not convs:
+        raise IRConvertError(f"model: {type(model).__name__} has no Conv2d stem to adapt")
+    stem_node = convs[0]
+    stem = model.get_submodule(stem_node.target)
+    if in_chans is not None and in_chans != stem.in_channels:
+        from timm.models import adapt_input_conv
+
+        with torch.no_grad():
+            stem.weight = nn.Parameter(adapt_input_conv(in_chans, stem.weight.detach()))
+        stem.in_channels = in_chans
+    if first_stride is not None:
+        stem.stride = (first_stride,) * len(stem.stride)
+    if not stem_pool:
+        nodes = list(graph.nodes)
+        for n in nodes[nodes.index(stem_node):]:
+            if n.op == "call_module" and isinstance(model.get_submodule(n.target), (nn.MaxPool2d,)):
+                parent, _, child = n.target.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+                break
+            if n is not stem_node and n in convs:
+                break
     return model
 
 

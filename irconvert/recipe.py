@@ -1,0 +1,218 @@
+"""The recipe: one validated YAML file that describes a whole conversion run.
+
+Sections: model, data, teacher, binarize (the Policy), train, output. Unknown keys are errors.
+A recipe may start with `extends: other.yaml` (a path relative to the recipe's folder): the other
+recipe is loaded first and this one's keys are merged over it, section by section.
+`--set key.path=value` overrides are applied after merging, with YAML typing of the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import IRConvertError
+from .plan import Policy
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Which network to convert and how to build it."""
+
+    name: str
+    source: Literal["timm", "torchvision"] = "timm"
+    pretrained: Union[bool, str] = False  # true: the hub; a path: a local .safetensors / .pth
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # constructor kwargs: num_classes, in_chans, ...
+    first_stride: Optional[int] = Field(None, ge=1)  # small images: stride of the first conv
+    stem_pool: bool = True  # small images: false drops the max-pool right after the stem
+
+
+class DataSection(_Section):
+    """Where the images come from and how they are batched."""
+
+    dataset: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder"]
+    root: Optional[str] = None  # default: Debian's /usr/share/datasets/<name>, else ./data
+    download: bool = True  # torchvision download where the files are not found (needs internet)
+    image_size: Optional[int] = Field(None, ge=8)  # default: the dataset's own (28, 32) or 224
+    batch_size: int = Field(128, ge=1)
+    val_batch_size: Optional[int] = Field(None, ge=1)
+    workers: int = Field(0, ge=0)
+    subset: Optional[int] = Field(None, ge=1)  # first N training images (a fixed random subset)
+    val_subset: Optional[int] = Field(None, ge=1)
+    hflip: float = Field(0.5, ge=0, le=1)
+    crop_padding: int = Field(0, ge=0)  # small datasets: random crop after zero padding
+    timm_transform: dict[str, Any] = Field(default_factory=dict)  # imagefolder: timm create_transform kwargs
+
+
+class Schedule(_Section):
+    """An optimization schedule (timm's optimizer and scheduler factories)."""
+
+    epochs: int = Field(1, ge=1)
+    optimizer: str = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)  # quick runs and tests
+
+
+class TeacherSection(_Section):
+    """The full-precision model: optionally fine-tuned on the recipe's data, then the KD teacher."""
+
+    finetune: Optional[Schedule] = None
+
+
+class EDESection(_Section):
+    """EDE's t schedule: t = 10^(log10 t_min + (log10 t_max - log10 t_min) * progress)."""
+
+    t_min: float = Field(1e-3, gt=0)
+    t_max: float = Field(10.0, gt=0)
+    update: Literal["step", "epoch"] = "step"
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.t_max < self.t_min:
+            raise ValueError(f"t_max ({self.t_max}) must not be below t_min ({self.t_min})")
+        return self
+
+
+class DistillSection(_Section):
+    """Knowledge distillation from the teacher: loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE."""
+
+    enabled: bool = True
+    alpha: float = Field(0.9, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)
+
+
+class TrainSection(Schedule):
+    """The binary fine-tune: a Schedule plus EDE, distillation, precision and seed."""
+
+    ede: EDESection = Field(default_factory=EDESection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    seed: int = 0
+    device: str = "auto"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        # YAML 1.1 reads a bare `off` as false
+        return "off" if v is False else v
+
+
+class OutputSection(_Section):
+    """What a run writes, and where."""
+
+    dir: Optional[str] = None  # default: runs/<model name>
+    export: bool = True  # model.safetensors and packed.safetensors
+    plot: bool = True  # curves.png
+    checkpoint: bool = True  # checkpoint.pt at the end of every epoch (for --resume)
+
+
+class Recipe(_Section):
+    """A whole conversion run."""
+
+    model: ModelSection
+    data: DataSection
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    binarize: Policy = Field(default_factory=Policy)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def digest(self) -> str:
+        """Return a short hash of everything that shapes the result (not the output section)."""
+        body = self.model_dump(mode="json", exclude={"output"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        """Return the resolved recipe as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise IRConvertError(f"{path}: recipe not found; pass an existing YAML file (see recipes/)")
+    if path.resolve() in chain:
+        raise IRConvertError(f"{path}: 'extends' loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise IRConvertError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise IRConvertError(f"{path}: a recipe is a YAML mapping of sections (model, data, ...)")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_yaml((path.parent / str(parent)), chain + (path.resolve(),))
+    return _merge(base, raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return `raw` with each 'a.b.c=value' applied (value parsed as YAML)."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise IRConvertError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=2")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise IRConvertError(f"--set {item!r}: {p} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def validate(raw: dict, origin: str = "recipe") -> Recipe:
+    """Return the Recipe of a raw mapping, or raise IRConvertError naming field, value and what is allowed."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        errs = exc.errors()
+        e = errs[0]
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against the recipe fields in README.md"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+        raise IRConvertError(f"{origin}: {loc}: {msg}{more}") from None
+
+
+def load_recipe(path: Union[str, os.PathLike], overrides: list[str] = ()) -> Recipe:
+    """Return the validated Recipe in `path` (with `extends` resolved and `overrides` applied)."""
+    path = Path(path)
+    raw = apply_overrides(_read_yaml(path), list(overrides))
+    return validate(raw, str(path))

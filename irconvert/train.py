@@ -1,0 +1,180 @@
+"""Stage 5, train: one fine-tuning loop for both stages (the FP teacher, then the binary student).
+
+The binary stage distills from the teacher (KL at temperature T, weighted with the label loss) and
+moves EDE's t from t_min to t_max over its steps. Optimizer and LR schedule come from timm's
+factories. Every epoch starts from a seed derived from (seed, stage, epoch), so a run resumed from
+an epoch's checkpoint continues exactly as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .ede import ede_t
+from .errors import IRConvertError
+from .recipe import DistillSection, EDESection, Schedule
+from .swap import binary_layers, set_ede
+
+
+class Diverged(IRConvertError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Stage:
+    """What one call of `fit` trains: the model, its schedule, and for the binary stage KD and EDE."""
+
+    name: str
+    model: nn.Module
+    schedule: Schedule
+    seed: int
+    teacher: Optional[nn.Module] = None
+    distill: Optional[DistillSection] = None
+    ede: Optional[EDESection] = None
+    amp: str = "off"
+    history: list[dict] = field(default_factory=list)
+
+
+def logits_of(out) -> torch.Tensor:
+    """Return the logits of a model output (the first element of tuple outputs such as GoogLeNet's)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Return T^2 * KL(softmax(teacher/T) || softmax(student/T)), Hinton et al.'s distillation loss."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int):
+    """Return (optimizer, scheduler or None) from timm's factories; the scheduler steps per update."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    kw = {"momentum": s.momentum} if s.optimizer.lower() in ("sgd", "momentum", "nesterov") else {}
+    try:
+        opt = create_optimizer_v2(model, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, **kw)
+    except (ValueError, AssertionError) as exc:
+        raise IRConvertError(f"train.optimizer: {s.optimizer!r} is not a timm optimizer ({exc})") from None
+    if s.scheduler == "none":
+        return opt, None
+    sched, _ = create_scheduler_v2(opt, sched=s.scheduler, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
+                                   min_lr=s.min_lr, warmup_lr=s.lr * 0.01, step_on_epochs=False,
+                                   updates_per_epoch=steps_per_epoch)
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "off") -> dict:
+    """Return top-1, top-5 accuracy (percent) and mean loss of `model` over `loader`."""
+    model.eval()
+    n = correct1 = correct5 = 0
+    loss = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with _autocast(device, amp):
+            out = logits_of(model(x)).float()
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        n += len(y)
+    return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1), "loss": loss / max(n, 1)}
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def epoch_seed(seed: int, stage: str, epoch: int) -> int:
+    """Return the seed every epoch starts from (the same in a resumed run)."""
+    return seed * 1_000_003 + (0 if stage == "teacher" else 500_000) + epoch
+
+
+def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoch: int = 0,
+        resume: Optional[dict] = None, on_epoch: Optional[Callable[[Stage, int, dict], None]] = None) -> Stage:
+    """Train `stage.model` for its schedule's epochs; `on_epoch(stage, epoch, state)` checkpoints."""
+    s, model = stage.schedule, stage.model
+    steps = min(len(train_loader), s.max_steps_per_epoch or len(train_loader))
+    opt, sched = make_optimizer(model, s, steps)
+    if resume:
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler"):
+            sched.load_state_dict(resume["scheduler"])
+    scaler = torch.amp.GradScaler(device.type) if stage.amp == "fp16" else None
+    total = s.epochs * steps
+    distill = stage.teacher is not None and stage.distill is not None and stage.distill.enabled
+    binary = any(True for _ in binary_layers(model))
+    for epoch in range(start_epoch, s.epochs):
+        torch.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
+        train_loader.generator.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+        bar = tqdm(total=steps, desc=f"{stage.name} {epoch + 1}/{s.epochs}", leave=False, disable=None)
+        for i, (x, y) in enumerate(train_loader):
+            if i >= steps:
+                break
+            step = epoch * steps + i
+            if binary and stage.ede is not None:
+                progress = step / max(total - 1, 1) if stage.ede.update == "step" else epoch / max(s.epochs - 1, 1)
+                set_ede(model, ede_t(progress, stage.ede.t_min, stage.ede.t_max))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, stage.amp):
+                out = logits_of(model(x))
+                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+                if distill:
+                    with torch.no_grad():
+                        t_out = logits_of(stage.teacher(x))
+                    a = stage.distill.alpha
+                    loss = a * kd_loss(out.float(), t_out.float(), stage.distill.temperature) + (1 - a) * loss
+            if not torch.isfinite(loss):
+                raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
+                               f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if s.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            scaler.step(opt) if scaler is not None else opt.step()
+            if scaler is not None:
+                scaler.update()
+            if sched is not None:
+                sched.step_update(step + 1)
+            seen += len(y)
+            correct += int((out.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                            lr=f"{opt.param_groups[0]['lr']:.2e}",
+                            **({"t": f"{next(binary_layers(model))[1].ede_t:.3g}"} if binary and stage.ede else {}))
+        bar.close()
+        val = evaluate(model, val_loader, device, stage.amp)
+        row = {"stage": stage.name, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+               "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val["top1"], "val_top5": val["top5"],
+               "val_loss": val["loss"], "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+        if binary and stage.ede is not None:
+            row["ede_t"] = next(binary_layers(model))[1].ede_t
+        stage.history.append(row)
+        tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
+                   f"val top-1 {val['top1']:.2f}%  ({row['seconds']:.0f}s)")
+        if on_epoch is not None:
+            on_epoch(stage, epoch + 1, {"optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict() if sched is not None else None})
+    return stage
