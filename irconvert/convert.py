@@ -178,6 +178,8 @@ def convert(
     def checkpoint(stage: Stage, epoch: int, opt_state: dict) -> None:
         if recipe.output.checkpoint:
             body = {"recipe_hash": digest, "stage": stage.name, "epoch": epoch, "model": stage.model.state_dict(),
+                    "origin": json.dumps(getattr(fp, "irconvert_origin", None)),
+                    "input_size": json.dumps([data.info.in_chans, data.info.image_size, data.info.image_size]),
                     "teacher": fp.state_dict(), "history": [r for st in stages for r in st.history], **opt_state}
             with atomic_path(out / CHECKPOINT) as tmp:
                 torch.save(body, tmp)
@@ -239,6 +241,7 @@ def convert(
     t = time.time()
     files = {}
     student = student.cpu().eval()
+    student.irconvert_input_size = (data.info.in_chans, data.info.image_size, data.info.image_size)
     verified = None
     if recipe.output.export:
         log("[4/4] exporting and verifying")
@@ -274,3 +277,95 @@ def convert(
         f"packed reload max |diff| {verified if verified is not None else 'n/a'}")
     log(f"wrote {out}")
     return report
+
+
+def convert_only(
+    model: Union[str, nn.Module],
+    out: Union[str, os.PathLike],
+    policy=None,
+    weights: Optional[str] = None,
+    input_size: Optional[tuple[int, ...]] = None,
+    overwrite: bool = False,
+    log=print,
+    **kwargs,
+) -> dict:
+    """Binarize, export and verify without training: the check a CI job runs on a model list."""
+    from .summary import default_input_size
+    from .verify import load
+
+    out = Path(out)
+    t0 = time.time()
+    fp = model if isinstance(model, nn.Module) else create_model(model, weights=weights, pretrained=bool(weights), **kwargs)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise IRConvertError(f"output.dir: {out} is not empty; pass --overwrite or another --out")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        student = binarize(fp, policy).eval()
+    for w in caught:
+        log(f"warning: {w.message}")
+    size_in = tuple(input_size or default_input_size(student))
+    student.irconvert_input_size = size_in
+    files = {"model": str(save_latent(student, out / "model.safetensors")),
+             "packed": str(save_packed(student, out / "packed.safetensors"))}
+    x = torch.randn((2,) + size_in, generator=torch.Generator().manual_seed(0))
+    diff = max(max_abs_diff(student, load_packed(out / "packed.safetensors"), x),
+               max_abs_diff(student, load(out / "model.safetensors"), x))
+    size = summary(student, size_in)
+    report = {
+        "irconvert_version": __version__,
+        "model": model if isinstance(model, str) else type(model).__name__,
+        "mode": student.irconvert_plan.policy.mode,
+        "method": student.irconvert_plan.policy.method,
+        "packed_max_abs_diff": diff,
+        "size": {k: v for k, v in size.to_dict().items() if k != "rows"},
+        "file_bytes": {k: os.path.getsize(v) for k, v in files.items()},
+        "binary_layers": sum(r.binary != "fp32" for r in size.rows),
+        "kept_layers": sum(r.binary == "fp32" for r in size.rows),
+        "seconds": {"total": round(time.time() - t0, 2)},
+        "files": files,
+    }
+    write_text(out / "report.json", json.dumps(report, indent=2))
+    log(f"{report['model']}: {report['binary_layers']} binary / {report['kept_layers']} kept layers, packed "
+        f"{report['file_bytes']['packed'] / 2**20:.2f} MiB vs {report['file_bytes']['model'] / 2**20:.2f} MiB, "
+        f"reload max |diff| {diff:.3g}")
+    return report
+
+
+def export_run(path: Union[str, os.PathLike], overwrite: bool = False, log=print) -> dict[str, str]:
+    """Write model.safetensors and packed.safetensors from a run folder (its checkpoint) or a model.safetensors."""
+    from .verify import load
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        student, out, digest = load(path), path.parent, None
+        targets = {"packed": out / "packed.safetensors"}
+    else:
+        run = path if path.is_dir() else path.parent
+        ckpt = path if path.is_file() else run / CHECKPOINT
+        if not (run / "recipe.yaml").is_file() or not ckpt.is_file():
+            raise IRConvertError(f"{path}: not a run folder with recipe.yaml and {CHECKPOINT}, "
+                                 "nor a model.safetensors; pass one of those")
+        recipe = load_recipe(run / "recipe.yaml")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("stage") != "binary":
+            raise IRConvertError(f"{ckpt}: the run has not reached the binary stage yet; resume it first")
+        origin = json.loads(state.get("origin") or "null")
+        if not origin:
+            raise IRConvertError(f"{ckpt}: holds no model origin (a user model); export it from Python with save_packed")
+        fp = create_model(origin["name"], origin["source"], adapt=origin.get("adapt"), **origin.get("kwargs", {}))
+        student = binarize(fp, recipe.binarize)
+        student.load_state_dict(state["model"])
+        student.irconvert_input_size = tuple(json.loads(state.get("input_size") or "[]")) or None
+        out, digest = run, state["recipe_hash"]
+        targets = {"model": out / "model.safetensors", "packed": out / "packed.safetensors"}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise IRConvertError(f"export: {', '.join(existing)} already exist; pass --overwrite to replace them")
+    student = student.cpu().eval()
+    written = {}
+    if "model" in targets:
+        written["model"] = str(save_latent(student, targets["model"], digest))
+    written["packed"] = str(save_packed(student, targets["packed"], digest))
+    for k, v in written.items():
+        log(f"wrote {v}")
+    return written

@@ -72,14 +72,13 @@ def _kib(n: int) -> str:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """Return (C, H, W) from timm's pretrained_cfg, else (in_chans of the first conv, 224, 224)."""
+    """Return (C, H, W): channels of the first conv, size from timm's pretrained_cfg (else 224x224)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return (m.in_channels, 224, 224)
-    return (3, 224, 224)
+        if isinstance(m, nn.Conv2d):  # the stem may have been adapted to other channels
+            return (m.in_channels,) + size[1:]
+    return size
 
 
 def summary(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Summary:

@@ -111,3 +111,24 @@ def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     ya = ya if isinstance(ya, (tuple, list)) else [ya]
     yb = yb if isinstance(yb, (tuple, list)) else [yb]
     return max(float((p - q).abs().max()) for p, q in zip(ya, yb))
+
+
+def verify_file(packed: os.PathLike | str, latent: Optional[os.PathLike | str] = None, batch: int = 2) -> dict:
+    """Rebuild `packed`, compare it with the latent model (model.safetensors beside it by default)
+    on random input, and return the size figures and the max abs difference (None without a latent file)."""
+    from pathlib import Path
+
+    from .summary import default_input_size, summary
+
+    packed = Path(packed)
+    net = load_packed(packed)
+    _, meta = read(packed, PACKED_FORMAT)
+    size_in = tuple(json.loads(meta.get("input_size") or "[]")) or default_input_size(net)
+    latent = Path(latent) if latent else packed.with_name("model.safetensors")
+    diff = None
+    if latent.is_file():
+        x = torch.randn((batch,) + size_in, generator=torch.Generator().manual_seed(0))
+        diff = max_abs_diff(load(latent), net, x)
+    s = summary(net, size_in)
+    return {"summary": s, "max_abs_diff": diff, "latent": str(latent) if latent.is_file() else None,
+            "packed_bytes": packed.stat().st_size, "latent_bytes": latent.stat().st_size if latent.is_file() else None}

@@ -73,6 +73,7 @@ def describe(model: nn.Module, recipe_hash: Optional[str] = None) -> dict[str, s
         "plan": json.dumps({n: p.mode for n, p in the_plan.layers.items()}),
         "hardtanh": json.dumps(list(the_plan.hardtanh)),
         "recipe_hash": recipe_hash or "",
+        "input_size": json.dumps(list(getattr(model, "irconvert_input_size", None) or [])),
     }
 
 

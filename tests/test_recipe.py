@@ -162,3 +162,16 @@ def test_imagenet_recipe_runs_on_a_tiny_image_folder(tmp_path, fashion_root):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["model"] == "resnet34" and report["packed_max_abs_diff"] <= 1e-5
+
+
+def test_export_from_run_folder_rebuilds_the_same_files(quick_run, tmp_path):
+    out, _ = quick_run
+    res = run_cli("export", out)
+    assert res.returncode == 2 and "already exist; pass --overwrite" in res.stderr
+    before = load_file(out / "packed.safetensors")
+    res = run_cli("export", out, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    after = load_file(out / "packed.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    res = run_cli("verify", out / "packed.safetensors")
+    assert res.returncode == 0 and "(1, 28, 28)" in res.stdout and "(ok" in res.stdout
