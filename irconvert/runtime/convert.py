@@ -1,0 +1,77 @@
+"""Load a packed.safetensors model with its W1A1 binary layers executed by the bitwise kernels.
+
+`load(path)` rebuilds the model exactly as irconvert.load_packed does (the float simulation), then
+swaps each binary layer that the kernel can run for a BitwiseConv2d / BitwiseLinear holding the
+file's packed words repacked to 64-bit words per kernel tap. The others stay on the float path:
+
+- W1A32 layers (the input is not binarized, so there is nothing to xor);
+- subclasses with a forward of their own (timm's StdConv2d standardizes the weight, Conv2dSame pads
+  dynamically, ...): only a layer whose class is BinaryMixin followed directly by nn.Conv2d or
+  nn.Linear is taken over, since only there the forward is known to be the plain operator;
+- padding modes other than 'zeros', binarizers whose activation is not sign(x), layers with hooks.
+
+`model.irconvert_runtime` maps every binary layer's name to 'bitwise' or the reason it stayed float.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import IRConvertError
+from ..layers import BinaryMixin
+from ..methods import Binarizer
+from ..verify import load_packed
+from .layers import BitwiseConv2d, BitwiseLinear
+
+_TWINS = {nn.Conv2d: BitwiseConv2d, nn.Linear: BitwiseLinear}
+
+
+def float_reason(m: nn.Module) -> Optional[str]:
+    """Return why binary layer `m` stays on the float path, or None if the bitwise kernel can run it."""
+    mro = type(m).__mro__
+    if len(mro) < 3 or mro[1] is not BinaryMixin or mro[2] not in _TWINS:
+        base = mro[2].__name__ if mro[1] is BinaryMixin else mro[0].__name__
+        return f"{base} is not a plain nn.Conv2d / nn.Linear (its forward may differ)"
+    if not m.binary_frozen:
+        return "not frozen (a latent, trainable layer)"
+    if m.binary_mode != "W1A1":
+        return f"{m.binary_mode}: the input is not binarized"
+    if type(m.binarizer).activation is not Binarizer.activation:
+        return f"binarizer {type(m.binarizer).__name__} has its own activation"
+    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r}"
+    if m._parameters["weight"].dtype != torch.float32:
+        return f"weight dtype {m._parameters['weight'].dtype}"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return "has forward hooks"
+    return None
+
+
+def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
+    """Return the packed model with every W1A1 plain Conv2d / Linear replaced by its bitwise twin."""
+    from safetensors import safe_open
+
+    net = load_packed(path, model)
+    report = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name, m in list(net.named_modules()):
+            if not isinstance(m, BinaryMixin):
+                continue
+            why = float_reason(m)
+            if why is None:
+                try:
+                    bits, exp = f.get_tensor(f"{name}.weight.bits"), f.get_tensor(f"{name}.weight.exp")
+                except Exception:  # load_packed has read them already: only a file changed since can fail
+                    raise IRConvertError(f"{path}: packed weight of layer {name} is missing; export it again") from None
+                twin = _TWINS[type(m).__mro__[2]].from_binary(m, bits, exp)
+                if not name:  # the model is a single binary layer
+                    return twin.eval()
+                parent, _, child = name.rpartition(".")
+                setattr(net.get_submodule(parent) if parent else net, child, twin)
+            report[name] = why or "bitwise"
+    net.irconvert_runtime = report
+    return net.eval()

@@ -1,0 +1,142 @@
+"""Bitwise W1A1 layers: the functional entry points and the modules that `runtime.load` puts in a model.
+
+A W1A1 binary layer of IR-Net computes y = (s * B_w) (*) sign(x) + b with s = 2^exp per output
+channel (see irconvert.layers). Here B_w is held as 64-bit words, bit 1 = -1, in the kernel's
+layout (kernels.conv_words: [O, KH, KW, ceil(C_g/64)], one word run per kernel tap;
+kernels.linear_words: [ceil(O/8), ceil(F/64), 8], word k of 8 output channels side by side), and
+the product is an integer xor/popcount dot times s (see kernels.py). Inference only: no gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..layers import BinaryMixin
+from . import kernels
+
+IntPair = Union[int, tuple[int, int]]
+
+
+def _pair(v: IntPair, what: str) -> tuple[int, int]:
+    p = (v, v) if isinstance(v, int) else tuple(int(i) for i in v)
+    if len(p) != 2 or min(p) < 0:
+        raise ValueError(f"bitwise_conv2d: {what} must be an int or a pair of non-negative ints, got {v!r}")
+    return p
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    if not x.is_floating_point() or x.device.type != "cpu":
+        raise ValueError(f"bitwise layers take a floating-point CPU input, got {x.dtype} on {x.device}")
+    # sign() of a float64/bf16/fp16 value equals the sign of its float32 rounding, so nothing is lost
+    return x.to(torch.float32).contiguous()
+
+
+def bitwise_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
+                   groups: int = 1) -> torch.Tensor:
+    """Return conv2d(sign(input), s * B) + bias as float32, B as kernels.conv_words words, s = `scale` [O].
+
+    The other arguments are F.conv2d's (zero padding, including 'same' and 'valid').
+    """
+    unbatched = input.dim() == 3
+    x = _float32(input.unsqueeze(0) if unbatched else input)
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError("bitwise_conv2d: input must be [N, C, H, W] or [C, H, W], weight words [O, KH, KW, words]")
+    _, c, h, w = x.shape
+    o, kh, kw, wc = weight.shape
+    if c % groups or o % groups or wc != -(-(c // groups) // kernels.WORD) or scale.numel() != o:
+        raise ValueError(f"bitwise_conv2d: input has {c} channels, weight words {tuple(weight.shape)} and "
+                         f"groups={groups} do not fit together")
+    (sh, sw), (dh, dw) = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"bitwise_conv2d: padding must be 'same', 'valid' or ints, got {padding!r}")
+        # F.conv2d's 'same': the odd pixel of padding goes to the bottom / right
+        total = (dh * (kh - 1), dw * (kw - 1)) if padding == "same" else (0, 0)
+        pt, pl = total[0] // 2, total[1] // 2
+        pb, pr = total[0] - pt, total[1] - pl
+    else:
+        (pt, pl) = (pb, pr) = _pair(padding, "padding")
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"bitwise_conv2d: input {h}x{w} is smaller than the dilated kernel")
+    y = kernels.conv2d(x, weight.contiguous(), scale.to(torch.float32).contiguous(),
+                       None if bias is None else bias.to(torch.float32).contiguous(),
+                       (sh, sw), (pt, pl), (dh, dw), (oh, ow), groups)
+    return y.squeeze(0) if unbatched else y
+
+
+def bitwise_linear(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return sign(input) @ (s * B)^T + bias as float32, B as kernels.linear_words words, s = `scale` [O]."""
+    o = scale.numel()
+    if (input.shape[-1] != in_features or weight.dim() != 3 or weight.shape[1] != -(-in_features // kernels.WORD)
+            or weight.shape[0] != -(-o // kernels.LANES)):
+        raise ValueError(f"bitwise_linear: input [..., {input.shape[-1]}] and weight words {tuple(weight.shape)} "
+                         f"do not fit in_features={in_features}")
+    x = _float32(input.reshape(-1, in_features))
+    y = kernels.linear(x, weight.contiguous(), scale.to(torch.float32).contiguous(),
+                       None if bias is None else bias.to(torch.float32).contiguous(), in_features)
+    return y.reshape(*input.shape[:-1], o)
+
+
+def _frozen_bias(m: nn.Module) -> Optional[torch.Tensor]:
+    return None if m.bias is None else m.bias.detach().to(torch.float32).clone()
+
+
+class BitwiseConv2d(nn.Module):
+    """Frozen IR-Net W1A1 Conv2d by xor/popcount: y = s * (n_valid * C_g - 2 popcount(B_a xor B_w)) + b."""
+
+    def __init__(self, weight_words: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 in_channels: int, stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
+                 groups: int = 1):
+        super().__init__()
+        self.register_buffer("weight_words", weight_words)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self.in_channels, self.out_channels = in_channels, weight_words.shape[0]
+        self.kernel_size = tuple(weight_words.shape[1:3])
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    @classmethod
+    def from_binary(cls, m: BinaryMixin, bits: torch.Tensor, exp: torch.Tensor) -> "BitwiseConv2d":
+        """Return the bitwise twin of frozen binary conv `m` from its packed file words and exponents."""
+        words = kernels.conv_words(bits, tuple(m.latent_weight.shape))
+        return cls(words, kernels.scale_of(exp), _frozen_bias(m), m.in_channels, m.stride, m.padding,
+                   m.dilation, m.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bitwise_conv2d(x, self.weight_words, self.scale, self.bias, self.stride, self.padding,
+                              self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, W1A1 xor/popcount")
+
+
+class BitwiseLinear(nn.Module):
+    """Frozen IR-Net W1A1 Linear by xor/popcount: y = s * (F - 2 popcount(B_a xor B_w)) + b."""
+
+    def __init__(self, weight_words: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int):
+        super().__init__()
+        self.register_buffer("weight_words", weight_words)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = in_features, scale.numel()
+
+    @classmethod
+    def from_binary(cls, m: BinaryMixin, bits: torch.Tensor, exp: torch.Tensor) -> "BitwiseLinear":
+        """Return the bitwise twin of frozen binary linear `m` from its packed file words and exponents."""
+        words = kernels.linear_words(bits, tuple(m.latent_weight.shape))
+        return cls(words, kernels.scale_of(exp), _frozen_bias(m), m.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bitwise_linear(x, self.weight_words, self.scale, self.in_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, W1A1 xor/popcount"
