@@ -202,6 +202,20 @@ def verify_cmd(packed, latent, tolerance):
         raise SystemExit(1)
 
 
+@cli.command("bench-runtime")
+@click.argument("packed", type=click.Path())
+@click.option("--batch", "batches", type=int, multiple=True, help="Batch size, repeatable (default: 1 and 8).")
+@click.option("--input-size", help="C,H,W of the input (default 3,224,224).")
+@click.option("--repeat", type=int, default=10, show_default=True, help="Timed runs per batch size.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON here.")
+def bench_runtime_cmd(packed, batches, input_size, repeat, json_path):
+    """Time PACKED run by the bitwise runtime against its fp32 model (median ms, full-precision share)."""
+    from .runtime.bench import bench_packed
+
+    size = _parse_size(input_size) or (3, 224, 224)
+    click.echo(bench_packed(packed, batches or (1, 8), size, max(1, repeat), json_path))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors become one line on stderr and exit code 2."""
     try:

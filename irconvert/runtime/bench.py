@@ -1,0 +1,165 @@
+"""Timings of the bitwise runtime against fp32, for `irconvert bench-runtime` and bench/runtime.py.
+
+Each row times an fp32 reference and its bitwise counterpart in one run, alternating the two call
+by call (after warm-up), so that load from other processes falls on both alike; the numbers are
+medians. Both use torch.get_num_threads() threads: torch's own for fp32, OpenMP for the kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ede import sign
+from ..pack import binary_weight, fan_in_order, pack_signs
+from . import kernels
+from .convert import load
+from .layers import BitwiseConv2d, BitwiseLinear, bitwise_conv2d, bitwise_linear
+
+
+def paired_ms(fp32: Callable[[], object], bitwise: Callable[[], object], repeat: int = 30,
+              warmup: int = 5) -> tuple[float, float]:
+    """Return the median milliseconds of fp32() and bitwise(), called alternately `repeat` times each."""
+    for _ in range(warmup):
+        fp32(), bitwise()
+    a, b = [], []
+    for _ in range(repeat):
+        for fn, out in ((fp32, a), (bitwise, b)):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(a), statistics.median(b)
+
+
+def _row(case: str, batch: int, fp32_ms: float, bitwise_ms: float, **extra) -> dict:
+    return {"case": case, "batch": batch, "fp32_ms": round(fp32_ms, 4), "bitwise_ms": round(bitwise_ms, 4),
+            "speedup": round(fp32_ms / bitwise_ms, 2), "threads": torch.get_num_threads(),
+            "backend": kernels.backend(), "isa": kernels.native_isa(), **extra}
+
+
+def _random_packed(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (file bits, exponents, float weight s * B) of a random binary layer."""
+    signs = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
+    exp = torch.randint(-4, 1, (shape[0],), dtype=torch.int8)
+    bits = pack_signs(fan_in_order(signs))
+    return bits, exp, binary_weight(bits, exp, shape)
+
+
+@torch.no_grad()
+def layer_rows(batches: tuple[int, ...] = (1, 8), repeat: int = 30) -> list[dict]:
+    """Return rows for a 3x3 conv 256->256 on 14x14 and a 4096x4096 Linear, fp32 F.conv2d/F.linear vs bitwise."""
+    torch.manual_seed(0)
+    rows = []
+    for batch in batches:
+        bits, exp, w = _random_packed((256, 256, 3, 3))
+        words, scale = kernels.conv_words(bits, tuple(w.shape)), kernels.scale_of(exp)
+        x = torch.randn(batch, 256, 14, 14)
+        xs = sign(x)  # fp32 gets the binarized input ready-made: only the conv itself is timed
+        fp, bw = paired_ms(lambda: F.conv2d(xs, w, padding=1), lambda: bitwise_conv2d(x, words, scale, padding=1),
+                           repeat)
+        rows.append(_row("conv3x3 256->256 14x14", batch, fp, bw))
+        bits, exp, w = _random_packed((4096, 4096))
+        words, scale = kernels.linear_words(bits, tuple(w.shape)), kernels.scale_of(exp)
+        x = torch.randn(batch, 4096)
+        xs = sign(x)
+        fp, bw = paired_ms(lambda: F.linear(xs, w), lambda: bitwise_linear(x, words, scale, 4096), repeat)
+        rows.append(_row("linear 4096->4096", batch, fp, bw))
+    return rows
+
+
+@torch.no_grad()
+def bitwise_share(net: nn.Module, x: torch.Tensor, repeat: int = 5) -> float:
+    """Return the share of `net`'s forward time spent in its bitwise layers (the rest is full precision)."""
+    spent = [0.0]
+    starts = {}
+
+    def pre(m, _):
+        starts[id(m)] = time.perf_counter()
+
+    def post(m, _, __):
+        spent[0] += time.perf_counter() - starts[id(m)]
+
+    hooks = []
+    for m in net.modules():
+        if isinstance(m, (BitwiseConv2d, BitwiseLinear)):
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        net(x)
+        spent[0], total = 0.0, 0.0
+        for _ in range(repeat):
+            t = time.perf_counter()
+            net(x)
+            total += time.perf_counter() - t
+    finally:
+        for h in hooks:
+            h.remove()
+    return spent[0] / total
+
+
+def fp32_model(path: os.PathLike | str) -> Optional[nn.Module]:
+    """Return the unbinarized architecture named in a packed file's metadata (random weights), or None."""
+    from safetensors import safe_open
+
+    from ..models import create_model
+
+    with safe_open(str(path), framework="pt") as f:
+        origin = json.loads((f.metadata() or {}).get("model") or "null")
+    if not origin:
+        return None
+    return create_model(origin["name"], origin["source"], pretrained=False, adapt=origin.get("adapt"),
+                        **origin.get("kwargs", {})).eval()
+
+
+@torch.no_grad()
+def model_rows(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: tuple[int, ...] = (3, 224, 224),
+               repeat: int = 10, case: Optional[str] = None, model: Optional[nn.Module] = None) -> list[dict]:
+    """Return rows timing the fp32 model against the packed file run by the bitwise runtime.
+
+    The fp32 model is `model` (the unconverted architecture, needed for files made from a user
+    model, as for load_packed) or else the architecture named in the file, with random weights.
+    """
+    fp32 = copy.deepcopy(model).eval() if model is not None else None
+    net = load(path, model)
+    fp32 = fp32 or fp32_model(path)
+    n_bit = sum(v == "bitwise" for v in net.irconvert_runtime.values())
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, *input_size)
+        fp, bw = paired_ms(lambda: fp32(x), lambda: net(x), repeat, warmup=3)
+        rows.append(_row(case or f"model {os.path.basename(str(path))}", batch, fp, bw, input_size=list(input_size),
+                         bitwise_layers=n_bit, binary_layers=len(net.irconvert_runtime),
+                         fp_share=round(1 - bitwise_share(net, x), 3)))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """Return the rows as a Markdown table."""
+    lines = ["| case | batch | fp32 ms | bitwise ms | speedup | full-precision share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        share = f"{r['fp_share']:.0%}" if "fp_share" in r else ""
+        lines.append(f"| {r['case']} | {r['batch']} | {r['fp32_ms']:.3f} | {r['bitwise_ms']:.3f} | "
+                     f"{r['speedup']:.1f}x | {share} |")
+    return "\n".join(lines)
+
+
+def bench_packed(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: tuple[int, ...] = (3, 224, 224),
+                 repeat: int = 10, json_path: Optional[os.PathLike | str] = None) -> str:
+    """Return the Markdown table timing a packed file (see model_rows); write the rows to json_path if given."""
+    from ..write import write_text
+
+    rows = model_rows(path, tuple(batches), tuple(input_size), repeat)
+    if json_path:
+        write_text(json_path, json.dumps(rows, indent=2) + "\n")
+    r = rows[0]
+    return (markdown(rows) + f"\n\n{r['bitwise_layers']} of {r['binary_layers']} binary layers bitwise; "
+            f"backend {r['backend']} ({r['isa'] or 'no compiled kernel'}), {r['threads']} threads; "
+            "fp32 is the unconverted architecture; medians of alternating runs")
