@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from .layers import BinaryMixin
 
 WORD_BITS = 32
-_SHIFTS = torch.arange(WORD_BITS, dtype=torch.int64)
 
 
 def fan_in_order(w: torch.Tensor) -> torch.Tensor:
@@ -55,18 +55,18 @@ def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     """Pack a [rows, n] tensor of +-1 into int32 [rows, ceil(n/32)]; bit j of word k = element 32k+j, 1 = -1."""
     rows, n = signs.shape
     words = math.ceil(n / WORD_BITS)
-    bits = torch.zeros(rows, words * WORD_BITS, dtype=torch.int64)
-    bits[:, :n] = (signs < 0).to(torch.int64)
-    packed = (bits.reshape(rows, words, WORD_BITS) << _SHIFTS).sum(dim=2)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    bits = np.zeros((rows, words * WORD_BITS), dtype=bool)
+    bits[:, :n] = (signs < 0).cpu().numpy()
+    # one bit per weight all the way (a 64-bit integer per weight took ~10 s and GBs on VGG's fc)
+    packed = np.packbits(bits, axis=1, bitorder="little").view("<i4")
+    return torch.from_numpy(packed.astype(np.int32))
 
 
 def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Return float +-1 [rows, n] from int32 words packed by pack_signs."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    bits = (words.unsqueeze(-1) >> _SHIFTS) & 1
-    bits = bits.reshape(packed.shape[0], -1)[:, :n]
-    return 1.0 - 2.0 * bits.to(torch.float32)
+    as_bytes = packed.cpu().numpy().astype("<i4").view(np.uint8)
+    bits = np.unpackbits(as_bytes, axis=1, count=n, bitorder="little")
+    return 1.0 - 2.0 * torch.from_numpy(bits).to(torch.float32)
 
 
 def pack_layer(module: BinaryMixin) -> dict[str, torch.Tensor]:
