@@ -54,6 +54,8 @@ class BinaryMixin:
         return self._parameters["weight"]
 
     def forward(self, input, *args, **kwargs):
+        if self.bireal_keep_input:  # the Bi-Real shortcut (shortcut.py) adds it after the BatchNorm
+            self.bireal_input = input
         if self.binary_mode == "W1A1":
             input = self.binarizer.activation(input, self)
         return super().forward(input, *args, **kwargs)
@@ -113,6 +115,8 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1") -> 
     module.binarizer = binarizer
     module.binary_mode = mode
     module.binary_frozen = False
+    module.bireal_keep_input = False
+    module.bireal_input = None
     module.ede_t = T_MIN
     module.ede_k = ede_k(T_MIN)
     return module

@@ -53,6 +53,7 @@ class Policy(BaseModel):
     patterns: dict[str, Decision] = Field(default_factory=dict)
     layers: dict[str, Decision] = Field(default_factory=dict)
     hardtanh: Optional[bool] = None
+    shortcut: bool = False
 
     @field_validator("method")
     @classmethod
@@ -95,6 +96,7 @@ class Plan:
     layers: dict[str, LayerPlan]
     hardtanh: tuple[str, ...]
     warnings: tuple[str, ...]
+    shortcuts: tuple[tuple[str, str], ...] = ()  # (binary conv, the BatchNorm after it)
 
     @property
     def binary(self) -> list[str]:
@@ -141,15 +143,15 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
     return LayerPlan(facts.name, mode, reason)
 
 
-def plan(analysis: Analysis, policy: Policy, layer_types: dict[str, type]) -> Plan:
-    """Return the Plan of `policy` over `analysis`; `layer_types` maps layer names to their classes."""
+def plan(analysis: Analysis, policy: Policy, modules: dict[str, "nn.Module"]) -> Plan:
+    """Return the Plan of `policy` over `analysis`; `modules` maps layer names to the layers."""
     unknown = [n for n in policy.layers if n not in analysis.layers]
     warnings = [analysis.warning] if analysis.warning else []
     if unknown:
         warnings.append(f"binarize.layers names no conv/linear layer: {', '.join(unknown)}")
     layers = {}
     for name, facts in analysis.layers.items():
-        mro = tuple(c.__name__ for c in layer_types[name].__mro__)
+        mro = tuple(c.__name__ for c in type(modules[name]).__mro__)
         layers[name] = decide(facts, policy, mro)
 
     hardtanh: set[str] = set()
@@ -168,4 +170,15 @@ def plan(analysis: Analysis, policy: Policy, layer_types: dict[str, type]) -> Pl
             + (" ..." if len(functional) > 5 else "")
             + "; keep them with binarize.patterns or use W1A32"
         )
-    return Plan(policy=policy, layers=layers, hardtanh=tuple(sorted(hardtanh)), warnings=tuple(warnings))
+    shortcuts = []
+    if policy.shortcut:
+        from .shortcut import fits
+
+        candidates = [n for n, lp in layers.items() if lp.mode == "W1A1" and analysis.layers[n].kind == "conv"]
+        shortcuts = [(n, analysis.norm_after[n]) for n in candidates
+                     if n in analysis.norm_after and fits(modules[n])]
+        if len(shortcuts) < len(candidates):
+            warnings.append(f"shortcut: {len(candidates) - len(shortcuts)} of {len(candidates)} W1A1 convs got no "
+                            "Bi-Real shortcut (no BatchNorm right after them, or shapes that do not allow one)")
+    return Plan(policy=policy, layers=layers, hardtanh=tuple(sorted(hardtanh)), warnings=tuple(warnings),
+                shortcuts=tuple(shortcuts))

@@ -13,6 +13,7 @@ from .ede import ede_k
 from .layers import BinaryMixin, make_binary
 from .methods import get_method
 from .plan import Plan, Policy, plan
+from .shortcut import add_shortcut
 
 
 def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
@@ -21,6 +22,8 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
     for name, lp in the_plan.layers.items():
         if lp.mode is not None:
             make_binary(model.get_submodule(name), method, lp.mode)
+    for conv, norm in the_plan.shortcuts:
+        add_shortcut(model.get_submodule(conv), model.get_submodule(norm))
     for name in the_plan.hardtanh:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -44,8 +47,7 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     if not inplace:
         model = copy.deepcopy(model)
     analysis = analyze(model)
-    types = {n: type(model.get_submodule(n)) for n in analysis.layers}
-    the_plan = plan(analysis, policy, types)
+    the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
     for w in the_plan.warnings:
         warnings.warn(w, stacklevel=2)
     return swap(model, the_plan)

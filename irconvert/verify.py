@@ -30,6 +30,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         policy = Policy.model_validate_json(meta["policy"])
         decisions = json.loads(meta["plan"])
         hardtanh = tuple(json.loads(meta["hardtanh"]))
+        shortcuts = tuple(tuple(p) for p in json.loads(meta.get("shortcuts") or "[]"))
     except (KeyError, ValueError) as exc:
         raise IRConvertError(f"{path}: metadata is incomplete or invalid ({exc}); export it again") from None
     if model is None:
@@ -46,7 +47,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         layers = {n: LayerPlan(n, mode, "from file") for n, mode in decisions.items()}
         for n in layers:
             model.get_submodule(n)
-        return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=()))
+        return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts))
     except AttributeError as exc:
         raise IRConvertError(f"{path}: its layers do not fit this architecture ({exc})") from None
 

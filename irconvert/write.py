@@ -72,6 +72,7 @@ def describe(model: nn.Module, recipe_hash: Optional[str] = None) -> dict[str, s
         "policy": the_plan.policy.model_dump_json(),
         "plan": json.dumps({n: p.mode for n, p in the_plan.layers.items()}),
         "hardtanh": json.dumps(list(the_plan.hardtanh)),
+        "shortcuts": json.dumps([list(p) for p in the_plan.shortcuts]),
         "recipe_hash": recipe_hash or "",
         "input_size": json.dumps(list(getattr(model, "irconvert_input_size", None) or [])),
     }

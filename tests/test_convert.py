@@ -160,3 +160,36 @@ def test_summary_counts_bits_and_macs():
     assert row["layer1.0.conv1"].macs == 56 * 56 * 64 * 576
     assert 0.9 < s.binary_mac_share < 1 and s.compression > 10
     assert "compression" in str(s)
+
+
+def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    plain = irconvert.binarize(model).eval()
+    short = irconvert.binarize(model, shortcut=True).eval()
+    pairs = dict(short.irconvert_plan.shortcuts)
+    assert pairs["layer1.0.conv1"] == "layer1.0.bn1" and pairs["layer2.0.downsample.0"] == "layer2.0.downsample.1"
+    assert len(pairs) == 19 and list(short.state_dict()) == list(model.state_dict())
+    # by hand: the block's bn1 output gains the conv's real-valued input (pooled + repeated when downsampling)
+    seen = {}
+    for name in ("layer1.0.conv1", "layer2.0.conv1"):
+        short.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__(n, a[0]))
+        short.get_submodule(name.replace("conv1", "bn1")).register_forward_hook(
+            lambda m, a, out, n=name: seen.__setitem__(n + ".out", (a[0], out)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        short(x)
+    a, out = seen["layer1.0.conv1.out"]
+    bn = short.layer1[0].bn1
+    torch.testing.assert_close(out, torch.nn.functional.batch_norm(a, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps) + seen["layer1.0.conv1"])
+    a, out = seen["layer2.0.conv1.out"]
+    bn = short.layer2[0].bn1
+    pooled = torch.nn.functional.avg_pool2d(seen["layer2.0.conv1"], 2, 2, ceil_mode=True).repeat(1, 2, 1, 1)
+    torch.testing.assert_close(out, torch.nn.functional.batch_norm(a, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps) + pooled)
+    assert not torch.allclose(plain(x), short(x))
+    irconvert.save_packed(short, tmp_path / "p.safetensors")
+    again = irconvert.load_packed(tmp_path / "p.safetensors", model=timm.create_model("resnet18", num_classes=10))
+    from irconvert.verify import max_abs_diff
+
+    assert max_abs_diff(short, again, x) == 0.0
+    short(x).sum().backward()  # trains
