@@ -57,6 +57,10 @@ const char* isa() {
 
 int threads() { return std::max(1, at::get_num_threads()); }
 
+// Threads for `work` xor-popcounts of 64-bit words: below ~50 us of work a second thread costs more
+// (fork/join, and waiting for a core that another process holds) than it saves.
+int threads_for(int64_t work) { return work >= (int64_t{1} << 19) ? threads() : 1; }
+
 // ---------------------------------------------------------------------------------------------
 // conv2d
 
@@ -272,7 +276,7 @@ torch::Tensor conv2d(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10:
 
   // Work item = (image, group, block of output pixels, block of output channels); blocks shrink
   // until there is work for every thread.
-  const int nt = threads();
+  const int nt = threads_for(N * OHW * O * K);
   int64_t PB = PBMAX, OB = 64;
   auto count = [&](int64_t pb, int64_t ob) { return N * G * ((OHW + pb - 1) / pb) * ((Og + ob - 1) / ob); };
   while (count(PB, OB) < 2 * nt && (PB > 16 || OB > 16)) {
@@ -283,7 +287,7 @@ torch::Tensor conv2d(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10:
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
 
-#pragma omp parallel num_threads(nt) if (items > 1)
+#pragma omp parallel num_threads(nt) if (items > 1 && nt > 1)
   {
     const int64_t PBL = (PB + L - 1) / L * L;
     std::vector<uint64_t> buf(static_cast<size_t>(K * PBL));
@@ -436,10 +440,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10:
 
   // Work item = (block of up to 16 rows, 4 weight blocks = 32 channels): the weights, the large
   // operand, are read once per row block.
-  const int nt = threads();
+  const int nt = threads_for(N * O * K);
   constexpr int64_t RB = 16, OBB = 4;
   const int64_t oblocks = (B + OBB - 1) / OBB, rblocks = (N + RB - 1) / RB, items = oblocks * rblocks;
-#pragma omp parallel for num_threads(nt) schedule(static) if (items > 1 && N * O * K > 16384)
+#pragma omp parallel for num_threads(nt) schedule(static) if (items > 1 && nt > 1)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t ob = it % oblocks, r0 = (it / oblocks) * RB, nr = std::min(RB, N - r0);
     const int64_t nb = std::min(OBB, B - ob * OBB), o0 = ob * OBB * L, no = std::min(nb * L, O - o0);

@@ -17,7 +17,8 @@ Which implementation runs is read from the environment variable IRCONVERT_RUNTIM
     python          the PyTorch one (slow; for machines without a C++ compiler and for tests)
 The compiled kernel is built once per source, torch version and CPU into IRCONVERT_CACHE (default
 ~/.cache/irconvert), with -O3 -march=$IRCONVERT_MARCH (default native) and OpenMP, and runs on
-torch.get_num_threads() threads.
+torch.get_num_threads() threads, or on one for a layer under ~0.5M word operations (a 4096x4096
+Linear at batch 1), where a second thread costs more than it saves.
 """
 
 from __future__ import annotations
