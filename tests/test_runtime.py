@@ -92,6 +92,7 @@ CONV_CASES = [
     (3, 200, 7, 5, 5, 1, 1, 0, 1, 1, True),           # 1x1
     (1, 100, 24, 13, 13, 1, 2, 0, 1, 1, False),       # 1x1 stride 2 (a ResNet downsample)
     (1, 48, 20, 9, 9, 3, 1, "same", 2, 1, False),     # 'same' with dilation
+    (1, 24, 8, 7, 6, 4, 1, "same", 1, 1, True),       # 'same' with an even kernel: more padding bottom/right
     (1, 40, 12, 9, 8, 3, (2, 1), (0, 2), 1, 1, True),  # pairs
     (1, 72, 10, 3, 3, 5, 1, 2, 1, 1, False),          # kernel wider than the image: all border
     (1, 64, 64, 20, 20, 3, 1, 1, 1, 1, False),        # several pixel blocks
@@ -100,6 +101,7 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the simulation's F.conv2d
 @torch.no_grad()
 def test_conv_equals_float_simulation(case, backends, monkeypatch):
     torch.manual_seed(CONV_CASES.index(case))

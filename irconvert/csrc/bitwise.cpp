@@ -3,7 +3,8 @@
 // Bit j of word k is channel (or feature) 64k + j; bit 1 means -1, and sign(x) = -1 exactly when
 // !(x >= 0), so NaN is -1 as in the float simulation. Bits past the channel count are 0 in both
 // operands: they xor to 0 and need no mask. One output is dot = n * C - 2 * popcount(a xor w),
-// times s = 2^exp, plus the bias: dot * 2^exp is exact in float32, so the output is rounded once.
+// times s = 2^exp, plus the bias: dot * 2^exp is exact in float32, so the output is rounded once
+// (and is bit-identical to the float simulation when there is no bias).
 //
 // Layouts (irconvert/runtime/kernels.py writes the weights once at load; activations are packed
 // here on every call):

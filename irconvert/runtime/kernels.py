@@ -9,7 +9,11 @@ signs B_a = sign(x), sign(0) = +1:
 over 64-bit words with bit 1 = -1, channels of a pixel along the word (NHWC bit-packed), zeros in
 the unused bits of both operands. Zero padding is exact: n_valid(p) counts the kernel taps inside
 the image and padded taps contribute nothing. The integer dot times a power of two is exact in
-float32, so the only rounding is the bias add, as in the float simulation.
+float32, so the only rounding is the bias add. Against the float simulation (load_packed) that
+makes a layer without bias bit-identical (float32 sums +-2^exp exactly too), and so a whole ResNet,
+whose binary convs have none; with a bias the result is the exact value rounded once, where
+PyTorch's float32 conv may also round partial sums holding the bias: a few ulp apart, within
+1e-6 * (|b| + s * fan_in) (tests/test_runtime.py checks both).
 
 Which implementation runs is read from the environment variable IRCONVERT_RUNTIME on each call:
     auto (default)  the compiled kernel; if it cannot be built, the PyTorch one, with one warning
