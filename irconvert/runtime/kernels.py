@@ -109,7 +109,7 @@ def _warn_fallback(why: str) -> None:
 
 
 def native_isa() -> Optional[str]:
-    """Return the instruction set the compiled kernel uses ('avx512-vpopcntdq', 'popcnt64'), or None."""
+    """Return the instruction set the compiled kernel uses ('avx512-vpopcntdq', 'avx2', 'popcnt64'), or None."""
     ext, _ = _build(os.environ.get("IRCONVERT_MARCH", "native"))
     return ext.isa() if ext is not None else None
 
