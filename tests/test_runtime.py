@@ -163,16 +163,19 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])
+@pytest.mark.parametrize("name, shortcut", [("resnet18", False), ("torchvision:resnet18", False),
+                                            ("resnet18", True)])
 @torch.no_grad()
-def test_whole_model_is_bit_identical_to_load_packed(name, backends, monkeypatch, tmp_path):
+def test_whole_model_is_bit_identical_to_load_packed(name, shortcut, backends, monkeypatch, tmp_path):
     torch.manual_seed(0)
-    model = irconvert.binarize(_randomize_bn(create_model(name, num_classes=10)))
+    model = irconvert.binarize(_randomize_bn(create_model(name, num_classes=10)), shortcut=shortcut)
     path = irconvert.save_packed(model, tmp_path / "packed.safetensors")
     sim, net = irconvert.load_packed(path), rt.load(path)
     assert set(net.irconvert_runtime.values()) == {"bitwise"}
     assert len(net.irconvert_runtime) == len(list(irconvert.binary_layers(model)))
     assert sum(isinstance(m, rt.BitwiseConv2d) for m in net.modules()) == len(net.irconvert_runtime)
+    linked = [m.bireal_conv for m in net.modules() if getattr(m, "bireal_conv", None) is not None]
+    assert bool(linked) == shortcut and all(isinstance(c, rt.BitwiseConv2d) for c in linked)
     x = torch.randn(2, 3, 64, 64)
     want = sim(x)
     outs = run_all(monkeypatch, backends, lambda: net(x))

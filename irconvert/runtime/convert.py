@@ -10,7 +10,9 @@ file's packed words repacked to 64-bit words per kernel tap. The others stay on 
   nn.Linear is taken over, since only there the forward is known to be the plain operator;
 - padding modes other than 'zeros', binarizers whose activation is not sign(x), layers with hooks.
 
-`model.irconvert_runtime` maps every binary layer's name to 'bitwise' or the reason it stayed float.
+A Bi-Real shortcut (irconvert.shortcut) keeps working: the twin keeps its real-valued input for
+the BatchNorm after it, as the binary conv did. `model.irconvert_runtime` maps every binary
+layer's name to 'bitwise' or the reason it stayed float.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
     from safetensors import safe_open
 
     net = load_packed(path, model)
-    report = {}
+    report, twins = {}, {}
     with safe_open(str(path), framework="pt") as f:
         for name, m in list(net.named_modules()):
             if not isinstance(m, BinaryMixin):
@@ -67,11 +69,15 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
                     bits, exp = f.get_tensor(f"{name}.weight.bits"), f.get_tensor(f"{name}.weight.exp")
                 except Exception:  # load_packed has read them already: only a file changed since can fail
                     raise IRConvertError(f"{path}: packed weight of layer {name} is missing; export it again") from None
-                twin = _TWINS[type(m).__mro__[2]].from_binary(m, bits, exp)
+                twin = twins[id(m)] = _TWINS[type(m).__mro__[2]].from_binary(m, bits, exp)
                 if not name:  # the model is a single binary layer
                     return twin.eval()
                 parent, _, child = name.rpartition(".")
                 setattr(net.get_submodule(parent) if parent else net, child, twin)
             report[name] = why or "bitwise"
+    for m in net.modules():  # a Bi-Real BatchNorm holds its conv as a plain attribute: point it at the twin
+        conv = getattr(m, "bireal_conv", None)
+        if conv is not None and id(conv) in twins:
+            object.__setattr__(m, "bireal_conv", twins[id(conv)])
     net.irconvert_runtime = report
     return net.eval()

@@ -101,15 +101,21 @@ class BitwiseConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, weight_words.shape[0]
         self.kernel_size = tuple(weight_words.shape[1:3])
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        # the Bi-Real shortcut (irconvert.shortcut) reads the real-valued input after the BatchNorm
+        self.bireal_keep_input, self.bireal_input = False, None
 
     @classmethod
     def from_binary(cls, m: BinaryMixin, bits: torch.Tensor, exp: torch.Tensor) -> "BitwiseConv2d":
         """Return the bitwise twin of frozen binary conv `m` from its packed file words and exponents."""
         words = kernels.conv_words(bits, tuple(m.latent_weight.shape))
-        return cls(words, kernels.scale_of(exp), _frozen_bias(m), m.in_channels, m.stride, m.padding,
+        twin = cls(words, kernels.scale_of(exp), _frozen_bias(m), m.in_channels, m.stride, m.padding,
                    m.dilation, m.groups)
+        twin.bireal_keep_input = getattr(m, "bireal_keep_input", False)
+        return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bireal_keep_input:
+            self.bireal_input = x
         return bitwise_conv2d(x, self.weight_words, self.scale, self.bias, self.stride, self.padding,
                               self.dilation, self.groups)
 
