@@ -166,9 +166,8 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
             return timm.create_model(name, pretrained=False, **kwargs)
         if where == "hub":
             return timm.create_model(name, pretrained=True, **kwargs)
-        if where.suffix not in (".safetensors",):
-            read_state_dict(where)  # refuse anything that is not a weights-only checkpoint, clearly
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(where)), **kwargs)
+        overlay = dict(file=str(where), **_file_overlay(name, read_state_dict(where)))
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except IRConvertError:
         raise
     except TypeError as exc:
@@ -178,6 +177,28 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
             first = " ".join(str(exc).split())[:300]
             raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({first})") from None
         raise
+
+
+def _file_overlay(name: str, state: dict[str, torch.Tensor]) -> dict:
+    """Tell timm the classes and input channels the file was made for, so that it adapts the head
+    and stem only where they differ from the model asked for (a file fine-tuned on 10 grey classes
+    keeps its head when the model has 10 classes)."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    over = {}
+    classifier = cfg.get("classifier")
+    head = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    if head is not None:
+        over["num_classes"] = int(head.shape[0])
+        over["label_offset"] = 0
+    first = cfg.get("first_conv")
+    stem = state.get(f"{first}.weight") if isinstance(first, str) else None
+    if stem is not None and stem.dim() == 4:
+        size = tuple(cfg.get("input_size") or (3, 224, 224))
+        over["input_size"] = (int(stem.shape[1]),) + size[1:]
+    return over
 
 
 def _create_torchvision(name: str, where, kwargs: dict) -> nn.Module:
