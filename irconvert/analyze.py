@@ -55,6 +55,9 @@ class LayerFacts:
     binarizable: bool  # weight laid out one row per output channel
     feeders: tuple[str, ...] = ()  # ReLU-family modules whose output reaches this layer's input
     functional_relu: bool = False  # fed by F.relu / torch.relu, which no module swap can reach
+    # its own forward runs; False when other code only reads its weight (F.linear(x, self.qkv.weight),
+    # nn.MultiheadAttention's out_proj), so that its input never passes through it to be binarized
+    called: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def _weighted(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
 
 
-def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False) -> LayerFacts:
+def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True) -> LayerFacts:
     ok = can_binarize(m)
     return LayerFacts(
         name=name,
@@ -124,6 +127,7 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
         binarizable=ok,
         feeders=tuple(feeders),
         functional_relu=functional,
+        called=called,
     )
 
 
@@ -151,12 +155,16 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     for n in reversed(nodes):
         free_to_out[n] = n.op == "output" or any((not is_w[u]) and free_to_out[u] for u in n.users)
 
-    first, last, used = set(), set(), set()
+    first, last, used, called = set(), set(), set(), set()
     for n in nodes:
         names = owner_names(n)
         if not names:
             continue
         used.update(names)
+        # a torch.nn leaf (MultiheadAttention, TransformerEncoderLayer) may read its children's
+        # weights directly; timm's leaves and plain modules call their children
+        if n.target in weighted or not type(modules[n.target]).__module__.startswith("torch.nn"):
+            called.update(names)
         if not upstream[n]:
             first.add(names[0])
         if any(u.op == "output" or ((not is_w[u]) and free_to_out[u]) for u in n.users):
@@ -176,7 +184,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     layers = {}
     for name, m in weighted.items():
         found, functional = feeders.get(name, (set(), False))
-        layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional)
+        layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called)
     return Analysis(layers=layers, traced=True, norm_after=norm_after)
 
 

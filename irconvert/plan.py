@@ -37,7 +37,8 @@ class Policy(BaseModel):
 
     A decision is "keep" (full precision), "binary" (binary in the global `mode`), "W1A1" or
     "W1A32". Layers whose weight is not one row per output channel (CondConv2d's expert bank) are
-    always kept. `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by
+    always kept; a W1A1 layer whose weight other code reads directly (F.linear(x, self.qkv.weight),
+    nn.MultiheadAttention's out_proj) becomes W1A32, since its input never passes through it. `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by
     Hardtanh(-1, 1) (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1.
     """
 
@@ -140,6 +141,8 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
             mode, reason = _resolve(dec, policy), f"pattern {pat}"
     if facts.name in policy.layers:
         mode, reason = _resolve(policy.layers[facts.name], policy), "name"
+    if mode == "W1A1" and not facts.called:
+        mode, reason = "W1A32", f"{reason}; W1A32 as its weight is used outside its forward, which never sees its input"
     return LayerPlan(facts.name, mode, reason)
 
 
