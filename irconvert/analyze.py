@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layers import SUPPORTED, can_binarize, fan_in, is_depthwise
+from .layers import SUPPORTED, can_binarize, fan_in, is_depthwise, magnitude
 
 # Activations whose output is never negative: sign() of it is always +1, so a binary layer fed by
 # one sees no information. These are the ones the policy may replace by Hardtanh.
@@ -58,6 +58,7 @@ class LayerFacts:
     # its own forward runs; False when other code only reads its weight (F.linear(x, self.qkv.weight),
     # nn.MultiheadAttention's out_proj), so that its input never passes through it to be binarized
     called: bool = True
+    magnitude: int = 0  # round(log2 std(weight)): the gain that keeps the layer's output scale
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
         feeders=tuple(feeders),
         functional_relu=functional,
         called=called,
+        magnitude=magnitude(m) if ok else 0,
     )
 
 

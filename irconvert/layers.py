@@ -11,6 +11,12 @@ A binary layer computes, for a conv or linear operator (*):
 and backpropagates through both signs with EDE, k * t * (1 - tanh^2(t x)) (see `ede.py`).
 (The formulas above are the `irnet` method; `methods.py` holds the others.)
 
+`binarize()` also gives each layer a fixed power-of-two gain 2^g, the weight becoming 2^g * s * B_w
+with g = round(log2 std(w)) of the weight it had at conversion (`Policy.keep_magnitude`): B_w is
++-1 where the pretrained weight was ~std(w), so without it a binary layer that no normalization
+follows (a transformer branch) multiplies activations and gradients by ~1/std(w), which compounds
+over the blocks. Under a BatchNorm the gain cancels. 2^g * s is still a power of two per channel.
+
 Design: a binary layer is the original layer's own class with `BinaryMixin` in front of it. The
 mixin turns `self.weight` into a property that returns the binarized weight, and binarizes the
 input before calling the class's own `forward`. So a subclass with its own forward (timm's
@@ -23,6 +29,7 @@ makes the others on demand.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -37,16 +44,20 @@ class BinaryMixin:
     """Put in front of an nn.Conv*d / nn.Linear class: weight and input are binarized by `binarizer`.
 
     Attributes set by `make_binary`: `binarizer` (a methods.Binarizer), `binary_mode` ('W1A1' or
-    'W1A32'), `ede_t` and `ede_k` (EDE's t and k, floats, not in the state_dict), and
-    `binary_frozen` (True in a model rebuilt from a packed file: the stored weight already is s*B).
+    'W1A32'), `ede_t` and `ede_k` (EDE's t and k, floats, not in the state_dict), `binary_gain`
+    (the int g of the fixed gain 2^g) and `binary_frozen` (True in a model rebuilt from a packed
+    file: the stored weight already is 2^g * s * B).
     """
+
+    binary_gain = 0
 
     @property
     def weight(self) -> torch.Tensor:
         latent = self._parameters["weight"]
         if self.binary_frozen:
             return latent
-        return self.binarizer.weight(latent, self)
+        w = self.binarizer.weight(latent, self)
+        return w * 2.0**self.binary_gain if self.binary_gain else w
 
     @property
     def latent_weight(self) -> torch.Tensor:
@@ -107,14 +118,15 @@ def can_binarize(module: nn.Module) -> bool:
     return w.dim() == want_dim and w.shape[0] == out
 
 
-def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1") -> nn.Module:
-    """Turn `module` into a binary layer in place (its class gains BinaryMixin) and return it."""
+def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gain: int = 0) -> nn.Module:
+    """Turn `module` into a binary layer in place (its class gains BinaryMixin), its weight times 2^gain; return it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     module.__class__ = binary_class(type(module))
     module.binarizer = binarizer
     module.binary_mode = mode
     module.binary_frozen = False
+    module.binary_gain = int(gain)
     module.bireal_keep_input = False
     module.bireal_input = None
     module.ede_t = T_MIN
@@ -126,6 +138,13 @@ def fan_in(module: nn.Module) -> int:
     """Return the number of weights per output channel."""
     w = module._parameters["weight"]
     return int(w[0].numel())
+
+
+def magnitude(module: nn.Module) -> int:
+    """Return g = round(log2 std(weight)), the power of two nearest the weight's spread (0 if it has none)."""
+    w = module._parameters["weight"].detach()
+    std = float(w.float().std()) if w.numel() > 1 else 0.0
+    return round(math.log2(std)) if math.isfinite(std) and std > 0 else 0
 
 
 def is_depthwise(module: nn.Module) -> bool:

@@ -3,7 +3,7 @@
 Layout of a binary layer `L` in packed.safetensors (format "irconvert-packed/1"):
 
     L.weight.bits  int32 [out_channels, ceil(fan_in / 32)]
-    L.weight.exp   int8  [out_channels]             s = 2^exp (Libra-PB's power-of-two scale)
+    L.weight.exp   int8  [out_channels]             2^exp = 2^g * s (the layer's gain times Libra-PB's scale)
     L.bias         as trained (float), if the layer has one
 
 - The fan-in of output channel o is its weight row flattened in (kh, kw, c_in) order for convs
@@ -77,7 +77,7 @@ def pack_layer(module: BinaryMixin) -> dict[str, torch.Tensor]:
         exp = torch.log2(latent.abs().reshape(latent.shape[0], -1)[:, 0]).round().to(torch.int32)
     else:
         signs = module.binarizer.signs(latent)
-        exp = module.binarizer.exponent(latent)
+        exp = module.binarizer.exponent(latent) + module.binary_gain
     return {"bits": pack_signs(fan_in_order(signs.float())), "exp": exp.to(torch.int8)}
 
 

@@ -40,6 +40,9 @@ class Policy(BaseModel):
     always kept; a W1A1 layer whose weight other code reads directly (F.linear(x, self.qkv.weight),
     nn.MultiheadAttention's out_proj) becomes W1A32, since its input never passes through it. `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by
     Hardtanh(-1, 1) (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1.
+    `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
+    conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
+    gives the paper's equations exactly (the same under a BatchNorm).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,6 +57,7 @@ class Policy(BaseModel):
     patterns: dict[str, Decision] = Field(default_factory=dict)
     layers: dict[str, Decision] = Field(default_factory=dict)
     hardtanh: Optional[bool] = None
+    keep_magnitude: bool = True
     shortcut: bool = False
 
     @field_validator("method")
@@ -87,6 +91,7 @@ class LayerPlan:
     name: str
     mode: Optional[str]
     reason: str
+    gain: int = 0  # the binary weight is 2^gain * s * B
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,8 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
         mode, reason = _resolve(policy.layers[facts.name], policy), "name"
     if mode == "W1A1" and not facts.called:
         mode, reason = "W1A32", f"{reason}; W1A32 as its weight is used outside its forward, which never sees its input"
-    return LayerPlan(facts.name, mode, reason)
+    gain = facts.magnitude if mode is not None and policy.keep_magnitude else 0
+    return LayerPlan(facts.name, mode, reason, gain)
 
 
 def plan(analysis: Analysis, policy: Policy, modules: dict[str, "nn.Module"]) -> Plan:

@@ -29,6 +29,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         origin = json.loads(meta.get("model") or "null")
         policy = Policy.model_validate_json(meta["policy"])
         decisions = json.loads(meta["plan"])
+        gains = json.loads(meta.get("gain") or "{}")  # absent in files written before the gain existed
         hardtanh = tuple(json.loads(meta["hardtanh"]))
         shortcuts = tuple(tuple(p) for p in json.loads(meta.get("shortcuts") or "[]"))
     except (KeyError, ValueError) as exc:
@@ -44,7 +45,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
     elif any(isinstance(m, BinaryMixin) for m in model.modules()):
         raise IRConvertError("load: pass the unconverted architecture as model=, not a binarized one")
     try:
-        layers = {n: LayerPlan(n, mode, "from file") for n, mode in decisions.items()}
+        layers = {n: LayerPlan(n, mode, "from file", int(gains.get(n, 0))) for n, mode in decisions.items()}
         for n in layers:
             model.get_submodule(n)
         return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts))

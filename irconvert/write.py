@@ -4,7 +4,7 @@
     packed.safetensors  the deployment file (layout in pack.py), format "irconvert-packed/1"
 
 Both carry JSON metadata to rebuild the model without the training code's state: the model's name,
-source and constructor kwargs, the binarization policy, the per-layer plan, the Hardtanh swaps, the
+source and constructor kwargs, the binarization policy, the per-layer plan and gains, the Hardtanh swaps, the
 irconvert version, the recipe hash, and a SHA-256 over all tensors so an edited file is caught.
 """
 
@@ -71,6 +71,7 @@ def describe(model: nn.Module, recipe_hash: Optional[str] = None) -> dict[str, s
         "model": json.dumps(origin),
         "policy": the_plan.policy.model_dump_json(),
         "plan": json.dumps({n: p.mode for n, p in the_plan.layers.items()}),
+        "gain": json.dumps({n: p.gain for n, p in the_plan.layers.items() if p.gain}),
         "hardtanh": json.dumps(list(the_plan.hardtanh)),
         "shortcuts": json.dumps([list(p) for p in the_plan.shortcuts]),
         "recipe_hash": recipe_hash or "",
