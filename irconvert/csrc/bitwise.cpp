@@ -129,7 +129,8 @@ inline void conv_tile(const ConvBlock& b, int64_t v0, int64_t o0) {
   }
 #elif defined(IRC_AVX2)
   // Popcount by nibble lookup (Mula, Kurz, Lemire, "Faster population counts using AVX2
-  // instructions"): vpsadbw sums the 8 byte counts of each 64-bit lane, i.e. of each pixel.
+  // instructions"): byte counts (<= 8 a word) add up in bytes for 31 words, then vpsadbw sums
+  // the 8 bytes of each 64-bit lane, i.e. of each pixel.
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   const __m256i low4 = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
@@ -138,19 +139,26 @@ inline void conv_tile(const ConvBlock& b, int64_t v0, int64_t o0) {
     for (int h = 0; h < 2; ++h)
       for (int q = 0; q < Q; ++q) acc[h][q] = zero;
     const uint64_t* a = b.buf + (v0 + v) * L;
-    for (int64_t k = 0; k < b.K; ++k) {
-      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k * b.PB));
-      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k * b.PB + 4));
-      for (int q = 0; q < Q; ++q) {
-        const __m256i wv = _mm256_set1_epi64x(static_cast<int64_t>(b.w[(o0 + q) * b.K + k]));
-        const __m256i x0 = _mm256_xor_si256(a0, wv), x1 = _mm256_xor_si256(a1, wv);
-        const __m256i c0 = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x0, low4)),
-                                           _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), low4)));
-        const __m256i c1 = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x1, low4)),
-                                           _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), low4)));
-        acc[0][q] = _mm256_add_epi64(acc[0][q], _mm256_sad_epu8(c0, zero));
-        acc[1][q] = _mm256_add_epi64(acc[1][q], _mm256_sad_epu8(c1, zero));
+    for (int64_t k0 = 0; k0 < b.K; k0 += 31) {
+      __m256i cnt[2][Q];
+      for (int h = 0; h < 2; ++h)
+        for (int q = 0; q < Q; ++q) cnt[h][q] = zero;
+      for (int64_t k = k0; k < std::min(b.K, k0 + 31); ++k) {
+        const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k * b.PB));
+        const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k * b.PB + 4));
+        for (int q = 0; q < Q; ++q) {
+          const __m256i wv = _mm256_set1_epi64x(static_cast<int64_t>(b.w[(o0 + q) * b.K + k]));
+          const __m256i x0 = _mm256_xor_si256(a0, wv), x1 = _mm256_xor_si256(a1, wv);
+          cnt[0][q] = _mm256_add_epi8(cnt[0][q], _mm256_add_epi8(
+              _mm256_shuffle_epi8(lut, _mm256_and_si256(x0, low4)),
+              _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), low4))));
+          cnt[1][q] = _mm256_add_epi8(cnt[1][q], _mm256_add_epi8(
+              _mm256_shuffle_epi8(lut, _mm256_and_si256(x1, low4)),
+              _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), low4))));
+        }
       }
+      for (int h = 0; h < 2; ++h)
+        for (int q = 0; q < Q; ++q) acc[h][q] = _mm256_add_epi64(acc[h][q], _mm256_sad_epu8(cnt[h][q], zero));
     }
     const int64_t i0 = (v0 + v) * L, cv = (v0 + v) * b.T;
     const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
