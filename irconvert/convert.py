@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .data import Data, build_data
 from .errors import IRConvertError
 from .models import create_model
@@ -152,6 +152,11 @@ def convert(
     digest = recipe.digest()
     out = Path(out if out is not None else recipe.output.dir or Path("runs") / recipe.model.name.replace("/", "_"))
     dev = resolve_device(recipe.train.device)
+    world = distributed.setup(recipe.train.backend, dev)
+    if world.size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", world.local_rank)
+    if not world.main:
+        log = lambda *a, **k: None  # noqa: E731  (one process speaks)
 
     # everything that can be wrong with the input is found before the first file is written
     times: dict[str, float] = {}
@@ -161,21 +166,27 @@ def convert(
     fp = model if isinstance(model, nn.Module) else build_model(recipe, data, weights)
     times["load"] = time.time() - t
     state = prepare_out_dir(out, digest, resume, overwrite)
-    if overwrite and out.exists() and state is None:
-        for name in ("checkpoint.pt", "metrics.jsonl", "report.json", "curves.png", "model.safetensors",
-                     "packed.safetensors", "recipe.yaml"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "recipe.yaml", recipe.to_yaml())
+    distributed.barrier()  # every process has checked the folder before the first one writes to it
+    if world.main:
+        if overwrite and out.exists() and state is None:
+            for name in ("checkpoint.pt", "metrics.jsonl", "report.json", "curves.png", "model.safetensors",
+                         "packed.safetensors", "recipe.yaml"):
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "recipe.yaml", recipe.to_yaml())
 
+    if recipe.train.sync_bn and world.size > 1:
+        fp = nn.SyncBatchNorm.convert_sync_batchnorm(fp)
     fp = fp.to(dev)
     gen = torch.Generator()
-    train_loader, val_loader = data.loaders(recipe.data, gen)
+    train_loader, val_loader = data.loaders(recipe.data, gen, recipe.train.seed, world.rank, world.size)
     teacher_stage = Stage("teacher", fp, recipe.teacher.finetune or recipe.train, recipe.train.seed,
                           amp=recipe.train.amp)
     stages = [teacher_stage]
 
     def checkpoint(stage: Stage, epoch: int, opt_state: dict) -> None:
+        if not world.main:
+            return
         if recipe.output.checkpoint:
             body = {"recipe_hash": digest, "stage": stage.name, "epoch": epoch, "model": stage.model.state_dict(),
                     "origin": json.dumps(getattr(fp, "irconvert_origin", None)),
@@ -237,6 +248,10 @@ def convert(
     bin_acc = evaluate(student, val_loader, dev, recipe.train.amp)
     times["evaluate"] = time.time() - t
 
+    if not world.main:  # the main process writes the results; the others are done
+        distributed.teardown()
+        return {"model": recipe.model.name, "fp": fp_acc, "binary": bin_acc, "rank": world.rank}
+
     # --- export and verify ---
     t = time.time()
     files = {}
@@ -276,6 +291,7 @@ def convert(
     log(f"top-1: full precision {fp_acc['top1']:.2f}%   binary ({recipe.binarize.mode}) {bin_acc['top1']:.2f}%   "
         f"packed reload max |diff| {verified if verified is not None else 'n/a'}")
     log(f"wrote {out}")
+    distributed.teardown()
     return report
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from .errors import IRConvertError
 from .recipe import DataSection
@@ -48,13 +48,19 @@ class Data:
     train_collate: Optional[Callable] = None
     val_collate: Optional[Callable] = None
 
-    def loaders(self, cfg: DataSection, generator: torch.Generator, sampler=None, val_sampler=None):
-        """Return (train, val) DataLoaders; `generator` fixes the shuffle order."""
-        train = DataLoader(self.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                           num_workers=cfg.workers, collate_fn=self.train_collate, generator=generator,
-                           drop_last=len(self.train) > cfg.batch_size)
-        val = DataLoader(self.val, batch_size=cfg.val_batch_size or cfg.batch_size, shuffle=False,
-                         sampler=val_sampler, num_workers=cfg.workers, collate_fn=self.val_collate)
+    def loaders(self, cfg: DataSection, generator: torch.Generator, seed: int = 0, rank: int = 0, world: int = 1):
+        """Return (train, val) DataLoaders for process `rank` of `world`; batch_size is per process.
+
+        Training shuffles with a DistributedSampler (also for one process, so that N processes with
+        batch B see the same images as one with batch N*B); validation gives each process every
+        world-th image, unpadded, so that summed counts cover the split exactly once."""
+        sampler = DistributedSampler(self.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        train = DataLoader(self.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                           collate_fn=self.train_collate, generator=generator,
+                           drop_last=len(self.train) > cfg.batch_size * world)
+        val = DataLoader(self.val, batch_size=cfg.val_batch_size or cfg.batch_size,
+                         sampler=range(rank, len(self.val), world), num_workers=cfg.workers,
+                         collate_fn=self.val_collate)
         return train, val
 
 

@@ -107,6 +107,8 @@ class TrainSection(Schedule):
     amp: Literal["off", "bf16", "fp16"] = "off"
     seed: int = 0
     device: str = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun jobs: NCCL on GPUs, gloo on CPUs
+    sync_bn: bool = False  # torchrun jobs on GPUs: BatchNorm statistics over all processes
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from .distributed import sum_all
 
 from .ede import ede_t
 from .errors import IRConvertError
@@ -76,7 +80,7 @@ def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "off") -> dict:
-    """Return top-1, top-5 accuracy (percent) and mean loss of `model` over `loader`."""
+    """Return top-1, top-5 accuracy (percent) and mean loss of `model` over `loader`, summed over processes."""
     model.eval()
     n = correct1 = correct5 = 0
     loss = 0.0
@@ -89,6 +93,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "off") -
         correct1 += int((top[:, 0] == y).sum())
         correct5 += int((top == y[:, None]).any(dim=1).sum())
         n += len(y)
+    n, correct1, correct5, loss = sum_all([n, correct1, correct5, loss])
     return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1), "loss": loss / max(n, 1)}
 
 
@@ -107,6 +112,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
         resume: Optional[dict] = None, on_epoch: Optional[Callable[[Stage, int, dict], None]] = None) -> Stage:
     """Train `stage.model` for its schedule's epochs; `on_epoch(stage, epoch, state)` checkpoints."""
     s, model = stage.schedule, stage.model
+    # DDP averages gradients over processes; the state, EDE's t and the schedule stay on `model`
+    net = DistributedDataParallel(model) if dist.is_initialized() else model
     steps = min(len(train_loader), s.max_steps_per_epoch or len(train_loader))
     opt, sched = make_optimizer(model, s, steps)
     if resume:
@@ -124,7 +131,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
             train_loader.sampler.set_epoch(epoch)
         model.train()
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
-        bar = tqdm(total=steps, desc=f"{stage.name} {epoch + 1}/{s.epochs}", leave=False, disable=None)
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        bar = tqdm(total=steps, desc=f"{stage.name} {epoch + 1}/{s.epochs}", leave=False, disable=None if main else True)
         for i, (x, y) in enumerate(train_loader):
             if i >= steps:
                 break
@@ -134,7 +142,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                 set_ede(model, ede_t(progress, stage.ede.t_min, stage.ede.t_max))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, stage.amp):
-                out = logits_of(model(x))
+                out = logits_of(net(x))
                 loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
                 if distill:
                     with torch.no_grad():
@@ -165,6 +173,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                             lr=f"{opt.param_groups[0]['lr']:.2e}",
                             **({"t": f"{next(binary_layers(model))[1].ede_t:.3g}"} if binary and stage.ede else {}))
         bar.close()
+        seen, correct, loss_sum = sum_all([seen, correct, loss_sum])
         val = evaluate(model, val_loader, device, stage.amp)
         row = {"stage": stage.name, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val["top1"], "val_top5": val["top5"],
@@ -172,8 +181,9 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
         if binary and stage.ede is not None:
             row["ede_t"] = next(binary_layers(model))[1].ede_t
         stage.history.append(row)
-        tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
-                   f"val top-1 {val['top1']:.2f}%  ({row['seconds']:.0f}s)")
+        if main:
+            tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
+                       f"val top-1 {val['top1']:.2f}%  ({row['seconds']:.0f}s)")
         if on_epoch is not None:
             on_epoch(stage, epoch + 1, {"optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict() if sched is not None else None})
