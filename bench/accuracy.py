@@ -15,7 +15,7 @@ weights (conversion of a trained model is the product) and gets the same budget:
 All W1A1 variants have the converter's default Hardtanh in front of binary convs (without it a
 binary conv behind a ReLU sees only +1). Results: bench/results/accuracy.{json,md,png}.
 
-    python bench/accuracy.py                 # the full benchmark (about 90 minutes on 2 cores)
+    python bench/accuracy.py                 # the full benchmark (about 45 minutes on 2 quiet cores)
     python bench/accuracy.py --reduced       # one seed, fewer steps (about 15 minutes)
 """
 
@@ -59,7 +59,7 @@ def budget(reduced: bool, width: str) -> dict:
         return {"seeds": [0], "fp": common + ["teacher.finetune.epochs=1", "teacher.finetune.max_steps_per_epoch=300"],
                 "binary": common + ["train.epochs=1", "train.max_steps_per_epoch=200"]}
     return {"seeds": [0, 1], "fp": common + ["teacher.finetune.epochs=3"],
-            "binary": common + ["train.epochs=2", "train.max_steps_per_epoch=300"]}
+            "binary": common + ["train.epochs=1"]}
 
 
 def train_fp(overrides: list[str], out: Path) -> tuple[Path, dict, list[dict], float]:

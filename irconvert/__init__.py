@@ -16,6 +16,7 @@ from .summary import summary
 from .swap import binarize, binary_layers, set_ede
 from .verify import load, load_packed
 from .write import save_latent, save_packed
+from . import runtime  # noqa: E402  (bitwise inference; its kernel builds on first use)
 
 __all__ = [
     "BinaryConv2d", "BinaryLinear", "BinaryMixin", "Binarizer", "IRConvertError", "METHODS", "Policy",
