@@ -38,11 +38,14 @@ class Policy(BaseModel):
     A decision is "keep" (full precision), "binary" (binary in the global `mode`), "W1A1" or
     "W1A32". Layers whose weight is not one row per output channel (CondConv2d's expert bank) are
     always kept; a W1A1 layer whose weight other code reads directly (F.linear(x, self.qkv.weight),
-    nn.MultiheadAttention's out_proj) becomes W1A32, since its input never passes through it. `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by
-    Hardtanh(-1, 1) (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1.
+    nn.MultiheadAttention's out_proj) becomes W1A32, since its input never passes through it.
+    `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by Hardtanh(-1, 1)
+    (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1.
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
+    `shortcut` adds a Bi-Real shortcut around every W1A1 conv followed by a BatchNorm, where the
+    shapes allow (see shortcut.py).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
