@@ -29,14 +29,20 @@ RELU_FAMILY = (nn.ReLU, nn.ReLU6)
 _TRANSPARENT_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Upsample,
+    nn.AdaptiveMaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Upsample, nn.ChannelShuffle, nn.PixelShuffle,
+    nn.PixelUnshuffle,
 )
 _TRANSPARENT_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.cat, torch.permute, torch.transpose, F.pad, F.max_pool2d,
     F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, F.interpolate,
-    operator.getitem,
+    operator.getitem, torch.chunk, torch.split, torch.unbind, torch.stack, torch.squeeze, torch.unsqueeze,
+    torch.roll, torch.narrow, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle,
 }
-_TRANSPARENT_METHODS = {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "mean", "float"}
+# ShuffleNet's x.chunk(2, dim=1) halves and channel shuffle are among these
+_TRANSPARENT_METHODS = {
+    "flatten", "reshape", "view", "permute", "transpose", "contiguous", "mean", "float", "chunk", "split",
+    "unbind", "squeeze", "unsqueeze", "expand", "repeat", "narrow", "roll", "clone", "to", "type_as",
+}
 _RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.relu_, torch.relu_}
 
 
