@@ -174,13 +174,17 @@ def plan(analysis: Analysis, policy: Policy, modules: dict[str, "nn.Module"]) ->
                 continue
             hardtanh.update(analysis.layers[name].feeders)
             if analysis.layers[name].functional_relu:
+                # sign() would see only +1: a constant output, whose zero variance under a
+                # BatchNorm sends the gradient to NaN (torchvision's Inception, GoogLeNet)
                 functional.append(name)
+                layers[name] = LayerPlan(name, "W1A32", f"{lp.reason}; W1A32 as it is fed by a functional relu",
+                                         lp.gain)
     if functional:
         warnings.append(
-            f"{len(functional)} W1A1 layer(s) are fed by a functional relu (F.relu/torch.relu) that no "
-            f"module swap can reach, so their binary input is always +1: {', '.join(functional[:5])}"
+            f"{len(functional)} layer(s) are fed by a functional relu (F.relu/torch.relu) that no module swap "
+            f"can reach, so a binary input would always be +1; they are W1A32: {', '.join(functional[:5])}"
             + (" ..." if len(functional) > 5 else "")
-            + "; keep them with binarize.patterns or use W1A32"
+            + "; keep them full precision with binarize.patterns if you prefer"
         )
     shortcuts = []
     if policy.shortcut:
