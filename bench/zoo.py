@@ -1,0 +1,477 @@
+"""Model-zoo sweep: every timm family and every torchvision classifier is created (random init,
+10 classes), binarized with the default policy, trained one SGD step, exported to packed.safetensors,
+rebuilt from that file alone and compared with the trained model in eval mode.
+
+    python bench/zoo.py                       # all lists, 2 workers
+    python bench/zoo.py --list fast --jobs 1  # the 40 deployment models
+    python bench/zoo.py --list timm --only 'vit*' --limit 5
+
+Each model runs in a worker process with a per-model timeout; a crash or hang costs that model only
+(the worker is restarted). Writes bench/results/zoo.json (one object per model) and zoo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import zoo_lists  # noqa: E402
+
+STAGES = ("create", "binarize", "train", "export", "reload", "compare")
+TOLERANCE = 1e-5
+SMALL = 64
+
+
+# ---------------------------------------------------------------- one model (runs in a worker)
+
+
+def _tensors(out) -> list:
+    """Flatten a model output (tensor, tuple, list, dict, namedtuple) into its tensors."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _input_size(model) -> tuple[int, ...]:
+    """Return (C, H, W): the smallest of 64, 96, ..., 224 below its own input size on which the
+    unconverted model runs in training mode (auxiliary heads and all), else its own input size."""
+    import torch
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    native = tuple(cfg.get("input_size", (3, 224, 224)))
+    c = native[0]
+    tried = []
+    # the small sizes first; models with a patch grid or a fixed pooling need a multiple of it
+    sides = [SMALL, 96, 112, 128, 160, 192, 224]
+    for size in [(c, h, h) for h in sides if h < native[1]] + [native, (c, 224, 224), (c, 299, 299)]:
+        if size in tried:
+            continue
+        tried.append(size)
+        try:
+            with torch.no_grad():
+                model.train()(torch.randn(2, *size))
+            return size
+        except Exception:
+            continue
+    raise RuntimeError(f"the unconverted model runs on none of the input sizes {tried}")
+
+
+def _train_step(net, size: tuple[int, ...], rec: dict) -> None:
+    """One SGD step (lr 1e-3) on random data, the gradient norm clipped to 1 (timm's --clip-grad);
+    records the gradient norm, computed in float64 so that a huge one shows as a number."""
+    import torch
+
+    import irconvert
+
+    net.train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    floats = [t for t in _tensors(net(torch.randn(2, *size))) if t.is_floating_point() and t.requires_grad]
+    if not floats:
+        raise RuntimeError("the model output holds no tensor that depends on the parameters")
+    loss = sum(t.float().pow(2).mean() for t in floats)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {float(loss)}")
+    loss.backward()
+    if rec["binary_layers"] and all(m.latent_weight.grad is None for _, m in irconvert.binary_layers(net)):
+        raise RuntimeError("no binary layer received a gradient")
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
+    rec["grad_norm"] = norm
+    if not math.isfinite(norm):
+        raise RuntimeError(f"gradient norm is {norm} (float32 overflow in the backward)")
+    for g in grads:
+        g.mul_(min(1.0, 1.0 / (norm + 1e-6)))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def check_model(spec: str, report=lambda stage: None) -> dict:
+    """Run every stage on model `spec` ('name' or 'torchvision:name'); return the result record."""
+    import warnings
+
+    import torch
+
+    import irconvert
+    from irconvert.models import create_model, split_name
+    from irconvert.verify import max_abs_diff
+
+    source, name = split_name(spec)
+    rec = {"model": name, "source": source, "status": "fail", "stage": "create", "reason": "",
+           "binary_layers": None, "kept_layers": None, "w1a32_layers": None, "binary_mac_share": None,
+           "size_ratio": None, "input_size": None, "traced": None, "grad_norm": None, "bypassed": None, "max_abs_diff": None,
+           "seconds": None}
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    stage = "create"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report(stage)
+            model = create_model(spec, num_classes=10)
+            size = _input_size(model)
+            rec["input_size"] = list(size)
+
+            stage = "binarize"
+            report(stage)
+            net = irconvert.binarize(model, inplace=True)  # a copy would double the peak memory
+            del model
+            the_plan = net.irconvert_plan
+            rec["binary_layers"] = len(the_plan.binary)
+            rec["kept_layers"] = len(the_plan.layers) - len(the_plan.binary)
+            rec["w1a32_layers"] = sum(p.mode == "W1A32" for p in the_plan.layers.values())
+            rec["traced"] = not any("could not trace" in w for w in the_plan.warnings)
+            rec["binary_mac_share"] = round(irconvert.summary(net, size).binary_mac_share, 4)
+
+            stage = "train"
+            report(stage)
+            called: set[str] = set()
+            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: called.add(n))
+                     for n, m in irconvert.binary_layers(net)]
+            _train_step(net, size, rec)
+            for h in hooks:
+                h.remove()
+            rec["bypassed"] = sorted(set(dict(irconvert.binary_layers(net))) - called)
+            net.eval()
+
+            stage = "export"
+            report(stage)
+            with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
+                packed = irconvert.save_packed(net, Path(tmp) / "packed.safetensors")
+                latent = irconvert.save_latent(net, Path(tmp) / "model.safetensors")
+                rec["size_ratio"] = round(packed.stat().st_size / latent.stat().st_size, 4)
+
+                stage = "reload"
+                report(stage)
+                loaded = irconvert.load_packed(packed)
+
+            stage = "compare"
+            report(stage)
+            diff = max_abs_diff(net, loaded, torch.randn(1, *size))
+            rec["max_abs_diff"] = diff
+            if not diff <= TOLERANCE:
+                raise RuntimeError(f"reloaded model differs from the trained one by {diff:.3g} > {TOLERANCE:g}")
+        rec.update(status="ok", stage="", reason="")
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or ""
+        rec.update(stage=stage, reason=f"{type(exc).__name__}: {text}"[:300])
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def worker_main() -> None:
+    """Read model specs from stdin, write stage and result lines (JSON) to the original stdout."""
+    import torch
+
+    torch.set_num_threads(1)
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # models that print must not corrupt the protocol
+    for line in sys.stdin:
+        spec = line.strip()
+        if not spec:
+            continue
+        rec = check_model(spec, lambda stage: proto.write(json.dumps({"stage": stage}) + "\n"))
+        proto.write(json.dumps({"result": rec}) + "\n")
+
+
+# ---------------------------------------------------------------- the sweep (parent process)
+
+
+class Worker:
+    """A worker process fed one model at a time; restarted after a crash, a timeout or too much memory."""
+
+    def __init__(self, mem_gib: float):
+        self.mem_gib = mem_gib
+        self.proc = None
+
+    def _start(self) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        proc = self.proc
+
+        def pump():
+            for line in proc.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def _rss_gib(self) -> float:
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            return kib / 2**20
+        except (OSError, StopIteration, ValueError):
+            return 0.0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def run(self, spec: str, timeout: float) -> dict:
+        """Return the result record of `spec`, or a failure record if the worker dies, hangs or
+        goes over the memory cap (it is killed then, so that it cannot take the machine down)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        from irconvert.models import split_name
+
+        source, name = split_name(spec)
+        stage, t0 = "create", time.perf_counter()
+        self.proc.stdin.write(spec + "\n")
+        self.proc.stdin.flush()
+        while True:
+            reason = None
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                code = self.proc.poll()
+                reason = f"worker died (exit code {code}{', signal %d' % -code if code and code < 0 else ''})"
+            elif not line:
+                if time.perf_counter() - t0 > timeout:
+                    reason = f"timeout: no result after {timeout:.0f} s"
+                elif self.mem_gib > 0 and self._rss_gib() > self.mem_gib:
+                    reason = f"over the memory cap of {self.mem_gib:g} GiB"
+                else:
+                    continue
+            else:
+                msg = json.loads(line)
+                if "result" in msg:
+                    return msg["result"]
+                stage = msg["stage"]
+                continue
+            self.stop()
+            return {"model": name, "source": source, "status": "fail", "stage": stage, "reason": reason,
+                    "binary_layers": None, "kept_layers": None, "binary_mac_share": None,
+                    "size_ratio": None, "input_size": None, "traced": None, "max_abs_diff": None,
+                    "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def select(which: str, only: str | None, limit: int | None) -> tuple[list[tuple[str, list[str]]], dict]:
+    """Return ([(spec, [lists it belongs to])], timm family table) for the chosen lists."""
+    lists: dict[str, list[str]] = {}
+    families: dict = {}
+    if which in ("fast", "all"):
+        lists["fast"] = list(zoo_lists.FAST)
+    if which in ("timm", "all"):
+        families = _families()
+        lists["timm"] = [f["model"] for f in families.values() if f["model"]]
+    if which in ("torchvision", "all"):
+        lists["torchvision"] = zoo_lists.torchvision_names()
+    member: dict[str, list[str]] = {}
+    for lst, specs in lists.items():
+        if only:
+            pats = only.split(",")
+            specs = [s for s in specs if any(fnmatch.fnmatch(s.rpartition(":")[2], p) or fnmatch.fnmatch(s, p) for p in pats)]
+        for s in specs[:limit] if limit else specs:
+            member.setdefault(s, []).append(lst)
+    return list(member.items()), families
+
+
+def _families() -> dict:
+    """The timm family table, cached per timm version (building ~1000 models on meta takes 1-2 min)."""
+    import timm
+
+    cache = HERE / "results" / "timm_families.json"
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("timm") == timm.__version__ and data.get("max_params") == zoo_lists.MAX_PARAMS:
+            return data["families"]
+    families = zoo_lists.timm_families()
+    _write(cache, json.dumps({"timm": timm.__version__, "max_params": zoo_lists.MAX_PARAMS,
+                              "families": families}, indent=1) + "\n")
+    return families
+
+
+def _write(path: Path, text: str) -> None:
+    from irconvert.write import write_text
+
+    write_text(path, text)
+
+
+def estimate_params(spec: str, families: dict) -> int:
+    """Return the parameter count of `spec` without building it for real (for scheduling only)."""
+    import timm
+    import torchvision
+
+    from irconvert.models import split_name
+
+    source, name = split_name(spec)
+    if source == "torchvision":
+        try:
+            return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+        except Exception:
+            return 0
+    for f in families.values():
+        if f["model"] == name and f["params"]:
+            return int(f["params"])
+    return (zoo_lists._params_on_meta(name) or 0) if timm.is_model(name) else 0
+
+
+def sweep(specs: list[tuple[str, list[str]]], jobs: int, timeout: float, mem_gib: float,
+          families: dict, param_budget: float) -> list[dict]:
+    """Run every spec on `jobs` workers, largest first; return the records in the order of `specs`.
+
+    Models run side by side only while their parameters add up to at most `param_budget` (a model
+    takes ~25 bytes per parameter at its peak: weights, gradients, binarized copies, the rebuilt
+    model), so that two large ones never share the machine's memory. The timeout grows with size.
+    """
+    params = [estimate_params(spec, families) for spec, _ in specs]
+    todo = sorted(range(len(specs)), key=lambda i: -params[i])
+    results: list = [None] * len(specs)
+    running = [0]
+    cond = threading.Condition()
+    done = [0]
+
+    def take():
+        with cond:
+            while todo:
+                for k, i in enumerate(todo):
+                    if running[0] == 0 or running[0] + params[i] <= param_budget:
+                        todo.pop(k)
+                        running[0] += params[i]
+                        return i
+                cond.wait()
+            return None
+
+    def slot():
+        w = Worker(mem_gib)
+        try:
+            while (i := take()) is not None:
+                spec = specs[i][0]
+                rec = w.run(spec, timeout * max(1.0, params[i] / 100e6))
+                rec["lists"] = specs[i][1]
+                rec["params"] = params[i]
+                results[i] = rec
+                with cond:
+                    running[0] -= params[i]
+                    cond.notify_all()
+                    done[0] += 1
+                    tail = f"  {rec['stage']}: {rec['reason'][:100]}" if rec["status"] != "ok" else ""
+                    print(f"[{done[0]}/{len(specs)}] {rec['status']:<4} {spec} {rec['seconds']:.1f}s{tail}",
+                          file=sys.stderr, flush=True)
+        finally:
+            w.stop()
+
+    threads = [threading.Thread(target=slot) for _ in range(max(1, jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers: dict | None = None) -> str:
+    """Return the summary table: pass counts per list, then every failure with its stage and reason."""
+    import timm
+    import torch
+    import torchvision
+
+    lines = ["# Model-zoo sweep", "",
+             f"timm {timm.__version__}, torchvision {torchvision.__version__}, torch {torch.__version__}; "
+             f"random init, 10 classes, default policy (W1A1 IR-Net, first/last/depthwise kept); "
+             f"one SGD step, export to packed.safetensors, rebuild from it, eval outputs within {TOLERANCE:g}. "
+             f"Sweep wall time {wall / 60:.1f} min with {jobs} worker(s) on {os.cpu_count()} CPU cores.", "",
+             "| list | models | pass | fail | pass rate |", "|---|---:|---:|---:|---:|"]
+    names = sorted({lst for r in results for lst in r["lists"]}, key=["timm", "torchvision", "fast"].index)
+    for lst in names:
+        rs = [r for r in results if lst in r["lists"]]
+        ok = sum(r["status"] == "ok" for r in rs)
+        label = {"timm": "timm families", "torchvision": "torchvision classifiers", "fast": "fast (deployment 40)"}[lst]
+        lines.append(f"| {label} | {len(rs)} | {ok} | {len(rs) - ok} | {100 * ok / max(len(rs), 1):.1f}% |")
+    if peers:
+        lines += ["", "## Peers on the same lists", "", "| tool | list | models | pass | pass rate |", "|---|---|---:|---:|---:|"]
+        for tool, per_list in peers.items():
+            for lst, (n, ok) in per_list.items():
+                lines.append(f"| {tool} | {lst} | {n} | {ok} | {100 * ok / max(n, 1):.1f}% |")
+    fails = [r for r in results if r["status"] != "ok"]
+    lines += ["", f"## Failures ({len(fails)})", ""]
+    if fails:
+        lines += ["| model | source | stage | reason |", "|---|---|---|---|"]
+        for r in fails:
+            lines.append(f"| {r['model']} | {r['source']} | {r['stage']} | {r['reason'].replace('|', '/')[:200]} |")
+    else:
+        lines.append("None.")
+    ok = [r for r in results if r["status"] == "ok"]
+    if ok:
+        med = sorted(r["size_ratio"] for r in ok)[len(ok) // 2]
+        share = sorted(r["binary_mac_share"] for r in ok)[len(ok) // 2]
+        untraced = [r["model"] for r in ok if r["traced"] is False]
+        w1a32 = [r["model"] for r in ok if r.get("w1a32_layers")]
+        norms = sorted(r["grad_norm"] for r in ok if r.get("grad_norm") is not None)
+        slow = sorted(ok, key=lambda r: -r["seconds"])[:5]
+        lines += ["", "## Passing models", "",
+                  f"Median packed/latent size ratio {med:.3f}; median binary share of MACs {100 * share:.1f}%. "
+                  f"{len(untraced)} converted through the module-order fallback because torch.fx cannot trace "
+                  f"them: {', '.join(untraced) or 'none'}. "
+                  f"{len(w1a32)} have W1A32 layers under the W1A1 policy (a weight read outside its layer's forward, "
+                  f"as in BEiT's and nn.MultiheadAttention's projections, or a layer fed by a functional relu). "
+                  + (f"Gradient norm of the step before clipping: median {norms[len(norms) // 2]:.3g}, "
+                     f"largest {norms[-1]:.3g}. " if norms else "")
+                  + "Slowest: " + ", ".join(f"{r['model']} {r['seconds']:.0f} s" for r in slow) + "."]
+    if families:
+        swapped = {f: v for f, v in families.items() if v["model"] != v["first"]}
+        missing = {f: v for f, v in families.items() if not v["model"]}
+        lines += ["", "## timm family representatives", "",
+                  f"{len(families)} families (the module defining the model). Each is represented by its first "
+                  f"model in timm.list_models(), or by its smallest variant when the first has more than "
+                  f"{zoo_lists.MAX_PARAMS / 1e6:.0f}M parameters ({len(swapped)} families):", ""]
+        lines += [f"- {f}: {v['model']} instead of {v['first']}" for f, v in swapped.items()]
+        lines += ["", "Families excluded (no member can be built on this machine): "
+                  + (", ".join(f"{f} ({v['why']})" for f, v in missing.items()) or "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", default="all", choices=("timm", "torchvision", "fast", "all"))
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on a 2-core machine)")
+    ap.add_argument("--limit", type=int, help="only the first N models of each list")
+    ap.add_argument("--only", help="globs on model names, comma-separated, e.g. 'resnet*,vit_*'")
+    ap.add_argument("--timeout", type=float, default=150, help="seconds per model (per 100M parameters above that)")
+    ap.add_argument("--mem-gib", type=float, default=18, help="a worker over this resident memory is killed (0: no cap)")
+    ap.add_argument("--param-budget", type=float, default=450e6,
+                    help="models run side by side only while their parameters add up to at most this")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main()
+    t0 = time.perf_counter()
+    specs, families = select(args.list, args.only, args.limit)
+    print(f"{len(specs)} models, {args.jobs} worker(s)", file=sys.stderr)
+    results = sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget)
+    wall = time.perf_counter() - t0
+    _write(args.out / "zoo.json", json.dumps(results, indent=1) + "\n")
+    peers_file = args.out / "zoo_peers.json"
+    peers = json.loads(peers_file.read_text()) if peers_file.is_file() else None
+    _write(args.out / "zoo.md", markdown(results, families, wall, args.jobs, peers))
+    print(markdown(results, families, wall, args.jobs, peers), end="")
+
+
+if __name__ == "__main__":
+    main()

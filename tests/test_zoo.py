@@ -1,0 +1,195 @@
+"""Model zoo: the 40 deployment models convert, train a step and reload exactly from packed.safetensors;
+and the converter fixes the full sweep (bench/zoo.py) needed, each on a model small enough to read.
+
+All of it takes about 40 s on one core (0.3-3 s a model at 64x64), so nothing is marked slow. The full
+sweep over every timm family and torchvision classifier is `python bench/zoo.py` (about 16 minutes on 2 cores).
+"""
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import irconvert
+from irconvert.analyze import analyze
+from irconvert.models import create_model, split_name
+from irconvert.verify import max_abs_diff
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from zoo_lists import FAST  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models on 2 shared cores: one thread is 10-50x faster than two that wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _runs(model: nn.Module, side: int) -> bool:
+    try:
+        with torch.no_grad():
+            model.train()(torch.randn(2, 3, side, side))
+        return True
+    except Exception:
+        return False
+
+
+def build_small(spec: str) -> tuple[nn.Module, int]:
+    """Return (model with 10 classes, input side): 64x64, with img_size=64 for fixed-size timm models, else native."""
+    torch.manual_seed(0)
+    model = create_model(spec, num_classes=10)
+    if _runs(model, 64):
+        return model, 64
+    if split_name(spec)[0] == "timm":
+        try:
+            small = create_model(spec, num_classes=10, img_size=64)
+            if _runs(small, 64):
+                return small, 64
+        except Exception:
+            pass
+    return model, model.pretrained_cfg["input_size"][-1]
+
+
+def outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in outputs(o)] if isinstance(out, (tuple, list)) else []
+
+
+@pytest.mark.parametrize("spec", FAST)
+def test_zoo_model_converts_trains_and_reloads_exactly(spec, tmp_path):
+    model, side = build_small(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = irconvert.binarize(model, inplace=True)
+    layers = dict(irconvert.binary_layers(net))
+    assert layers, "nothing was binarized"
+
+    net.train()
+    loss = sum(t.float().pow(2).mean() for t in outputs(net(torch.randn(2, 3, side, side))))
+    loss.backward()
+    grads = [m.latent_weight.grad for m in layers.values()]
+    assert any(g is not None for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    torch.optim.SGD(net.parameters(), lr=1e-3).step()
+
+    path = irconvert.save_packed(net, tmp_path / "packed.safetensors")
+    loaded = irconvert.load_packed(path)
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        y = outputs(net.eval()(x))
+    assert all(torch.isfinite(t).all() for t in y)
+    assert max_abs_diff(net, loaded, x) <= 1e-5
+
+
+def test_fast_list_is_40_buildable_models_of_both_sources():
+    assert len(FAST) == len(set(FAST)) == 40
+    tv = set(torchvision.models.list_models(module=torchvision.models))
+    for spec in FAST:
+        source, name = split_name(spec)
+        assert (name in tv) if source == "torchvision" else timm.is_model(name), spec
+
+
+# ---------------------------------------------------------------- the converter fixes
+
+
+def _grad_norm(net: nn.Module, side: int) -> float:
+    net.train()
+    net(torch.randn(2, 3, side, side)).pow(2).mean().backward()
+    return float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None)))
+
+
+def test_gain_keeps_a_binary_transformer_trainable():
+    # +-1 weights where the pretrained ones were ~0.02 multiply gradients ~50x per layer in the
+    # residual branches; 12 blocks took DeiT-tiny's gradient far past anything trainable
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=64)
+    torch.manual_seed(0)
+    paper = _grad_norm(irconvert.binarize(model, keep_magnitude=False), 64)
+    torch.manual_seed(0)
+    kept = _grad_norm(irconvert.binarize(model), 64)
+    assert kept < 1e3 < 1e9 < paper
+
+
+def test_gain_is_the_weight_magnitude_and_cancels_under_batchnorm():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Hardtanh(), nn.Conv2d(8, 16, 3),
+                          nn.BatchNorm2d(16), nn.Hardtanh(), nn.Flatten(), nn.Linear(16 * 6 * 6, 4))
+    std = float(block[3].weight.detach().std())  # kaiming-uniform: 1 / sqrt(3 * 72) = 0.068
+    a = irconvert.binarize(block)
+    b = irconvert.binarize(block, keep_magnitude=False)
+    assert a[3].binary_gain == round(math.log2(std)) == -4 and b[3].binary_gain == 0
+    torch.testing.assert_close(a[3].weight, b[3].weight * 2.0**-4, rtol=0, atol=0)
+    x = torch.randn(4, 3, 10, 10)
+    a.train(), b.train()
+    # BatchNorm takes the scale out; only its eps (1e-5 against a variance of ~0.3) tells them apart
+    torch.testing.assert_close(a[:5](x), b[:5](x), rtol=1e-3, atol=1e-3)
+
+
+def test_packed_exponent_carries_the_gain_and_reloads(tmp_path):
+    from safetensors.torch import load_file
+
+    net = irconvert.binarize(create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8))
+    name, layer = next(iter(irconvert.binary_layers(net)))
+    assert layer.binary_gain < 0
+    path = irconvert.save_packed(net, tmp_path / "packed.safetensors")
+    exp = load_file(str(path))[f"{name}.weight.exp"]
+    want = layer.binarizer.exponent(layer.latent_weight.detach()) + layer.binary_gain
+    assert torch.equal(exp.to(torch.int32), want.to(torch.int32))
+    loaded = irconvert.load_packed(path)
+    assert torch.equal(loaded.get_submodule(name).weight, layer.weight.detach())
+    assert max_abs_diff(net, loaded, torch.randn(2, 3, 32, 32)) == 0
+
+
+class FunctionalQKV(nn.Module):
+    """Attention projections read as weights (BEiT's F.linear(x, self.qkv.weight, qkv_bias)) and through nn.MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        x = x + F.scaled_dot_product_attention(q, k, v)
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        return self.head(self.mlp(x).mean(1))
+
+
+def test_layers_whose_weight_is_read_directly_are_w1a32():
+    a = analyze(FunctionalQKV())
+    assert not a.layers["qkv"].called and not a.layers["mha.out_proj"].called and a.layers["mlp"].called
+    net = irconvert.binarize(FunctionalQKV())
+    modes = {n: p.mode for n, p in net.irconvert_plan.layers.items()}
+    assert modes == {"stem": None, "qkv": "W1A32", "mha.out_proj": "W1A32", "mlp": "W1A1", "head": None}
+    net(torch.randn(2, 5, 8)).sum().backward()
+    assert net.qkv.latent_weight.grad is not None
+
+
+def test_reloaded_1x1_conv_weight_has_standard_strides(tmp_path):
+    # .contiguous() after a permute keeps odd strides on a 1x1 kernel's size-1 dims; conv then takes
+    # the channels-last path and rounds differently, which W1A1 signs downstream amplify
+    net = irconvert.binarize(create_model("torchvision:squeezenet1_1", num_classes=10))
+    loaded = irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
+    w = loaded.features[3].squeeze.weight
+    assert w.shape[-2:] == (1, 1) and w.stride() == torch.empty(w.shape).stride()
+    assert max_abs_diff(net, loaded, torch.randn(2, 3, 64, 64)) == 0
+
+
+def test_modules_that_check_their_state_dict_version_reload(tmp_path):
+    net = irconvert.binarize(create_model("torchvision:mnasnet0_5", num_classes=10))  # MNASNet refuses a missing version
+    loaded = irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
+    assert max_abs_diff(net, loaded, torch.randn(2, 3, 64, 64)) == 0
