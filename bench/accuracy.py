@@ -52,14 +52,15 @@ VARIANTS = [  # (name, mode, overrides)
 ]
 
 
-def budget(reduced: bool, width: str) -> dict:
+def budget(reduced: bool, width: str, fp_epochs: int, binary_steps: int | None) -> dict:
     """The training budget: the same for every binary variant."""
     common = [f"model.kwargs.channels={width}", "data.subset=null"]
     if reduced:
         return {"seeds": [0], "fp": common + ["teacher.finetune.epochs=1", "teacher.finetune.max_steps_per_epoch=300"],
                 "binary": common + ["train.epochs=1", "train.max_steps_per_epoch=200"]}
-    return {"seeds": [0, 1], "fp": common + ["teacher.finetune.epochs=3"],
-            "binary": common + ["train.epochs=1"]}
+    steps = [f"train.max_steps_per_epoch={binary_steps}"] if binary_steps else []
+    return {"seeds": [0, 1], "fp": common + [f"teacher.finetune.epochs={fp_epochs}"],
+            "binary": common + ["train.epochs=1"] + steps}
 
 
 def train_fp(overrides: list[str], out: Path) -> tuple[Path, dict, list[dict], float]:
@@ -84,8 +85,10 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true", help="one seed, fewer steps (about 15 minutes)")
     ap.add_argument("--width", default="[32,64,128,256]", help="ResNet-18 stage widths (timm 'channels' kwarg)")
     ap.add_argument("--variants", nargs="*", help="only these variant names")
+    ap.add_argument("--fp-epochs", type=int, default=3, help="epochs of the FP model (full form)")
+    ap.add_argument("--binary-steps", type=int, help="steps of each binary run (full form: one whole epoch)")
     args = ap.parse_args()
-    b = budget(args.reduced, args.width)
+    b = budget(args.reduced, args.width, args.fp_epochs, args.binary_steps)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="irconvert-acc-"))
     print(f"training the FP model ({' '.join(b['fp'])})", flush=True)
