@@ -117,7 +117,8 @@ def main() -> None:
                      "epochs": recipe.train.epochs, "steps_per_epoch": recipe.train.max_steps_per_epoch,
                      "minutes": round((time.time() - t0) / 60, 2)})
     fp_top = rows[0]["top1_mean"]
-    lines = [f"Budget: {'reduced' if args.reduced else 'full'}; FP: {' '.join(b['fp'])}; every binary variant: "
+    label = "reduced" if args.reduced else f"--fp-epochs {args.fp_epochs} --binary-steps {args.binary_steps or 'one epoch'}"
+    lines = [f"Budget ({label}); FP: {' '.join(b['fp'])}; every binary variant: "
              f"{' '.join(b['binary'])}; seeds {b['seeds']}; batch 128; 2 CPU cores.", "",
              "| variant | mode | top-1 mean (%) | spread (std) | per seed | gap to FP | minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -24,13 +24,16 @@ def balance(w: torch.Tensor) -> torch.Tensor:
     """Return w_hat = (w - mean) / std per output channel, 0 for constant channels."""
     flat = w.reshape(w.shape[0], -1).float()
     centered = flat - flat.mean(dim=1, keepdim=True)
-    if flat.shape[1] > 1:
-        std = centered.std(dim=1, keepdim=True)
+    n = flat.shape[1]
+    if n > 1:
+        var = centered.square().sum(dim=1, keepdim=True) / (n - 1)
     else:
-        std = torch.zeros_like(centered)
-    safe = torch.where(std > 0, std, torch.ones_like(std))
-    w_hat = torch.where(std > 0, centered / safe, torch.zeros_like(centered))
-    return w_hat.reshape(w.shape)
+        var = torch.zeros_like(centered[:, :1])
+    # one per-channel factor (1/std, or 0 for a constant channel) keeps the weight-sized work to a
+    # single multiply, as this runs in every forward pass; sqrt sees no 0, so no inf gradient
+    ok = var > 0
+    inv = ok / torch.where(ok, var, torch.ones_like(var)).sqrt()
+    return (centered * inv).reshape(w.shape)
 
 
 def scale_exponent(w_hat: torch.Tensor) -> torch.Tensor:
