@@ -364,6 +364,8 @@ def sweep(specs: list[tuple[str, list[str]]], jobs: int, timeout: float, mem_gib
             while (i := take()) is not None:
                 spec = specs[i][0]
                 rec = w.run(spec, timeout * max(1.0, params[i] / 100e6))
+                if params[i] > 100e6:
+                    w.stop()  # the allocator keeps a big model's pages: a fresh worker gives them back
                 rec["lists"] = specs[i][1]
                 rec["params"] = params[i]
                 results[i] = rec
@@ -404,10 +406,27 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
         label = {"timm": "timm families", "torchvision": "torchvision classifiers", "fast": "fast (deployment 40)"}[lst]
         lines.append(f"| {label} | {len(rs)} | {ok} | {len(rs) - ok} | {100 * ok / max(len(rs), 1):.1f}% |")
     if peers:
-        lines += ["", "## Peers on the same lists", "", "| tool | list | models | pass | pass rate |", "|---|---|---:|---:|---:|"]
+        fast = [r for r in results if "fast" in r["lists"]]
+        lines += ["", "## Peers on the fast list", "",
+                  "bench/zoo_peers.py: the same stages with each tool's own API (binary weights and activations, "
+                  "first and last layer full precision); their export is the state_dict, as none has a whole-model "
+                  "1-bit file to call the same way.", "",
+                  "| tool | models | pass | pass rate | trainable parameters of resnet18 | failures by stage |",
+                  "|---|---:|---:|---:|---:|---|"]
+        if fast:
+            ok = sum(r["status"] == "ok" for r in fast)
+            lines.append(f"| irconvert | {len(fast)} | {ok} | {100 * ok / len(fast):.1f}% | all (latent weights) | "
+                         f"{_by_stage([r for r in fast if r['status'] != 'ok'])} |")
         for tool, per_list in peers.items():
             for lst, (n, ok) in per_list.items():
-                lines.append(f"| {tool} | {lst} | {n} | {ok} | {100 * ok / max(n, 1):.1f}% |")
+                detail = HERE / "results" / f"zoo_peers_{tool}.json"
+                recs = json.loads(detail.read_text()) if detail.is_file() else []
+                fails = [r for r in recs if r["status"] != "ok"]
+                r18 = next((r.get("trainable") for r in recs if r["model"] == "resnet18"), None)
+                lines.append(f"| {tool} | {n} | {ok} | {100 * ok / max(n, 1):.1f}% | "
+                             f"{f'{r18 / 1e6:.2f}M' if r18 else '?'} | {_by_stage(fails)} |")
+        lines += ["", "A tool whose binary layers hold no trainable weight (packed, inference only) passes the train "
+                  "stage on its full-precision remainder alone: compare its trainable parameters with resnet18's 11.2M."]
     fails = [r for r in results if r["status"] != "ok"]
     lines += ["", f"## Failures ({len(fails)})", ""]
     if fails:
@@ -422,7 +441,7 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
         share = sorted(r["binary_mac_share"] for r in ok)[len(ok) // 2]
         untraced = [r["model"] for r in ok if r["traced"] is False]
         w1a32 = [r["model"] for r in ok if r.get("w1a32_layers")]
-        norms = sorted(r["grad_norm"] for r in ok if r.get("grad_norm") is not None)
+        norms = sorted((r["grad_norm"], r["model"]) for r in ok if r.get("grad_norm") is not None)
         slow = sorted(ok, key=lambda r: -r["seconds"])[:5]
         lines += ["", "## Passing models", "",
                   f"Median packed/latent size ratio {med:.3f}; median binary share of MACs {100 * share:.1f}%. "
@@ -430,8 +449,8 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
                   f"them: {', '.join(untraced) or 'none'}. "
                   f"{len(w1a32)} have W1A32 layers under the W1A1 policy (a weight read outside its layer's forward, "
                   f"as in BEiT's and nn.MultiheadAttention's projections, or a layer fed by a functional relu). "
-                  + (f"Gradient norm of the step before clipping: median {norms[len(norms) // 2]:.3g}, "
-                     f"largest {norms[-1]:.3g}. " if norms else "")
+                  + (f"Gradient norm of the step before clipping: median {norms[len(norms) // 2][0]:.3g}, largest "
+                     + ", ".join(f"{n:.3g} ({m})" for n, m in norms[:-4:-1]) + ". " if norms else "")
                   + "Slowest: " + ", ".join(f"{r['model']} {r['seconds']:.0f} s" for r in slow) + "."]
     if families:
         swapped = {f: v for f, v in families.items() if v["model"] != v["first"]}
@@ -446,6 +465,16 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
     return "\n".join(lines) + "\n"
 
 
+def _by_stage(fails: list[dict]) -> str:
+    """Return 'train 3 (RuntimeError: ...), reload 1 (...)': failure counts per stage, with the commonest reason."""
+    out = []
+    for stage in sorted({r["stage"] for r in fails}):
+        rs = [r["reason"] for r in fails if r["stage"] == stage]
+        common = max(set(rs), key=rs.count).replace("|", "/")[:70]
+        out.append(f"{stage} {len(rs)} ({common})")
+    return "; ".join(out) or "none"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--list", default="all", choices=("timm", "torchvision", "fast", "all"))
@@ -457,20 +486,29 @@ def main() -> None:
     ap.add_argument("--param-budget", type=float, default=450e6,
                     help="models run side by side only while their parameters add up to at most this")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--md-only", action="store_true",
+                    help="rewrite zoo.md from zoo.json and zoo_peers.json (after bench/zoo_peers.py) without running")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker_main()
-    t0 = time.perf_counter()
-    specs, families = select(args.list, args.only, args.limit)
-    print(f"{len(specs)} models, {args.jobs} worker(s)", file=sys.stderr)
-    results = sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget)
-    wall = time.perf_counter() - t0
-    _write(args.out / "zoo.json", json.dumps(results, indent=1) + "\n")
+    if args.md_only:
+        results = json.loads((args.out / "zoo.json").read_text())
+        run = json.loads((args.out / "zoo_run.json").read_text())
+        families = _families() if any("timm" in r["lists"] for r in results) else {}
+    else:
+        t0 = time.perf_counter()
+        specs, families = select(args.list, args.only, args.limit)
+        print(f"{len(specs)} models, {args.jobs} worker(s)", file=sys.stderr)
+        results = sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget)
+        run = {"wall_s": round(time.perf_counter() - t0, 1), "jobs": args.jobs}
+        _write(args.out / "zoo.json", json.dumps(results, indent=1) + "\n")
+        _write(args.out / "zoo_run.json", json.dumps(run) + "\n")
     peers_file = args.out / "zoo_peers.json"
     peers = json.loads(peers_file.read_text()) if peers_file.is_file() else None
-    _write(args.out / "zoo.md", markdown(results, families, wall, args.jobs, peers))
-    print(markdown(results, families, wall, args.jobs, peers), end="")
+    text = markdown(results, families, run["wall_s"], run["jobs"], peers)
+    _write(args.out / "zoo.md", text)
+    print(text, end="")
 
 
 if __name__ == "__main__":
