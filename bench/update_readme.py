@@ -16,8 +16,11 @@ def main() -> None:
     text = readme.read_text()
     for md in sorted((ROOT / "bench" / "results").glob("*.md")):
         name = md.stem
+        body = md.read_text().rstrip()
+        if body.startswith("# "):  # the README's own heading names the table
+            body = body.split("\n", 1)[1].lstrip()
         pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + md.read_text().rstrip() + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     readme.write_text(text)
 
 
