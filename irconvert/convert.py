@@ -369,6 +369,8 @@ def export_run(path: Union[str, os.PathLike], overwrite: bool = False, log=print
         if not origin:
             raise IRConvertError(f"{ckpt}: holds no model origin (a user model); export it from Python with save_packed")
         fp = create_model(origin["name"], origin["source"], adapt=origin.get("adapt"), **origin.get("kwargs", {}))
+        # binarize the same FP weights the run binarized: the per-layer gains come from them
+        fp.load_state_dict(state["teacher"])
         student = binarize(fp, recipe.binarize)
         student.load_state_dict(state["model"])
         student.irconvert_input_size = tuple(json.loads(state.get("input_size") or "[]")) or None

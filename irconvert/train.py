@@ -123,7 +123,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     scaler = torch.amp.GradScaler(device.type) if stage.amp == "fp16" else None
     total = s.epochs * steps
     distill = stage.teacher is not None and stage.distill is not None and stage.distill.enabled
-    binary = any(True for _ in binary_layers(model))
+    first_binary = next(binary_layers(model), (None, None))[1]  # where the progress bar reads EDE's t
+    binary = first_binary is not None
     for epoch in range(start_epoch, s.epochs):
         torch.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
         train_loader.generator.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
@@ -171,7 +172,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                             lr=f"{opt.param_groups[0]['lr']:.2e}",
-                            **({"t": f"{next(binary_layers(model))[1].ede_t:.3g}"} if binary and stage.ede else {}))
+                            **({"t": f"{first_binary.ede_t:.3g}"} if binary and stage.ede else {}))
         bar.close()
         seen, correct, loss_sum = sum_all([seen, correct, loss_sum])
         val = evaluate(model, val_loader, device, stage.amp)
@@ -179,7 +180,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val["top1"], "val_top5": val["top5"],
                "val_loss": val["loss"], "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
         if binary and stage.ede is not None:
-            row["ede_t"] = next(binary_layers(model))[1].ede_t
+            row["ede_t"] = first_binary.ede_t
         stage.history.append(row)
         if main:
             tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
