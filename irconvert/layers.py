@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .ede import T_MIN, ede_k
+from .ede import T_MIN, ede_k, sign
 from .methods import Binarizer
 
 MODES = ("W1A1", "W1A32")
@@ -45,11 +46,13 @@ class BinaryMixin:
 
     Attributes set by `make_binary`: `binarizer` (a methods.Binarizer), `binary_mode` ('W1A1' or
     'W1A32'), `ede_t` and `ede_k` (EDE's t and k, floats, not in the state_dict), `binary_gain`
-    (the int g of the fixed gain 2^g) and `binary_frozen` (True in a model rebuilt from a packed
-    file: the stored weight already is 2^g * s * B).
+    (the int g of the fixed gain 2^g), `binary_params` (names of the method's own parameters, such
+    as SD-BNN's shifts; they are in the state_dict) and `binary_frozen` (True in a model rebuilt
+    from a packed file: the stored weight already is 2^g * s * B, see `freeze`).
     """
 
     binary_gain = 0
+    binary_params: tuple[str, ...] = ()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -68,8 +71,26 @@ class BinaryMixin:
         if self.bireal_keep_input:  # the Bi-Real shortcut (shortcut.py) adds it after the BatchNorm
             self.bireal_input = input
         if self.binary_mode == "W1A1":
-            input = self.binarizer.activation(input, self)
+            input = self._frozen_sign(input) if self.binary_frozen else self.binarizer.activation(input, self)
         return super().forward(input, *args, **kwargs)
+
+    def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:
+        """sign(x - tau) with the packed file's per-channel threshold tau (0 where it has none)."""
+        tau = getattr(self, "input_threshold", None)
+        if tau is None:
+            return sign(x)
+        shape = (-1,) if isinstance(self, nn.Linear) else (-1,) + (1,) * len(self.kernel_size)
+        return sign(x - tau.to(x.dtype).reshape(shape))
+
+    def freeze(self, weight: torch.Tensor, threshold: Optional[torch.Tensor] = None) -> None:
+        """Make this a deployment layer: weight = the stored scale * B as it is, the method's own
+        parameters gone, the input binarized as sign(x - threshold)."""
+        for name in self.binary_params:
+            del self._parameters[name]
+        self.binary_params = ()
+        self._parameters["weight"] = nn.Parameter(weight.to(self._parameters["weight"].dtype), requires_grad=False)
+        self.register_buffer("input_threshold", None if threshold is None else threshold.float(), persistent=False)
+        self.binary_frozen = True
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_mode}, method={self.binarizer.name}"
@@ -131,6 +152,7 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
     module.bireal_input = None
     module.ede_t = T_MIN
     module.ede_k = ede_k(T_MIN)
+    module.binary_params = binarizer.init(module)
     return module
 
 

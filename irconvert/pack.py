@@ -1,10 +1,18 @@
-"""Stage 6, pack: weight signs into 32-bit words, scales into int8 exponents.
+"""Stage 6, pack: weight signs into 32-bit words, scales into int8 exponents (or floats), thresholds.
 
-Layout of a binary layer `L` in packed.safetensors (format "irconvert-packed/1"):
+Layout of a binary layer `L` in packed.safetensors (format "irconvert-packed/2"):
 
-    L.weight.bits  int32 [out_channels, ceil(fan_in / 32)]
-    L.weight.exp   int8  [out_channels]             2^exp = 2^g * s (the layer's gain times Libra-PB's scale)
-    L.bias         as trained (float), if the layer has one
+    L.weight.bits       int32 [out_channels, ceil(fan_in / 32)]
+    L.weight.exp        int8  [out_channels]    2^exp = 2^g * s (the layer's gain times Libra-PB's scale),
+                                                where every channel's scale is a power of two (IR-Net, SD-BNN, ...)
+    L.weight.scale      float32 [out_channels]  the per-channel scale otherwise (trained scales: 2^g * alpha * beta)
+    L.input.threshold   float32 [in_channels]   W1A1 only, where the method shifts the input (SD-BNN's ASD):
+                                                the input bit is +1 where x >= threshold, else -1
+    L.bias              as trained (float), if the layer has one
+
+The layer computes y = scale (*) (B_w (*) B_a) + bias with B_a = sign(x - threshold) (sign(x) without
+one). The method's own trained parameters (shifts, scales) are folded into these fields and not
+stored again. Files of format /1 are /2 files without the optional fields.
 
 - The fan-in of output channel o is its weight row flattened in (kh, kw, c_in) order for convs
   (OHWI, the order of TFLite and Larq Compute Engine filters) and in c_in order for Linear.
@@ -69,16 +77,32 @@ def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
     return 1.0 - 2.0 * torch.from_numpy(bits).to(torch.float32)
 
 
+def store_scale(scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Return {'exp': int8} if every per-channel scale is a power of two in int8 range, else {'scale': float32}."""
+    mant, exp = torch.frexp(scale.float())
+    e = exp.to(torch.int32) - 1  # frexp: scale = mant * 2^exp with mant in [0.5, 1)
+    if bool((mant == 0.5).all()) and int(e.min()) >= -128 and int(e.max()) <= 127:
+        return {"exp": e.to(torch.int8)}
+    return {"scale": scale.float().contiguous()}
+
+
 def pack_layer(module: BinaryMixin) -> dict[str, torch.Tensor]:
-    """Return the packed tensors (bits, exp) of one binary layer, from its latent weight."""
+    """Return the packed tensors of one binary layer: 'bits', 'exp' or 'scale', and 'threshold' if it has one."""
     latent = module.latent_weight.detach()
-    if module.binary_frozen:  # rebuilt from a packed file: the weight already is s * B
+    if module.binary_frozen:  # rebuilt from a packed file: the weight already is scale * B
         signs = torch.where(latent >= 0, 1.0, -1.0)
-        exp = torch.log2(latent.abs().reshape(latent.shape[0], -1)[:, 0]).round().to(torch.int32)
+        scale = latent.abs().reshape(latent.shape[0], -1)[:, 0].float()
+        threshold = getattr(module, "input_threshold", None)
     else:
-        signs = module.binarizer.signs(latent)
-        exp = module.binarizer.exponent(latent) + module.binary_gain
-    return {"bits": pack_signs(fan_in_order(signs.float())), "exp": exp.to(torch.int8)}
+        d = module.binarizer.deploy(module)
+        signs, scale, threshold = d["signs"], d["scale"], d["threshold"]
+    # a trained scale can turn negative: store -B with |scale|, the same weights, so scales are magnitudes
+    neg = (scale < 0).reshape((-1,) + (1,) * (signs.dim() - 1))
+    signs, scale = torch.where(neg, -signs, signs), scale.abs()
+    out = {"bits": pack_signs(fan_in_order(signs.float())), **store_scale(scale)}
+    if threshold is not None:
+        out["threshold"] = threshold.float().contiguous()
+    return out
 
 
 def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -89,16 +113,25 @@ def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
         if not isinstance(m, BinaryMixin):
             continue
         del state[f"{name}.weight"]
+        for extra in m.binary_params:  # folded into the bits, scale and threshold
+            del state[f"{name}.{extra}"]
         p = pack_layer(m)
-        state[f"{name}.weight.bits"], state[f"{name}.weight.exp"] = p["bits"], p["exp"]
+        state[f"{name}.weight.bits"] = p["bits"]
+        for key in ("exp", "scale"):
+            if key in p:
+                state[f"{name}.weight.{key}"] = p[key]
+        if "threshold" in p:
+            state[f"{name}.input.threshold"] = p["threshold"]
         shape = list(m.latent_weight.shape)
         layers[name] = {"mode": m.binary_mode, "shape": shape, "fan_in": math.prod(shape[1:])}
     return state, layers
 
 
-def binary_weight(bits: torch.Tensor, exp: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Return the effective weight s * B in the layer's own shape from packed bits and exponents."""
+def binary_weight(bits: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Return the effective weight scale * B in the layer's own shape from packed bits and the per-channel
+    scale (float32, or the int8 exponents of 2^exp)."""
     fan = math.prod(shape[1:])
     signs = from_fan_in_order(unpack_signs(bits, fan), tuple(shape))
-    s = torch.ldexp(torch.ones(shape[0]), exp.to(torch.int32)).reshape((-1,) + (1,) * (len(shape) - 1))
-    return signs * s
+    if not scale.is_floating_point():
+        scale = torch.ldexp(torch.ones(shape[0]), scale.to(torch.int32))
+    return signs * scale.float().reshape((-1,) + (1,) * (len(shape) - 1))

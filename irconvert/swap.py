@@ -65,3 +65,9 @@ def set_ede(model: nn.Module, t: float) -> None:
     k = ede_k(t)
     for _, m in binary_layers(model):
         m.ede_t, m.ede_k = float(t), k
+
+
+def method_penalty(model: nn.Module):
+    """Return the sum of the binary layers' method loss terms (trained-scale L2, ...), or None if none has one."""
+    terms = [t for _, m in binary_layers(model) if (t := m.binarizer.penalty(m)) is not None]
+    return sum(terms) if terms else None

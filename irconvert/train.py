@@ -26,7 +26,7 @@ from .distributed import sum_all
 from .ede import ede_t
 from .errors import IRConvertError
 from .recipe import DistillSection, EDESection, Schedule
-from .swap import binary_layers, set_ede
+from .swap import binary_layers, method_penalty, set_ede
 
 
 class Diverged(IRConvertError):
@@ -150,6 +150,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                         t_out = logits_of(stage.teacher(x))
                     a = stage.distill.alpha
                     loss = a * kd_loss(out.float(), t_out.float(), stage.distill.temperature) + (1 - a) * loss
+                if binary and (extra := method_penalty(model)) is not None:
+                    loss = loss + extra  # the binarization method's own term (e.g. L2 on trained scales)
             if not torch.isfinite(loss):
                 raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
                                f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")

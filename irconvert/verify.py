@@ -2,7 +2,7 @@
 
 `load_packed(path)` rebuilds from packed.safetensors alone: the architecture from the metadata
 (model name, source, kwargs), the binary layers from the stored plan, their weights s * B from the
-packed bits and exponents (frozen: the layer uses them as they are). `load(path)` rebuilds the
+packed bits, scales and input thresholds (frozen: the layer uses them as they are). `load(path)` rebuilds the
 latent, trainable model from model.safetensors. Both give the trained model's eval outputs.
 """
 
@@ -75,16 +75,22 @@ def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> n
         if not isinstance(m, BinaryMixin):
             continue
         try:
-            bits, exp = tensors.pop(f"{name}.weight.bits"), tensors.pop(f"{name}.weight.exp")
+            bits = tensors.pop(f"{name}.weight.bits")
+            scale = tensors.pop(f"{name}.weight.exp", None)
+            scale = tensors.pop(f"{name}.weight.scale") if scale is None else scale
+            threshold = tensors.pop(f"{name}.input.threshold", None)
             shape = tuple(layers[name]["shape"])
-            w = binary_weight(bits, exp, shape)
+            w = binary_weight(bits, scale, shape)
         except (KeyError, RuntimeError) as exc:
             raise IRConvertError(f"{path}: packed weight of layer {name} is missing or malformed ({exc})") from None
         if w.shape != m.latent_weight.shape:
             raise IRConvertError(f"{path}: layer {name} has shape {tuple(w.shape)}, model expects "
                                  f"{tuple(m.latent_weight.shape)}")
-        m._parameters["weight"] = nn.Parameter(w.to(m.latent_weight.dtype), requires_grad=False)
-        m.binary_frozen = True
+        channels = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        if threshold is not None and (m.binary_mode != "W1A1" or threshold.shape != (channels,)):
+            raise IRConvertError(f"{path}: layer {name} has an input threshold of shape {tuple(threshold.shape)}; "
+                                 f"a {m.binary_mode} layer with {channels} input channels cannot use it")
+        m.freeze(w, threshold)
         tensors[f"{name}.weight"] = m._parameters["weight"].data
     _load_strict(net, tensors, path)
     return net.eval()

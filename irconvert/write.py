@@ -1,7 +1,7 @@
 """Stage 8, write: atomic files, and the two safetensors files of a conversion.
 
     model.safetensors   the latent full-precision weights (to continue training), format "irconvert-latent/1"
-    packed.safetensors  the deployment file (layout in pack.py), format "irconvert-packed/1"
+    packed.safetensors  the deployment file (layout in pack.py), format "irconvert-packed/2"
 
 Both carry JSON metadata to rebuild the model without the training code's state: the model's name,
 source and constructor kwargs, the binarization policy, the per-layer plan and gains, the Hardtanh swaps, the
@@ -26,7 +26,9 @@ from .errors import IRConvertError
 from .pack import WORD_BITS, packed_state
 
 LATENT_FORMAT = "irconvert-latent/1"
-PACKED_FORMAT = "irconvert-packed/1"
+PACKED_FORMAT = "irconvert-packed/2"
+# older formats this version still reads: a /1 packed file is a /2 file without the optional fields
+READABLE = {"irconvert-packed/1"}
 
 
 @contextmanager
@@ -137,7 +139,7 @@ def read(path: os.PathLike | str, want_format: str) -> tuple[dict[str, torch.Ten
     if kind != want_kind:
         raise IRConvertError(f"{path}: is a {kind} file, expected {want_kind} "
                              f"({'packed.safetensors' if 'packed' in want_kind else 'model.safetensors'})")
-    if version != want_version:
+    if version != want_version and fmt not in READABLE:
         raise IRConvertError(f"{path}: format {fmt} was written by irconvert {meta.get('irconvert_version', '?')}; "
                              f"this irconvert {__version__} reads {want_format}; use the matching irconvert version")
     if meta.get("sha256") != tensor_digest(tensors):

@@ -121,7 +121,7 @@ def rewrite_metadata(src, dst, **changes):
 def test_other_format_version_and_wrong_kind_are_named(tmp_path, packed_file):
     future = tmp_path / "future.safetensors"
     rewrite_metadata(packed_file, future, format="irconvert-packed/9", irconvert_version="9.0")
-    with pytest.raises(IRConvertError, match=r"format irconvert-packed/9 was written by irconvert 9.0; .* reads irconvert-packed/1"):
+    with pytest.raises(IRConvertError, match=r"format irconvert-packed/9 was written by irconvert 9.0; .* reads irconvert-packed/2"):
         irconvert.load_packed(future)
     with pytest.raises(IRConvertError, match="is a irconvert-packed file, expected irconvert-latent"):
         irconvert.load(packed_file)

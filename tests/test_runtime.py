@@ -54,8 +54,7 @@ def frozen(layer: nn.Module, mode: str = "W1A1"):
     signs = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
     exp = torch.randint(-5, 2, (shape[0],), dtype=torch.int8)
     bits = pack_signs(fan_in_order(signs))
-    layer._parameters["weight"] = nn.Parameter(binary_weight(bits, exp, shape), requires_grad=False)
-    layer.binary_frozen = True
+    layer.freeze(binary_weight(bits, exp, shape))
     if layer.bias is not None:
         nn.init.normal_(layer.bias)
     return layer.eval(), bits, exp
@@ -107,7 +106,7 @@ def test_conv_equals_float_simulation(case, backends, monkeypatch):
     torch.manual_seed(CONV_CASES.index(case))
     n, c, o, h, w, k, stride, padding, dilation, groups, bias = case
     layer, bits, exp = frozen(nn.Conv2d(c, o, k, stride, padding, dilation, groups, bias=bias))
-    twin = rt.BitwiseConv2d.from_binary(layer, bits, exp)
+    twin = rt.BitwiseConv2d.from_binary(layer, bits, rt.scale_of(exp))
     x = signed_input(n, c, h, w)
     sim = layer(x)
     w64 = layer.weight.double()
@@ -130,7 +129,7 @@ def test_linear_equals_float_simulation(case, backends, monkeypatch):
     torch.manual_seed(sum(case))
     n, f, o, bias = case
     layer, bits, exp = frozen(nn.Linear(f, o, bias=bias))
-    twin = rt.BitwiseLinear.from_binary(layer, bits, exp)
+    twin = rt.BitwiseLinear.from_binary(layer, bits, rt.scale_of(exp))
     x = signed_input(n, f)
     sim = layer(x)
     ref64 = F.linear(sign(x).double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
@@ -147,7 +146,8 @@ def test_unbatched_inputs_and_nan_follow_the_simulation(backends, monkeypatch):
     fc, fbits, fexp = frozen(nn.Linear(70, 6, bias=False))
     x, v = signed_input(20, 5, 5), signed_input(2, 3, 70)
     x[0, 0, 0], v[0, 0, 0] = float("nan"), float("nan")  # sign(NaN) = -1 in the simulation
-    tc, tf = rt.BitwiseConv2d.from_binary(conv, cbits, cexp), rt.BitwiseLinear.from_binary(fc, fbits, fexp)
+    tc, tf = (rt.BitwiseConv2d.from_binary(conv, cbits, rt.scale_of(cexp)),
+              rt.BitwiseLinear.from_binary(fc, fbits, rt.scale_of(fexp)))
     for yc, yf in run_all(monkeypatch, backends, lambda: (tc(x), tf(v))).values():
         assert torch.equal(yc, conv(x)) and torch.equal(yf, fc(v))
 

@@ -8,7 +8,10 @@ file's packed words repacked to 64-bit words per kernel tap. The others stay on 
 - subclasses with a forward of their own (timm's StdConv2d standardizes the weight, Conv2dSame pads
   dynamically, ...): only a layer whose class is BinaryMixin followed directly by nn.Conv2d or
   nn.Linear is taken over, since only there the forward is known to be the plain operator;
-- padding modes other than 'zeros', binarizers whose activation is not sign(x), layers with hooks.
+- padding modes other than 'zeros', layers with hooks.
+
+A layer with an input threshold (SD-BNN) binarizes x - threshold, which has the sign of the
+threshold compare exactly; a float (trained) scale multiplies the integer dot once.
 
 A Bi-Real shortcut (irconvert.shortcut) keeps working: the twin keeps its real-valued input for
 the BatchNorm after it, as the binary conv did. `model.irconvert_runtime` maps every binary
@@ -25,8 +28,8 @@ from torch import nn
 
 from ..errors import IRConvertError
 from ..layers import BinaryMixin
-from ..methods import Binarizer
 from ..verify import load_packed
+from . import kernels
 from .layers import BitwiseConv2d, BitwiseLinear
 
 _TWINS = {nn.Conv2d: BitwiseConv2d, nn.Linear: BitwiseLinear}
@@ -42,8 +45,6 @@ def float_reason(m: nn.Module) -> Optional[str]:
         return "not frozen (a latent, trainable layer)"
     if m.binary_mode != "W1A1":
         return f"{m.binary_mode}: the input is not binarized"
-    if type(m.binarizer).activation is not Binarizer.activation:
-        return f"binarizer {type(m.binarizer).__name__} has its own activation"
     if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r}"
     if m._parameters["weight"].dtype != torch.float32:
@@ -60,16 +61,19 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
     net = load_packed(path, model)
     report, twins = {}, {}
     with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
         for name, m in list(net.named_modules()):
             if not isinstance(m, BinaryMixin):
                 continue
             why = float_reason(m)
             if why is None:
                 try:
-                    bits, exp = f.get_tensor(f"{name}.weight.bits"), f.get_tensor(f"{name}.weight.exp")
+                    bits = f.get_tensor(f"{name}.weight.bits")
+                    scale = (kernels.scale_of(f.get_tensor(f"{name}.weight.exp")) if f"{name}.weight.exp" in keys
+                             else f.get_tensor(f"{name}.weight.scale").float())
                 except Exception:  # load_packed has read them already: only a file changed since can fail
                     raise IRConvertError(f"{path}: packed weight of layer {name} is missing; export it again") from None
-                twin = twins[id(m)] = _TWINS[type(m).__mro__[2]].from_binary(m, bits, exp)
+                twin = twins[id(m)] = _TWINS[type(m).__mro__[2]].from_binary(m, bits, scale)
                 if not name:  # the model is a single binary layer
                     return twin.eval()
                 parent, _, child = name.rpartition(".")

@@ -1,7 +1,8 @@
 """Bitwise W1A1 layers: the functional entry points and the modules that `runtime.load` puts in a model.
 
-A W1A1 binary layer of IR-Net computes y = (s * B_w) (*) sign(x) + b with s = 2^exp per output
-channel (see irconvert.layers). Here B_w is held as 64-bit words, bit 1 = -1, in the kernel's
+A W1A1 binary layer of IR-Net computes y = (s * B_w) (*) sign(x - tau) + b with s per output
+channel (2^exp for IR-Net, a float for trained scales) and tau per input channel (SD-BNN's
+threshold; 0 for the others), see irconvert.pack. Here B_w is held as 64-bit words, bit 1 = -1, in the kernel's
 layout (kernels.conv_words: [O, KH, KW, ceil(C_g/64)], one word run per kernel tap;
 kernels.linear_words: [ceil(O/8), ceil(F/64), 8], word k of 8 output channels side by side), and
 the product is an integer xor/popcount dot times s (see kernels.py). Inference only: no gradient.
@@ -88,16 +89,23 @@ def _frozen_bias(m: nn.Module) -> Optional[torch.Tensor]:
     return None if m.bias is None else m.bias.detach().to(torch.float32).clone()
 
 
+def _threshold(m: nn.Module) -> Optional[torch.Tensor]:
+    # x - tau is 0 exactly where x == tau, so its sign is the frozen layer's compare, bit for bit
+    tau = getattr(m, "input_threshold", None)
+    return None if tau is None else tau.detach().to(torch.float32).clone()
+
+
 class BitwiseConv2d(nn.Module):
     """Frozen IR-Net W1A1 Conv2d by xor/popcount: y = s * (n_valid * C_g - 2 popcount(B_a xor B_w)) + b."""
 
     def __init__(self, weight_words: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                  in_channels: int, stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
-                 groups: int = 1):
+                 groups: int = 1, threshold: Optional[torch.Tensor] = None):
         super().__init__()
         self.register_buffer("weight_words", weight_words)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
+        self.register_buffer("threshold", threshold)
         self.in_channels, self.out_channels = in_channels, weight_words.shape[0]
         self.kernel_size = tuple(weight_words.shape[1:3])
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
@@ -105,17 +113,19 @@ class BitwiseConv2d(nn.Module):
         self.bireal_keep_input, self.bireal_input = False, None
 
     @classmethod
-    def from_binary(cls, m: BinaryMixin, bits: torch.Tensor, exp: torch.Tensor) -> "BitwiseConv2d":
-        """Return the bitwise twin of frozen binary conv `m` from its packed file words and exponents."""
+    def from_binary(cls, m: BinaryMixin, bits: torch.Tensor, scale: torch.Tensor) -> "BitwiseConv2d":
+        """Return the bitwise twin of frozen binary conv `m` from its packed file words and float32 scales."""
         words = kernels.conv_words(bits, tuple(m.latent_weight.shape))
-        twin = cls(words, kernels.scale_of(exp), _frozen_bias(m), m.in_channels, m.stride, m.padding,
-                   m.dilation, m.groups)
+        twin = cls(words, scale, _frozen_bias(m), m.in_channels, m.stride, m.padding,
+                   m.dilation, m.groups, _threshold(m))
         twin.bireal_keep_input = getattr(m, "bireal_keep_input", False)
         return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bireal_keep_input:
             self.bireal_input = x
+        if self.threshold is not None:
+            x = x - self.threshold.to(x.dtype).reshape(-1, 1, 1)
         return bitwise_conv2d(x, self.weight_words, self.scale, self.bias, self.stride, self.padding,
                               self.dilation, self.groups)
 
@@ -128,20 +138,24 @@ class BitwiseConv2d(nn.Module):
 class BitwiseLinear(nn.Module):
     """Frozen IR-Net W1A1 Linear by xor/popcount: y = s * (F - 2 popcount(B_a xor B_w)) + b."""
 
-    def __init__(self, weight_words: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int):
+    def __init__(self, weight_words: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
+                 threshold: Optional[torch.Tensor] = None):
         super().__init__()
         self.register_buffer("weight_words", weight_words)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
+        self.register_buffer("threshold", threshold)
         self.in_features, self.out_features = in_features, scale.numel()
 
     @classmethod
-    def from_binary(cls, m: BinaryMixin, bits: torch.Tensor, exp: torch.Tensor) -> "BitwiseLinear":
-        """Return the bitwise twin of frozen binary linear `m` from its packed file words and exponents."""
+    def from_binary(cls, m: BinaryMixin, bits: torch.Tensor, scale: torch.Tensor) -> "BitwiseLinear":
+        """Return the bitwise twin of frozen binary linear `m` from its packed file words and float32 scales."""
         words = kernels.linear_words(bits, tuple(m.latent_weight.shape))
-        return cls(words, kernels.scale_of(exp), _frozen_bias(m), m.in_features)
+        return cls(words, scale, _frozen_bias(m), m.in_features, _threshold(m))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold is not None:
+            x = x - self.threshold.to(x.dtype)
         return bitwise_linear(x, self.weight_words, self.scale, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
