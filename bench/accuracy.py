@@ -12,18 +12,30 @@ weights (conversion of a trained model is the product) and gets the same budget:
     IR-Net + KD + structure   Bi-Real shortcut around every binary conv
     IR-Net W1A32        binary weights, full-precision activations (with KD)
 
+and the other binarizers of the same line of work, with the same budget and no KD (compare with IR-Net):
+
+    SD-BNN              learned per-channel shifts of activations and weights before the sign
+    SD-BNN + IR-Net     the shifts on Libra-PB's balanced weights, with EDE
+    trained scales      Xu & Cheung's trained weight/activation scaling factors, ApproxSign, L2
+    trained scales + IR-Net   trained scales on Libra-PB's balanced weights, with EDE
+
 All W1A1 variants have the converter's default Hardtanh in front of binary convs (without it a
 binary conv behind a ReLU sees only +1). Results: bench/results/accuracy.{json,md,png}.
 
-    python bench/accuracy.py                 # the full benchmark (about 45 minutes on 2 quiet cores)
+    python bench/accuracy.py                 # the full benchmark (about 70 minutes on 2 quiet cores)
     python bench/accuracy.py --reduced       # one seed, fewer steps (about 15 minutes)
+    python bench/accuracy.py --device cuda --jobs 8 --fp-epochs 15 --minutes 8 --name accuracy-gpu
+                                             # a GPU: runs in parallel processes, and the binary epochs
+                                             # are chosen from a timed probe to fit the minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,10 +61,15 @@ VARIANTS = [  # (name, mode, overrides)
     ("IR-Net + KD", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true"]),
     ("IR-Net + KD + structure", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true", "binarize.shortcut=true"]),
     ("IR-Net W1A32", "W1A32", ["binarize.method=irnet", "binarize.mode=W1A32", "train.distill.enabled=true"]),
+    ("SD-BNN", "W1A1", ["binarize.method=sdbnn", "train.distill.enabled=false"]),
+    ("SD-BNN + IR-Net", "W1A1", ["binarize.method=irnet_sd", "train.distill.enabled=false"]),
+    ("trained scales", "W1A1", ["binarize.method=scaled", "train.distill.enabled=false"]),
+    ("trained scales + IR-Net", "W1A1", ["binarize.method=irnet_scaled", "train.distill.enabled=false"]),
 ]
+PROBE = "IR-Net + KD + structure"  # the slowest variant: times the binary epochs under --minutes
 
 
-def budget(reduced: bool, width: str, fp_epochs: int, binary_steps: int | None) -> dict:
+def budget(reduced: bool, width: str, fp_epochs: int, binary_epochs: int, binary_steps: int | None) -> dict:
     """The training budget: the same for every binary variant."""
     common = [f"model.kwargs.channels={width}", "data.subset=null"]
     if reduced:
@@ -60,10 +77,10 @@ def budget(reduced: bool, width: str, fp_epochs: int, binary_steps: int | None) 
                 "binary": common + ["train.epochs=1", "train.max_steps_per_epoch=200"]}
     steps = [f"train.max_steps_per_epoch={binary_steps}"] if binary_steps else []
     return {"seeds": [0, 1], "fp": common + [f"teacher.finetune.epochs={fp_epochs}"],
-            "binary": common + ["train.epochs=1"] + steps}
+            "binary": common + [f"train.epochs={binary_epochs}"] + steps}
 
 
-def train_fp(overrides: list[str], out: Path) -> tuple[Path, dict, list[dict], float]:
+def train_fp(overrides: list[str], out: Path, device: torch.device) -> tuple[Path, dict, list[dict], float]:
     """Train the FP model once with the recipe's teacher schedule; return its weights file and accuracy."""
     from safetensors.torch import save_file
 
@@ -71,13 +88,79 @@ def train_fp(overrides: list[str], out: Path) -> tuple[Path, dict, list[dict], f
     t0 = time.time()
     data = build_data(recipe.data)
     torch.manual_seed(0)
-    model = build_model(recipe, data)
+    model = build_model(recipe, data).to(device)
     train_loader, val_loader = data.loaders(recipe.data, torch.Generator())
-    stage = fit(Stage("teacher", model, recipe.teacher.finetune, 0), train_loader, val_loader, torch.device("cpu"))
-    acc = evaluate(model, val_loader, torch.device("cpu"))
+    stage = fit(Stage("teacher", model, recipe.teacher.finetune, 0), train_loader, val_loader, device)
+    acc = evaluate(model, val_loader, device)
     path = out / "fp.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     return path, acc, stage.history, (time.time() - t0) / 60
+
+
+def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Path, device: str) -> dict:
+    """Convert the FP model with one variant and seed; return its top-1, training curve and minutes."""
+    extra = dict((v[0], v[2]) for v in VARIANTS)[name]
+    out = work / f"{name.replace(' ', '_').replace('+', 'p')}-{seed}"
+    over = binary + extra + ["teacher.finetune=null", "model.pretrained=false", "output.plot=false",
+                             "output.checkpoint=false", "output.export=false", f"train.device={device}"]
+    t0 = time.time()
+    report = convert("resnet18", RECIPE, out=out, weights=str(fp_file), overrides=tuple(over), seed=seed,
+                     log=lambda *a: None)
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"top1": report["binary"]["top1"], "curve": curve, "minutes": (time.time() - t0) / 60}
+
+
+def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work: Path, device: str,
+            jobs: int) -> dict[tuple[str, int], dict]:
+    """Run (variant, seed) pairs, in this process or in `jobs` parallel worker processes."""
+    if jobs <= 1:
+        results = {}
+        for name, seed in runs:
+            results[(name, seed)] = run_variant(name, seed, fp_file, binary, work, device)
+            print(f"{name} seed {seed}: top-1 {results[(name, seed)]['top1']:.2f}%", flush=True)
+        return results
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+
+    def worker(job: tuple[str, int]) -> dict:
+        name, seed = job
+        res = work / f"result-{runs.index(job)}.json"
+        cmd = [sys.executable, __file__, "--worker", name, "--seed", str(seed), "--fp-weights", str(fp_file),
+               "--result", str(res), "--device", device, "--work", str(work), "--binary", json.dumps(binary)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        out = json.loads(res.read_text())
+        print(f"{name} seed {seed}: top-1 {out['top1']:.2f}% ({out['minutes']:.1f} min)", flush=True)
+        return out
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return dict(zip(runs, pool.map(worker, runs)))
+
+
+def probe_epochs(minutes: float, n_runs: int, fp_file: Path, binary: list[str], work: Path, device: str,
+                 jobs: int, t_start: float) -> int:
+    """Return the binary epochs that let n_runs runs finish within `minutes` of t_start, timed on the slowest variant."""
+    steps = 60
+    over = [o for o in binary if not o.startswith(("train.epochs=", "train.max_steps_per_epoch="))]
+    over += ["train.epochs=1", f"train.max_steps_per_epoch={steps}", "data.val_subset=2000"]
+    t0 = time.time()
+    probe = run_all([(PROBE, 100 + i) for i in range(jobs)], fp_file, over, work / "probe", device, jobs)
+    wave = time.time() - t0
+    train_s = max(r["curve"][-1]["seconds"] for r in probe.values())  # the epoch's own time, eval included
+    startup = max(wave - train_s, 0.0)  # process start, data, teacher: once per run
+    recipe = load_recipe(RECIPE, binary)
+    per_epoch_steps = -(-(recipe.data.subset or 60000) // recipe.data.batch_size)
+    # steps train, evaluation batches count about a third of a step each (10k test images vs the probe's 2k)
+    per_epoch = train_s * (per_epoch_steps + 10000 / recipe.data.batch_size / 3) / (steps + 2000 / recipe.data.batch_size / 3)
+    waves = -(-n_runs // jobs)
+    left = minutes * 60 - (time.time() - t_start)
+    epochs = max(1, min(30, int((0.9 * left / waves - startup) / per_epoch)))
+    print(f"probe: {jobs} x {steps} steps, wave {wave:.1f}s (start-up {startup:.1f}s) -> {per_epoch:.1f}s per epoch, "
+          f"{waves} waves, {left / 60:.1f} min left -> {epochs} binary epochs", flush=True)
+    return epochs
 
 
 def main() -> None:
@@ -86,45 +169,68 @@ def main() -> None:
     ap.add_argument("--width", default="[32,64,128,256]", help="ResNet-18 stage widths (timm 'channels' kwarg)")
     ap.add_argument("--variants", nargs="*", help="only these variant names")
     ap.add_argument("--fp-epochs", type=int, default=3, help="epochs of the FP model (full form)")
-    ap.add_argument("--binary-steps", type=int, help="steps of each binary run (full form: one whole epoch)")
+    ap.add_argument("--binary-epochs", type=int, default=1, help="epochs of each binary run (full form)")
+    ap.add_argument("--binary-steps", type=int, help="steps per epoch of each binary run (default: whole epochs)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--jobs", type=int, default=1, help="binary runs in parallel worker processes")
+    ap.add_argument("--minutes", type=float, help="choose the binary epochs to finish in this time (timed probe)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for the FP and every binary run (e.g. data.batch_size=256)")
+    ap.add_argument("--name", default=None, help="result file name (default accuracy / accuracy-reduced)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--fp-weights", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--binary", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    b = budget(args.reduced, args.width, args.fp_epochs, args.binary_steps)
+    if args.worker:  # one (variant, seed) run for run_all
+        out = run_variant(args.worker, args.seed, Path(args.fp_weights), json.loads(args.binary), Path(args.work),
+                          args.device)
+        Path(args.result).write_text(json.dumps(out))
+        return
+    t_start = time.time()
+    b = budget(args.reduced, args.width, args.fp_epochs, args.binary_epochs, args.binary_steps)
+    b["fp"] += args.set
+    b["binary"] += args.set
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="irconvert-acc-"))
-    print(f"training the FP model ({' '.join(b['fp'])})", flush=True)
-    fp_file, fp_acc, fp_hist, fp_min = train_fp(b["fp"], work)
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"training the FP model on {card} ({' '.join(b['fp'])})", flush=True)
+    fp_file, fp_acc, fp_hist, fp_min = train_fp(b["fp"], work, device)
+    print(f"FP: top-1 {fp_acc['top1']:.2f}% in {fp_min:.1f} min", flush=True)
     fp_epochs = load_recipe(RECIPE, b["fp"]).teacher.finetune.epochs
     rows = [{"variant": "FP", "mode": "FP", "top1": [fp_acc["top1"]], "top1_mean": fp_acc["top1"], "top1_std": 0.0,
              "epochs": fp_epochs, "minutes": round(fp_min, 2)}]
     curves = {"FP": fp_hist}
-    for name, mode, extra in VARIANTS:
-        if args.variants and name not in args.variants:
-            continue
-        accs, t0 = [], time.time()
-        for seed in b["seeds"]:
-            out = work / f"{name.replace(' ', '_').replace('+', 'p')}-{seed}"
-            over = b["binary"] + extra + ["teacher.finetune=null", "model.pretrained=false", "output.plot=false",
-                                          "output.checkpoint=false", "output.export=false"]
-            report = convert("resnet18", RECIPE, out=out, weights=str(fp_file), overrides=tuple(over), seed=seed,
-                             log=lambda *a: None)
-            accs.append(report["binary"]["top1"])
-            if seed == b["seeds"][0]:
-                curves[name] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-            print(f"{name} seed {seed}: top-1 {accs[-1]:.2f}%", flush=True)
-        recipe = load_recipe(RECIPE, b["binary"])
+    chosen = [v for v in VARIANTS if not args.variants or v[0] in args.variants]
+    runs = [(name, seed) for seed in b["seeds"] for name, _, _ in chosen]
+    if args.minutes and not args.reduced:
+        epochs = probe_epochs(args.minutes, len(runs), fp_file, b["binary"], work, args.device, args.jobs, t_start)
+        b["binary"] = budget(False, args.width, args.fp_epochs, epochs, args.binary_steps)["binary"] + args.set
+    results = run_all(runs, fp_file, b["binary"], work, args.device, args.jobs)
+    recipe = load_recipe(RECIPE, b["binary"])
+    for name, mode, _ in chosen:
+        accs = [results[(name, seed)]["top1"] for seed in b["seeds"]]
+        curves[name] = results[(name, b["seeds"][0])]["curve"]
         rows.append({"variant": name, "mode": mode, "top1": accs, "top1_mean": round(statistics.mean(accs), 3),
                      "top1_std": round(statistics.stdev(accs), 3) if len(accs) > 1 else 0.0,
                      "epochs": recipe.train.epochs, "steps_per_epoch": recipe.train.max_steps_per_epoch,
-                     "minutes": round((time.time() - t0) / 60, 2)})
+                     "minutes": round(sum(results[(name, s)]["minutes"] for s in b["seeds"]), 2),
+                     "device": card})
+    rows[0]["device"] = card
     fp_top = rows[0]["top1_mean"]
-    label = "reduced" if args.reduced else f"--fp-epochs {args.fp_epochs} --binary-steps {args.binary_steps or 'one epoch'}"
-    lines = [f"Budget ({label}); FP: {' '.join(b['fp'])}; every binary variant: "
-             f"{' '.join(b['binary'])}; seeds {b['seeds']}; batch 128; 2 CPU cores.", "",
+    label = "reduced" if args.reduced else (f"--fp-epochs {args.fp_epochs}, binary epochs {recipe.train.epochs}"
+                                            + (f" of {args.binary_steps} steps" if args.binary_steps else ""))
+    par = f", {args.jobs} runs in parallel (minutes are each run's own, sharing the device)" if args.jobs > 1 else ""
+    lines = [f"Budget ({label}) on {card}{par}; FP: {' '.join(b['fp'])}; every binary variant: "
+             f"{' '.join(b['binary'])}; seeds {b['seeds']}; batch {recipe.data.batch_size}; total {(time.time() - t_start) / 60:.1f} min.", "",
              "| variant | mode | top-1 mean (%) | spread (std) | per seed | gap to FP | minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['mode']} | {r['top1_mean']:.2f} | {r['top1_std']:.2f} | "
                      f"{', '.join(f'{a:.2f}' for a in r['top1'])} | {r['top1_mean'] - fp_top:+.2f} | {r['minutes']:.1f} |")
-    name = "accuracy-reduced" if args.reduced else "accuracy"
+    name = args.name or ("accuracy-reduced" if args.reduced else "accuracy")
     write_results(name, rows, "\n".join(lines))
     plot(rows, curves, RESULTS / f"{name}.png")
 

@@ -113,7 +113,7 @@ class Binarizer:
     def exponent(self, w: torch.Tensor) -> torch.Tensor:
         """Return the per-channel int exponent e of Libra-PB's s = 2^e (0 where the method has no such scale)."""
         if self.scale != "pow2":
-            return torch.zeros(w.shape[0], dtype=torch.int32)
+            return torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
         return libra.scale_exponent(libra.balance(w))
 
     @torch.no_grad()
@@ -126,7 +126,7 @@ class Binarizer:
             # the same float32 product as the forward pass, so the stored weight is bit-identical
             s = scaled.channel_scale(layer).detach().float() * gain
         else:
-            s = torch.ldexp(torch.ones(w.shape[0]), self.exponent(w) + layer.binary_gain)
+            s = torch.ldexp(torch.ones(w.shape[0], device=w.device), self.exponent(w) + layer.binary_gain)
         shifted = self.shift and layer.binary_mode == "W1A1"
         return {"signs": self.signs(w, layer), "scale": s, "threshold": sdbnn.threshold(layer) if shifted else None}
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The checks for a lent GPU machine, in one script: the training-throughput check (bf16 and fp32) and
+# the accuracy benchmark's longer schedule (11 runs in parallel on the one GPU, binary epochs chosen
+# by a timed probe to fit MINUTES). Results land in $OUT (default bench/results).
+#   bench/gpu.sh [MINUTES]
+set -o pipefail
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-bench/results}
+MINUTES=${1:-7.5}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu-throughput.txt"
+python3 -c "import torch, timm, pydantic; print('torch', torch.__version__, 'timm', timm.__version__, 'pydantic', pydantic.VERSION)" | tee -a "$OUT/gpu-throughput.txt"
+for amp in bf16 off; do
+  python3 bench/throughput.py --device cuda --amp $amp --steps 300 2>&1 | tail -3 | tee -a "$OUT/gpu-throughput.txt"
+done
+python3 bench/accuracy.py --device cuda --jobs 11 --fp-epochs 15 --minutes "$MINUTES" --name accuracy-gpu 2>&1 \
+  | tee "$OUT/accuracy-gpu.log"
+status=$?
+[ "$OUT" != bench/results ] && cp bench/results/accuracy-gpu.* "$OUT"/ 2>/dev/null
+exit $status
