@@ -13,39 +13,36 @@ import torch
 from .ede import sign
 
 
-class SteSign(torch.autograd.Function):
-    """sign(x) forward, 1{|x| <= 1} backward."""
+class SurrogateSign(torch.autograd.Function):
+    """sign(x) forward, dL/dB * derivative(x) backward, for a fixed surrogate derivative."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, derivative) -> torch.Tensor:
         ctx.save_for_backward(x)
+        ctx.derivative = derivative
         return sign(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return grad_out * (x.abs() <= 1).to(grad_out.dtype)
+        return grad_out * ctx.derivative(x).to(grad_out.dtype), None
+
+
+def clipped_identity(x: torch.Tensor) -> torch.Tensor:
+    """1{|x| <= 1}, the clipped straight-through estimator's derivative (BinaryNet)."""
+    return x.abs() <= 1
+
+
+def triangle(x: torch.Tensor) -> torch.Tensor:
+    """max(0, 2 - 2|x|), ApproxSign's derivative (Liu et al., Bi-Real Net, ECCV 2018)."""
+    return (2.0 - 2.0 * x.abs()).clamp_(min=0)
 
 
 def ste_sign(x: torch.Tensor) -> torch.Tensor:
     """Return sign(x) whose gradient is the clipped straight-through estimator."""
-    return SteSign.apply(x)
-
-
-class ApproxSign(torch.autograd.Function):
-    """sign(x) forward, max(0, 2 - 2|x|) backward (ApproxSign, Liu et al., Bi-Real Net, ECCV 2018)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return sign(x)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        return grad_out * (2.0 - 2.0 * x.abs()).clamp_(min=0).to(grad_out.dtype)
+    return SurrogateSign.apply(x, clipped_identity)
 
 
 def approx_sign(x: torch.Tensor) -> torch.Tensor:
     """Return sign(x) whose gradient is the triangle max(0, 2 - 2|x|)."""
-    return ApproxSign.apply(x)
+    return SurrogateSign.apply(x, triangle)
