@@ -132,6 +132,15 @@ def test_other_format_version_and_wrong_kind_are_named(tmp_path, packed_file):
         irconvert.load_packed(tmp_path / "plain.safetensors")
 
 
+def test_format_1_files_still_load(tmp_path, packed_file):
+    old = tmp_path / "v1.safetensors"  # /1 had no thresholds or float scales: an IR-Net file is the same bytes
+    rewrite_metadata(packed_file, old, format="irconvert-packed/1")
+    x = torch.randn(2, 3, 32, 32)
+    arch = lambda: timm.create_model("resnet18", num_classes=10)  # noqa: E731
+    a, b = irconvert.load_packed(packed_file, model=arch()), irconvert.load_packed(old, model=arch())
+    assert max_abs_diff(a, b, x) == 0.0
+
+
 def test_batch_reports_a_failure_and_converts_the_others(tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text("- resnet18\n- name: nosuchnet_v9\n- name: torchvision:mobilenet_v3_small\n  set: []\n")
