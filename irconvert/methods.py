@@ -17,6 +17,7 @@ so a method from the literature is added by writing one Binarizer (or a subclass
     ede         w                           none                  a                  EDE, k t (1 - tanh^2(t x))
     irnet       w_hat (Libra-PB)            2^round(...)          a                  EDE   (IR-Net, the paper's method)
     sdbnn       w + d_w (WSD)               none                  a + d_a (ASD)      clipped STE   (SD-BNN)
+    sdbnn_ede   w + d_w                     none                  a + d_a            EDE   (SD-BNN with IR-Net's backward)
     irnet_sd    w_hat + d_w                 2^round(...)          a + d_a            EDE   (IR-Net with SD-BNN's shifts)
     scaled      w                           alpha_o * beta, trained  a               STE (w), ApproxSign (a), L2 on alpha
     irnet_scaled  w_hat                     alpha_o * beta, trained  a               EDE, L2 on alpha
@@ -137,6 +138,7 @@ METHODS: Mapping[str, Binarizer] = {
     "libra": Binarizer("libra", balance=True, scale="pow2"),
     "ede": Binarizer("ede", estimator="ede"),
     "sdbnn": Binarizer("sdbnn", shift=True),
+    "sdbnn_ede": Binarizer("sdbnn_ede", estimator="ede", shift=True),
     "irnet_sd": Binarizer("irnet_sd", balance=True, estimator="ede", scale="pow2", shift=True),
     "scaled": Binarizer("scaled", estimator="approx", weight_estimator="ste", scale="trained", scale_l2=1e-4),
     "irnet_scaled": Binarizer("irnet_scaled", balance=True, estimator="ede", scale="trained", scale_l2=1e-4),

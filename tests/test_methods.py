@@ -16,7 +16,7 @@ from irconvert.models import create_model
 from irconvert.pack import pack_layer
 from irconvert.swap import method_penalty
 
-NEW = ["sdbnn", "irnet_sd", "scaled", "irnet_scaled"]
+NEW = ["sdbnn", "sdbnn_ede", "irnet_sd", "scaled", "irnet_scaled"]
 
 
 def straight(x, grad_factor):
@@ -41,8 +41,14 @@ def conv_layer(method, mode="W1A1", gain=0, seed=0):
     return layer
 
 
-def test_sdbnn_forward_and_gradients_match_hand_computation():
-    layer = conv_layer("sdbnn", gain=-2)
+@pytest.mark.parametrize("method", ["sdbnn", "sdbnn_ede"])
+def test_sdbnn_forward_and_gradients_match_hand_computation(method):
+    layer = conv_layer(method, gain=-2)
+    t = 0.7
+    irconvert.set_ede(layer, t)
+    k = max(1 / t, 1)
+    ede = lambda v: k * t * (1 - torch.tanh(t * v) ** 2)  # noqa: E731
+    grad = ste if method == "sdbnn" else ede
     x = torch.randn(2, 6, 5, 5, requires_grad=True)
     g = torch.randn(2, 5, 5, 5)
     (layer(x) * g).sum().backward()
@@ -51,8 +57,8 @@ def test_sdbnn_forward_and_gradients_match_hand_computation():
     dw = layer.weight_shift.detach().clone().requires_grad_()
     da = layer.input_shift.detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    bw = straight(w + dw.view(-1, 1, 1, 1), ste) * 0.25  # the gain 2^-2, no scale
-    ba = straight(x2 + da.view(1, -1, 1, 1), ste)
+    bw = straight(w + dw.view(-1, 1, 1, 1), grad) * 0.25  # the gain 2^-2, no scale
+    ba = straight(x2 + da.view(1, -1, 1, 1), grad)
     ref = F.conv2d(ba, bw, layer.bias, padding=1)
     assert torch.equal(layer(x).detach(), ref.detach())
     (ref * g).sum().backward()
