@@ -10,6 +10,7 @@ weights (conversion of a trained model is the product) and gets the same budget:
     IR-Net              both
     IR-Net + KD         distillation from the FP model
     IR-Net + KD + structure   Bi-Real shortcut around every binary conv
+    IR-Net + KD + gated structure   the same shortcuts, each times a learned gate that starts at 0
     IR-Net W1A32        binary weights, full-precision activations (with KD)
 
 and the other binarizers of the same line of work, with the same budget and no KD (compare with IR-Net):
@@ -60,6 +61,8 @@ VARIANTS = [  # (name, mode, overrides)
     ("IR-Net", "W1A1", ["binarize.method=irnet", "train.distill.enabled=false"]),
     ("IR-Net + KD", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true"]),
     ("IR-Net + KD + structure", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true", "binarize.shortcut=true"]),
+    ("IR-Net + KD + gated structure", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
+                                               "binarize.shortcut=gated"]),
     ("IR-Net W1A32", "W1A32", ["binarize.method=irnet", "binarize.mode=W1A32", "train.distill.enabled=true"]),
     ("SD-BNN", "W1A1", ["binarize.method=sdbnn", "train.distill.enabled=false"]),
     ("SD-BNN + IR-Net", "W1A1", ["binarize.method=irnet_sd", "train.distill.enabled=false"]),

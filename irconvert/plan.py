@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,7 +45,8 @@ class Policy(BaseModel):
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
     `shortcut` adds a Bi-Real shortcut around every W1A1 conv followed by a BatchNorm, where the
-    shapes allow (see shortcut.py).
+    shapes allow (see shortcut.py); `gated` multiplies each shortcut by a learned per-channel factor
+    that starts at 0, so a converted pretrained model starts unchanged.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -61,7 +62,7 @@ class Policy(BaseModel):
     layers: dict[str, Decision] = Field(default_factory=dict)
     hardtanh: Optional[bool] = None
     keep_magnitude: bool = True
-    shortcut: bool = False
+    shortcut: Union[bool, Literal["gated"]] = False
 
     @field_validator("method")
     @classmethod

@@ -10,6 +10,15 @@ has k times more output than input channels, S repeats x k times along channels.
 shapes (fewer output channels, or a padding that does not keep the size) get no shortcut, and the
 plan says how many were left out.
 
+Gated form (`Policy.shortcut: gated`), for conversion of a pretrained model:
+
+    y = BN(conv(sign(x))) + g * S(x),   g one learned factor per output channel, starting at 0,
+
+so the converted model starts as the network the FP weights were trained for (a plain Bi-Real
+shortcut adds a signal the pretrained BatchNorms never saw), and training opens each shortcut as
+far as it helps, in the spirit of SkipInit/ReZero's zero-initialised residual gates. g is a
+parameter of the BatchNorm (`L.shortcut_gate`), saved and exported with it.
+
 Mechanics: the conv keeps its real-valued input for the BatchNorm right after it, whose class
 gains `ShortcutMixin` in front (state_dict keys do not change). The BatchNorm holds the conv as a
 plain attribute, not a submodule, so it is neither saved nor traversed twice.
@@ -53,7 +62,9 @@ class ShortcutMixin:
         out = super().forward(input)
         conv = self.bireal_conv
         x, conv.bireal_input = conv.bireal_input, None
-        return out + bireal_shortcut(x, conv)
+        gate = self._parameters.get("shortcut_gate")
+        s = bireal_shortcut(x, conv)
+        return out + (s if gate is None else gate.to(s.dtype).view(1, -1, 1, 1) * s)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,8 +73,12 @@ def shortcut_class(cls: type) -> type:
     return type(f"Shortcut{cls.__name__}", (ShortcutMixin, cls), {"__doc__": ShortcutMixin.__doc__, "__module__": __name__})
 
 
-def add_shortcut(conv: nn.Module, norm: nn.Module) -> None:
-    """Give `norm` (the BatchNorm right after binary `conv`) the shortcut around both, in place."""
+def add_shortcut(conv: nn.Module, norm: nn.Module, gated: bool = False) -> None:
+    """Give `norm` (the BatchNorm right after binary `conv`) the shortcut around both, in place
+    (gated: times a per-channel factor that starts at 0)."""
     norm.__class__ = shortcut_class(type(norm))
+    if gated:
+        ref = conv._parameters["weight"]
+        norm.shortcut_gate = nn.Parameter(torch.zeros(conv.out_channels, dtype=ref.dtype, device=ref.device))
     object.__setattr__(norm, "bireal_conv", conv)  # not a submodule: no second copy in the state_dict
     conv.bireal_keep_input = True

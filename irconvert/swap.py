@@ -23,7 +23,7 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
         if lp.mode is not None:
             make_binary(model.get_submodule(name), method, lp.mode, lp.gain)
     for conv, norm in the_plan.shortcuts:
-        add_shortcut(model.get_submodule(conv), model.get_submodule(norm))
+        add_shortcut(model.get_submodule(conv), model.get_submodule(norm), the_plan.policy.shortcut == "gated")
     for name in the_plan.hardtanh:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

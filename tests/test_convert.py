@@ -193,3 +193,34 @@ def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
 
     assert max_abs_diff(short, again, x) == 0.0
     short(x).sum().backward()  # trains
+
+
+def test_gated_shortcut_starts_as_the_plain_model_then_trains_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, zero_init_last=False).eval()  # (a zero bn2 blocks all grads)
+    plain = irconvert.binarize(model).eval()
+    gated = irconvert.binarize(model, shortcut="gated").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(plain(x), gated(x))  # every gate is 0: the converted network is unchanged
+    gates = {n: p for n, p in gated.named_parameters() if n.endswith("shortcut_gate")}
+    assert len(gates) == 19 and gates["layer1.0.bn1.shortcut_gate"].shape == (64,)
+    (gated.train()(x) * torch.randn(2, 10)).sum().backward()  # (a plain sum has no gradient through train-mode BN)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.values())
+    with torch.no_grad():
+        for p in gates.values():
+            p.normal_()
+        bn, conv = gated.layer1[0].bn1, gated.layer1[0].conv1
+        gated.eval()
+        seen = {}
+        conv.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))
+        bn.register_forward_hook(lambda m, a, out: seen.__setitem__("bn", (a[0], out)))
+        gated(x)
+        a, out = seen["bn"]
+        want = torch.nn.functional.batch_norm(a, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
+        torch.testing.assert_close(out, want + bn.shortcut_gate.view(1, -1, 1, 1) * seen["in"])
+    irconvert.save_packed(gated, tmp_path / "p.safetensors")
+    again = irconvert.load_packed(tmp_path / "p.safetensors", model=timm.create_model("resnet18", num_classes=10))
+    from irconvert.verify import max_abs_diff
+
+    assert max_abs_diff(gated, again, x) == 0.0
