@@ -23,8 +23,8 @@ and the other binarizers of the same line of work, with the same budget and no K
 All W1A1 variants have the converter's default Hardtanh in front of binary convs (without it a
 binary conv behind a ReLU sees only +1). Results: bench/results/accuracy.{json,md,png}.
 
-    python bench/accuracy.py                 # the full benchmark (about 70 minutes on 2 quiet cores)
-    python bench/accuracy.py --reduced       # one seed, fewer steps (about 15 minutes)
+    python bench/accuracy.py                 # the full benchmark (55 minutes on 2 quiet cores, 2 runs at a time)
+    python bench/accuracy.py --reduced       # one seed, fewer steps (under 15 minutes)
     python bench/accuracy.py --device cuda --jobs 8 --fp-epochs 15 --minutes 8 --name accuracy-gpu
                                              # a GPU: runs in parallel processes, and the binary epochs
                                              # are chosen from a timed probe to fit the minutes
@@ -175,7 +175,8 @@ def main() -> None:
     ap.add_argument("--binary-epochs", type=int, default=1, help="epochs of each binary run (full form)")
     ap.add_argument("--binary-steps", type=int, help="steps per epoch of each binary run (default: whole epochs)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--jobs", type=int, default=1, help="binary runs in parallel worker processes")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="binary runs in parallel worker processes (one thread each on a CPU; 1 = in this process)")
     ap.add_argument("--minutes", type=float, help="choose the binary epochs to finish in this time (timed probe)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for the FP and every binary run (e.g. data.batch_size=256)")

@@ -11,6 +11,7 @@ import warnings
 import click
 
 from .errors import IRConvertError
+from .methods import METHODS
 
 
 class _DefaultGroup(click.Group):
@@ -49,7 +50,8 @@ def _parse_size(text: str | None) -> tuple[int, ...] | None:
 @click.argument("model")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights (.safetensors or .pth).")
 @click.option("--mode", type=click.Choice(["W1A1", "W1A32"]), default="W1A1", show_default=True)
-@click.option("--method", default="irnet", show_default=True, help="Binarization method.")
+@click.option("--method", default="irnet", show_default=True,
+              help=f"Binarization method: {', '.join(METHODS)}.")
 @click.option("--input-size", help="C,H,W used to count MACs (default: the model's own).")
 @click.option("--num-classes", type=int, help="Classifier size (default: the model's own).")
 def summary_cmd(model, weights, mode, method, input_size, num_classes):
