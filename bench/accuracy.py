@@ -24,7 +24,7 @@ All W1A1 variants have the converter's default Hardtanh in front of binary convs
 binary conv behind a ReLU sees only +1). Results: bench/results/accuracy.{json,md,png}.
 
     python bench/accuracy.py                 # the full benchmark (55 minutes on 2 quiet cores, 2 runs at a time)
-    python bench/accuracy.py --reduced       # one seed, fewer steps (under 15 minutes)
+    python bench/accuracy.py --reduced       # one seed, fewer steps (13.6 minutes on 2 cores)
     python bench/accuracy.py --device cuda --jobs 8 --fp-epochs 15 --minutes 8 --name accuracy-gpu
                                              # a GPU: runs in parallel processes, and the binary epochs
                                              # are chosen from a timed probe to fit the minutes
@@ -77,7 +77,7 @@ def budget(reduced: bool, width: str, fp_epochs: int, binary_epochs: int, binary
     common = [f"model.kwargs.channels={width}", "data.subset=null"]
     if reduced:
         return {"seeds": [0], "fp": common + ["teacher.finetune.epochs=1", "teacher.finetune.max_steps_per_epoch=300"],
-                "binary": common + ["train.epochs=1", "train.max_steps_per_epoch=200"]}
+                "binary": common + ["train.epochs=1", "train.max_steps_per_epoch=150"]}
     steps = [f"train.max_steps_per_epoch={binary_steps}"] if binary_steps else []
     return {"seeds": [0, 1], "fp": common + [f"teacher.finetune.epochs={fp_epochs}"],
             "binary": common + [f"train.epochs={binary_epochs}"] + steps}
