@@ -37,6 +37,7 @@ from torch import nn
 
 from .ede import T_MIN, ede_k, sign
 from .methods import Binarizer
+from .sdbnn import per_input_channel
 
 MODES = ("W1A1", "W1A32")
 
@@ -79,8 +80,7 @@ class BinaryMixin:
         tau = getattr(self, "input_threshold", None)
         if tau is None:
             return sign(x)
-        shape = (-1,) if isinstance(self, nn.Linear) else (-1,) + (1,) * len(self.kernel_size)
-        return sign(x - tau.to(x.dtype).reshape(shape))
+        return sign(x - per_input_channel(tau, x, self))
 
     def freeze(self, weight: torch.Tensor, threshold: Optional[torch.Tensor] = None) -> None:
         """Make this a deployment layer: weight = the stored scale * B as it is, the method's own

@@ -36,10 +36,15 @@ def shift_weight(w: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return w + layer.weight_shift.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
 
 
+def per_input_channel(v: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Return vector v [in channels] shaped to broadcast over layer input x (channels last for Linear)."""
+    shape = (-1,) if isinstance(layer, nn.Linear) else (-1,) + (1,) * len(layer.kernel_size)
+    return v.to(x.dtype).reshape(shape)
+
+
 def shift_input(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """Return a + d_a, one shift per input channel (ASD)."""
-    shape = (-1,) if isinstance(layer, nn.Linear) else (-1,) + (1,) * (len(layer.kernel_size))
-    return x + layer.input_shift.to(x.dtype).reshape(shape)
+    return x + per_input_channel(layer.input_shift, x, layer)
 
 
 def threshold(layer: nn.Module) -> torch.Tensor:

@@ -125,6 +125,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     distill = stage.teacher is not None and stage.distill is not None and stage.distill.enabled
     first_binary = next(binary_layers(model), (None, None))[1]  # where the progress bar reads EDE's t
     binary = first_binary is not None
+    penalized = binary and method_penalty(model) is not None  # once, not a module walk per step for no term
     for epoch in range(start_epoch, s.epochs):
         torch.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
         train_loader.generator.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
@@ -150,7 +151,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                         t_out = logits_of(stage.teacher(x))
                     a = stage.distill.alpha
                     loss = a * kd_loss(out.float(), t_out.float(), stage.distill.temperature) + (1 - a) * loss
-                if binary and (extra := method_penalty(model)) is not None:
+                if penalized and (extra := method_penalty(model)) is not None:
                     loss = loss + extra  # the binarization method's own term (e.g. L2 on trained scales)
             if not torch.isfinite(loss):
                 raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
