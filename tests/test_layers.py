@@ -54,7 +54,7 @@ def test_linear_forward_and_zero_input():
 
 def test_sign_of_zero_is_plus_one_and_values_are_one_bit():
     x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, -1e-30])
-    assert irconvert.ede.sign(x).tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0]
+    assert irconvert.ops.sign(x).tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0]
 
 
 def test_scale_is_power_of_two_and_detached():
@@ -67,8 +67,8 @@ def test_scale_is_power_of_two_and_detached():
     # heavy tails move the exponent: a channel of mostly zeros with a few spikes has mean|w_hat| < 0.5
     w2 = torch.zeros(1, 64)
     w2[0, :2] = 10.0
-    e = irconvert.libra.scale_exponent(irconvert.libra.balance(w2))
-    w_hat = irconvert.libra.balance(w2)
+    e = irconvert.methods.libra.scale_exponent(irconvert.methods.libra.balance(w2))
+    w_hat = irconvert.methods.libra.balance(w2)
     assert e.item() == round(math.log2(w_hat.abs().mean().item())) and e.item() < 0
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import irconvert
-from irconvert.ede import sign
+from irconvert.ops import sign
 from irconvert.layers import make_binary
 from irconvert.methods import METHODS
 from irconvert.models import create_model

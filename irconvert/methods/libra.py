@@ -47,3 +47,19 @@ def pow2(exponent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Return s = 2^exponent shaped to broadcast over the output-channel dimension of `like`."""
     s = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
     return s.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+class LibraPB:
+    """Libra-PB as a method part: signs of w_hat, the detached power-of-two scale s."""
+
+    def standardize(self, w: torch.Tensor, layer) -> torch.Tensor:
+        return balance(w)
+
+    def scale(self, w_hat: torch.Tensor, layer) -> torch.Tensor:
+        return pow2(scale_exponent(w_hat), w_hat)
+
+    def exponent(self, w: torch.Tensor) -> torch.Tensor:
+        return scale_exponent(balance(w))
+
+    def magnitude(self, layer) -> float:
+        return 1.0  # w_hat has unit spread: the gain is not in it
