@@ -22,7 +22,9 @@ EXP_MIN, EXP_MAX = -64, 63
 
 def balance(w: torch.Tensor) -> torch.Tensor:
     """Return w_hat = (w - mean) / std per output channel, 0 for constant channels."""
-    flat = w.reshape(w.shape[0], -1).float()
+    flat = w.reshape(w.shape[0], -1)
+    if flat.dtype in (torch.float16, torch.bfloat16):  # autocast or a half model: statistics in float32
+        flat = flat.float()
     centered = flat - flat.mean(dim=1, keepdim=True)
     n = flat.shape[1]
     if n > 1:
