@@ -2,8 +2,8 @@
 
 The package is the data's walk, one module per stage:
     load (models) -> analyze -> plan -> swap -> train -> pack -> write -> verify
-with `run` (one whole recipe) and `cli` on top, the paper's parts in `libra` (Libra-PB) and `ede`
-(EDE), the binary layers in `layers`. The public names below load on first use, so that
+with `run` (one whole recipe) and `cli` on top, the binarization methods in `methods/` (the papers'
+parts: `methods.libra` for Libra-PB, `methods.ede` for EDE, ...), the binary layers in `layers`. The public names below load on first use, so that
 `import irconvert` (and `irconvert --help`) does not import torch.
 """
 
@@ -15,11 +15,11 @@ from .version import __version__
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "ede_k": "ede", "ede_t": "ede",
+    "ede_k": "methods.ede", "ede_t": "methods.ede",
     "IRConvertError": "errors",
     "BinaryConv2d": "layers", "BinaryLinear": "layers", "BinaryMixin": "layers",
     "binary_layers": "layers", "set_ede": "layers",
-    "METHODS": "methods", "Binarizer": "methods",
+    "METHODS": "methods", "Binarizer": "methods", "register_method": "methods",
     "Policy": "plan",
     "summary": "layer_summary",
     "binarize": "swap",

@@ -29,30 +29,55 @@ makes the others on demand.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from .ede import T_MIN, ede_k
+from .methods.ede import T_MIN, ede_k
 from .methods import Binarizer
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude, per_input_channel, sign  # noqa: F401  (re-exported)
 
 MODES = ("W1A1", "W1A32")
 
 
-class BinaryMixin:
-    """Put in front of an nn.Conv*d / nn.Linear class: weight and input are binarized by `binarizer`.
+@dataclass
+class BinaryState:
+    """Everything a binary layer holds besides its tensors, one object at `layer.binary` (not in the state_dict)."""
 
-    Attributes set by `make_binary`: `binarizer` (a methods.Binarizer), `binary_mode` ('W1A1' or
-    'W1A32'), `ede_t` and `ede_k` (EDE's t and k, floats, not in the state_dict), `binary_gain`
-    (the int g of the fixed gain 2^g), `binary_params` (names of the method's own parameters, such
-    as SD-BNN's shifts; they are in the state_dict) and `binary_frozen` (True in a model rebuilt
-    from a packed file: the stored weight already is 2^g * s * B, see `freeze`).
+    method: Binarizer  # the binarization method (methods/)
+    mode: str = "W1A1"  # 'W1A1' or 'W1A32'
+    gain: int = 0  # g of the fixed gain 2^g (Policy.keep_magnitude)
+    frozen: bool = False  # rebuilt from a packed file: the stored weight already is 2^g * s * B, see `freeze`
+    params: tuple[str, ...] = ()  # names of the method's own parameters (SD-BNN's shifts, ...), in the state_dict
+    ede_t: float = T_MIN  # EDE's t and k, set per step by the trainer
+    ede_k: float = field(default_factory=lambda: ede_k(T_MIN))
+    keep_input: bool = False  # a Bi-Real shortcut (shortcut.py) adds this layer's input after its BatchNorm
+    input: Optional[torch.Tensor] = None  # that input, between the forward of the layer and of its BatchNorm
+
+
+def _state(name: str, doc: str) -> property:
+    """A layer attribute that is a field of its BinaryState (the names callers have always used)."""
+    return property(lambda self: getattr(self.binary, name), lambda self, v: setattr(self.binary, name, v), doc=doc)
+
+
+class BinaryMixin:
+    """Put in front of an nn.Conv*d / nn.Linear class: weight and input are binarized by the layer's
+    method. `make_binary` sets `binary`, a BinaryState; `binarizer`, `binary_mode`, `binary_gain`,
+    `binary_frozen`, `binary_params`, `ede_t`, `ede_k`, `bireal_keep_input` and `bireal_input` read
+    and write its fields.
     """
 
-    binary_gain = 0
-    binary_params: tuple[str, ...] = ()
+    binarizer = _state("method", "the binarization method")
+    binary_mode = _state("mode", "'W1A1' or 'W1A32'")
+    binary_gain = _state("gain", "g of the fixed gain 2^g")
+    binary_frozen = _state("frozen", "True in a model rebuilt from a packed file")
+    binary_params = _state("params", "names of the method's own parameters")
+    ede_t = _state("ede_t", "EDE's t")
+    ede_k = _state("ede_k", "EDE's k")
+    bireal_keep_input = _state("keep_input", "a Bi-Real shortcut reads the input")
+    bireal_input = _state("input", "the input a Bi-Real shortcut reads")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -142,15 +167,8 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     module.__class__ = binary_class(type(module))
-    module.binarizer = binarizer
-    module.binary_mode = mode
-    module.binary_frozen = False
-    module.binary_gain = int(gain)
-    module.bireal_keep_input = False
-    module.bireal_input = None
-    module.ede_t = T_MIN
-    module.ede_k = ede_k(T_MIN)
-    module.binary_params = binarizer.init(module)
+    module.binary = BinaryState(binarizer, mode, int(gain))
+    module.binary.params = binarizer.init(module)
     return module
 
 

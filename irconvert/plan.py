@@ -13,7 +13,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .analyze import Analysis, LayerFacts
-from .methods import METHODS
+from .errors import IRConvertError
+from .methods import get_method, method_spec
 
 Decision = Literal["keep", "binary", "W1A1", "W1A32"]
 
@@ -64,12 +65,19 @@ class Policy(BaseModel):
     keep_magnitude: bool = True
     shortcut: Union[bool, Literal["gated"]] = False
 
-    @field_validator("method")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(METHODS))}")
-        return v
+    def _known_method(cls, v) -> str:
+        """A registered name, 'module:Class', or a Binarizer instance; stored as the string that names it."""
+        try:
+            method = get_method(v)
+        except IRConvertError as exc:
+            raise ValueError(str(exc).removeprefix("binarize.method: ")) from None
+        spec = method_spec(method)
+        if get_method(spec) != method:
+            raise ValueError(f"{method!r} differs from {spec} built with no arguments, which a file records; "
+                             "make a subclass that sets what differs, and register it")
+        return spec
 
     @field_validator("patterns")
     @classmethod

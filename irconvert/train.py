@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .distributed import sum_all
 
-from .ede import ede_t
+from .methods.ede import ede_t
 from .errors import IRConvertError
 from .recipe import DistillSection, EDESection, Schedule
 from .layers import binary_layers, method_penalty, set_ede

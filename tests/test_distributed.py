@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import irconvert
+
+pytestmark = pytest.mark.slow  # torchrun processes that train
 from irconvert.layers import make_binary
 from irconvert.methods import METHODS
 

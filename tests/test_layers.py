@@ -54,7 +54,7 @@ def test_linear_forward_and_zero_input():
 
 def test_sign_of_zero_is_plus_one_and_values_are_one_bit():
     x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, -1e-30])
-    assert irconvert.ede.sign(x).tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0]
+    assert irconvert.ops.sign(x).tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0]
 
 
 def test_scale_is_power_of_two_and_detached():
@@ -67,8 +67,8 @@ def test_scale_is_power_of_two_and_detached():
     # heavy tails move the exponent: a channel of mostly zeros with a few spikes has mean|w_hat| < 0.5
     w2 = torch.zeros(1, 64)
     w2[0, :2] = 10.0
-    e = irconvert.libra.scale_exponent(irconvert.libra.balance(w2))
-    w_hat = irconvert.libra.balance(w2)
+    e = irconvert.methods.libra.scale_exponent(irconvert.methods.libra.balance(w2))
+    w_hat = irconvert.methods.libra.balance(w2)
     assert e.item() == round(math.log2(w_hat.abs().mean().item())) and e.item() < 0
 
 
@@ -152,3 +152,13 @@ def test_subclass_with_own_forward_keeps_its_behaviour():
     std_w = F.batch_norm(bw.reshape(1, 4, -1), None, None, training=True, momentum=0.0, eps=conv.eps).reshape_as(bw)
     want = F.conv2d(hand_sign(x), std_w, conv.bias, padding=1)
     torch.testing.assert_close(conv(x), want, rtol=0, atol=1e-5)
+
+
+def test_libra_balance_keeps_a_float64_weight_in_float64():
+    w = torch.tensor([[1.0, 2.0, 4.0], [1e-9, 1e-9 + 1e-17, 1e-9]], dtype=torch.float64)
+    got = irconvert.methods.libra.balance(w)
+    mean = w.mean(dim=1, keepdim=True)
+    want = (w - mean) / w.std(dim=1, keepdim=True)
+    # in float32 the second row is constant (1e-9 + 1e-17 rounds to 1e-9) and would balance to 0
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-6, atol=0) and got[1].abs().min() > 0.5
+    assert irconvert.methods.libra.balance(w.half()).dtype == torch.float32

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import irconvert
-from irconvert.ede import sign
+from irconvert.ops import sign
 from irconvert.layers import make_binary
 from irconvert.methods import METHODS
 from irconvert.models import create_model
@@ -141,6 +141,7 @@ def resnet_like(method, seed=0):
 
 
 @pytest.mark.parametrize("method", NEW)
+@pytest.mark.slow
 def test_export_and_exact_reload(method, tmp_path):
     model = resnet_like(method)
     x = torch.randn(3, 1, 32, 32)
@@ -170,6 +171,7 @@ def test_export_and_exact_reload(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["sdbnn", "scaled"])
+@pytest.mark.slow
 def test_bitwise_runtime_handles_threshold_and_float_scale(method, tmp_path):
     model = resnet_like(method, seed=1)
     irconvert.save_packed(model, tmp_path / "packed.safetensors")
@@ -213,6 +215,7 @@ def test_method_penalty_sums_l2_over_layers_and_is_none_without_it():
 
 
 @pytest.mark.parametrize("method, moved", [("sdbnn", "input_shift"), ("scaled", "input_scale")])
+@pytest.mark.slow
 def test_end_to_end_conversion_trains_exports_and_reloads(method, moved, tmp_path, fashion_root):
     from pathlib import Path
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import irconvert
 import irconvert.runtime as rt
-from irconvert.ede import sign
+from irconvert.ops import sign
 from irconvert.errors import IRConvertError
 from irconvert.layers import make_binary
 from irconvert.methods import METHODS

@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "irconvert"
 # then what runs them. A module may import only modules listed before it.
 ORDER = [
     "version", "errors", "ops", "fileformat", "graph",
-    "ede", "quantizers", "libra", "sdbnn", "scaled", "methods", "layers", "shortcut",
+    "methods",  # the papers' parts and the method registry (its own modules import one another freely)
+    "layers", "shortcut",
     "models",  # load
     "analyze", "plan", "recipe", "data",
     "swap", "layer_summary", "distributed",
@@ -24,20 +25,22 @@ ORDER = [
 MAX_LINES = 60
 
 
+PACKAGES = ("methods", "runtime")
+
+
 def _module(path: Path) -> str:
-    rel = path.relative_to(PKG).with_suffix("")
-    return rel.parts[0] if rel.parts[0] == "runtime" else ".".join(rel.parts)
+    return path.relative_to(PKG).with_suffix("").parts[0]
 
 
 def _imports(path: Path) -> set[str]:
     """The irconvert modules `path` imports, anywhere in the file (function-local imports too)."""
     found = set()
-    inside_runtime = path.parent.name == "runtime"
+    inside_package = path.parent.name in PACKAGES
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = (node.module or "").split(".")[0]
-            if node.level == 1 and inside_runtime:
-                continue  # runtime's own modules
+            if node.level == 1 and inside_package:
+                continue  # the package's own modules
             if base:
                 found.add(base)
             else:  # from . import x
@@ -50,17 +53,17 @@ def _imports(path: Path) -> set[str]:
 
 
 def _files():
-    return [p for p in sorted(PKG.rglob("*.py")) if p.name not in ("__init__.py", "__main__.py") or p.parent.name == "runtime"]
+    return [p for p in sorted(PKG.rglob("*.py")) if p.name not in ("__init__.py", "__main__.py") or p.parent.name in PACKAGES]
 
 
 def test_every_module_has_a_place_in_the_order():
-    assert {_module(p) for p in _files() if p.parent == PKG} | {"runtime"} == set(ORDER)
+    assert {_module(p) for p in _files()} == set(ORDER)
 
 
 @pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(PKG)))
 def test_module_imports_only_modules_before_it(path):
     me = ORDER.index(_module(path))
-    later = sorted(m for m in _imports(path) if m in ORDER and ORDER.index(m) >= me and m != "runtime")
+    later = sorted(m for m in _imports(path) if m in ORDER and ORDER.index(m) >= me)
     assert not later, f"{path.name} imports {later}, which come after it (or are it) in the walk"
 
 

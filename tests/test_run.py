@@ -68,6 +68,7 @@ def quick_run(tmp_path_factory, fashion_root):
     return out, res
 
 
+@pytest.mark.slow
 def test_end_to_end_cli_run_writes_everything(quick_run):
     out, res = quick_run
     for f in ("recipe.yaml", "metrics.jsonl", "report.json", "curves.png", "checkpoint.pt",
@@ -83,6 +84,7 @@ def test_end_to_end_cli_run_writes_everything(quick_run):
     assert "binary (W1A1)" in res.stdout
 
 
+@pytest.mark.slow
 def test_existing_run_is_refused_and_left_untouched(quick_run):
     out, _ = quick_run
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -91,6 +93,7 @@ def test_existing_run_is_refused_and_left_untouched(quick_run):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_same_weights(tmp_path, fashion_root, monkeypatch):
     from irconvert.run import run
     from irconvert.runfolder import RunFolder
@@ -143,6 +146,7 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     assert res.returncode == 2 and "weights do not fit the model" in res.stderr and "unexpected: layer1.2" in res.stderr
 
 
+@pytest.mark.slow
 def test_imagenet_recipe_runs_on_a_tiny_image_folder(tmp_path, fashion_root):
     from PIL import Image
 
@@ -164,6 +168,7 @@ def test_imagenet_recipe_runs_on_a_tiny_image_folder(tmp_path, fashion_root):
     assert report["model"] == "resnet34" and report["packed_max_abs_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_export_from_run_folder_rebuilds_the_same_files(quick_run, tmp_path):
     out, _ = quick_run
     res = run_cli("export", out)

@@ -22,7 +22,9 @@ EXP_MIN, EXP_MAX = -64, 63
 
 def balance(w: torch.Tensor) -> torch.Tensor:
     """Return w_hat = (w - mean) / std per output channel, 0 for constant channels."""
-    flat = w.reshape(w.shape[0], -1).float()
+    flat = w.reshape(w.shape[0], -1)
+    if flat.dtype in (torch.float16, torch.bfloat16):  # autocast or a half model: statistics in float32
+        flat = flat.float()
     centered = flat - flat.mean(dim=1, keepdim=True)
     n = flat.shape[1]
     if n > 1:
@@ -47,3 +49,19 @@ def pow2(exponent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Return s = 2^exponent shaped to broadcast over the output-channel dimension of `like`."""
     s = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
     return s.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+class LibraPB:
+    """Libra-PB as a method part: signs of w_hat, the detached power-of-two scale s."""
+
+    def standardize(self, w: torch.Tensor, layer) -> torch.Tensor:
+        return balance(w)
+
+    def scale(self, w_hat: torch.Tensor, layer) -> torch.Tensor:
+        return pow2(scale_exponent(w_hat), w_hat)
+
+    def exponent(self, w: torch.Tensor) -> torch.Tensor:
+        return scale_exponent(balance(w))
+
+    def magnitude(self, layer) -> float:
+        return 1.0  # w_hat has unit spread: the gain is not in it

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .ops import sign
+from ..ops import sign
 
 T_MIN = 1e-3
 T_MAX = 10.0
@@ -52,3 +52,13 @@ def ede_t(progress: float, t_min: float = T_MIN, t_max: float = T_MAX) -> float:
 def ede_k(t: float) -> float:
     """Return k = max(1/t, 1)."""
     return max(1.0 / t, 1.0)
+
+
+class EDE:
+    """EDE as a method part: both signs get k * t * (1 - tanh^2(t x)), with the layer's t and k."""
+
+    def weight_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return ede_sign(x, layer.ede_t, layer.ede_k)
+
+    def input_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return ede_sign(x, layer.ede_t, layer.ede_k)

@@ -17,10 +17,12 @@ the weight bits. Neither costs anything at inference beyond a compare with tau i
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
-from .ops import per_input_channel
+from ..ops import per_input_channel
 
 
 def add_shifts(layer: nn.Module, weight: torch.Tensor, w1a1: bool) -> tuple[str, ...]:
@@ -46,3 +48,20 @@ def shift_input(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 def threshold(layer: nn.Module) -> torch.Tensor:
     """Return the deployment threshold tau = -d_a per input channel: B_a = +1 where a >= tau."""
     return -layer.input_shift.detach().float()
+
+
+class SelfDistribution:
+    """SD-BNN as a method part: learned shifts d_w (WSD) and, for W1A1, d_a (ASD), starting at 0."""
+
+    def init(self, layer) -> tuple[str, ...]:
+        names = super().init(layer)
+        return names + add_shifts(layer, layer._parameters["weight"], layer.binary_mode == "W1A1")
+
+    def shift_weight(self, w: torch.Tensor, layer) -> torch.Tensor:
+        return shift_weight(w, layer)
+
+    def shift_input(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return shift_input(x, layer)
+
+    def threshold(self, layer) -> Optional[torch.Tensor]:
+        return threshold(layer) if layer.binary_mode == "W1A1" else None

@@ -65,6 +65,7 @@ def real_images(fashion_root, size, n=4):
 
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("mobilenetv3_small_100", 64),
                                         ("vit_tiny_patch16_224", 224), ("torchvision:resnet18", 64)])
+@pytest.mark.slow
 def test_exact_reload_random_and_real_inputs(tmp_path, fashion_root, name, size):
     x = torch.randn(4, 3, size, size)
     b = trained(name, x)
@@ -141,6 +142,7 @@ def test_format_1_files_still_load(tmp_path, packed_file):
     assert max_abs_diff(a, b, x) == 0.0
 
 
+@pytest.mark.slow
 def test_batch_reports_a_failure_and_converts_the_others(tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text("- resnet18\n- name: nosuchnet_v9\n- name: torchvision:mobilenet_v3_small\n  set: []\n")

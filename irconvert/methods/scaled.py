@@ -22,8 +22,12 @@ sign's derivative that we read the paper to use; lambda defaults to 1e-4.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
+
+from .quantizers import approx_sign
 
 
 def add_scales(layer: nn.Module, latent: torch.Tensor, w1a1: bool, magnitude: float) -> tuple[str, ...]:
@@ -45,3 +49,30 @@ def channel_scale(layer: nn.Module) -> torch.Tensor:
 def l2(layer: nn.Module, lam: float) -> torch.Tensor:
     """Return lambda/2 * sum(alpha^2), the regularization of the weight scales."""
     return 0.5 * lam * layer.weight_scale.float().square().sum()
+
+
+class TrainedScale:
+    """Trained scaling factors as a method part: alpha_o * beta on the signs, ApproxSign on the input,
+    lambda/2 * sum(alpha^2) in the loss (lambda = `scale_l2`)."""
+
+    scale_l2 = 1e-4
+
+    def init(self, layer) -> tuple[str, ...]:
+        names = super().init(layer)
+        latent = layer._parameters["weight"]
+        # alpha multiplies the layer's fixed gain 2^g: it starts at mean|w| / 2^g, so alpha * 2^g = mean|w|
+        base = self.standardize(latent.detach(), layer)
+        return names + add_scales(layer, base, layer.binary_mode == "W1A1", self.magnitude(layer))
+
+    def scale(self, w_hat: torch.Tensor, layer) -> torch.Tensor:
+        return channel_scale(layer).reshape((-1,) + (1,) * (w_hat.dim() - 1))
+
+    def input_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return approx_sign(x)
+
+    def deploy_scale(self, w: torch.Tensor, layer) -> torch.Tensor:
+        # the same float32 product as the forward pass, so the stored weight is bit-identical
+        return channel_scale(layer).detach().float() * 2.0**layer.binary_gain
+
+    def penalty(self, layer) -> Optional[torch.Tensor]:
+        return l2(layer, self.scale_l2) if self.scale_l2 else None

@@ -66,6 +66,7 @@ def test_untraceable_model_goes_through_fallback_with_warning():
 
 
 @pytest.mark.parametrize("build", [lambda: torchvision.models.resnet18(), lambda: timm.create_model("resnet18")])
+@pytest.mark.slow
 def test_hardtanh_reaches_every_activation_that_feeds_a_binary_layer(build):
     torch.manual_seed(0)
     model = build().eval()
@@ -140,6 +141,7 @@ def test_bad_policy_values_are_rejected():
         irconvert.Policy(patterns={"re:(": "keep"})
 
 
+@pytest.mark.slow
 def test_converted_model_trains_and_set_ede_reaches_all_layers():
     b = irconvert.binarize(timm.create_model("resnet18", num_classes=10))
     irconvert.set_ede(b, 0.5)
@@ -162,6 +164,7 @@ def test_summary_counts_bits_and_macs():
     assert "compression" in str(s)
 
 
+@pytest.mark.slow
 def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10).eval()
@@ -195,6 +198,7 @@ def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
     short(x).sum().backward()  # trains
 
 
+@pytest.mark.slow
 def test_gated_shortcut_starts_as_the_plain_model_then_trains_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10, zero_init_last=False).eval()  # (a zero bn2 blocks all grads)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import sign
+from ..ops import sign
 
 
 class SurrogateSign(torch.autograd.Function):
