@@ -22,7 +22,7 @@ from torch import nn
 from ..ede import sign
 from ..pack import binary_weight, fan_in_order, pack_signs
 from . import kernels
-from .convert import load
+from .build import load
 from .layers import BitwiseConv2d, BitwiseLinear, bitwise_conv2d, bitwise_linear
 
 
