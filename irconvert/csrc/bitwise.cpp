@@ -449,7 +449,9 @@ std::vector<torch::Tensor> conv2d_ex(torch::Tensor x, int64_t C, torch::Tensor w
     TORCH_CHECK(thr->scalar_type() == torch::kInt32 && thr->numel() == O && dir.has_value() &&
                 dir->scalar_type() == torch::kInt8 && dir->numel() == O, "bitwise conv2d: thresholds int32 [O], dir int8 [O]");
   auto out = want_float ? torch::empty({N, O, OH, OW}, w.options().dtype(torch::kFloat32)) : torch::empty({0});
-  auto bits = want_bits ? torch::zeros({N, OH, OW, Wco}, w.options()) : torch::empty({0}, w.options());
+  auto bits = torch::empty({want_bits ? N : 0, OH, OW, Wco}, w.options());
+  // zeroed here, not by torch::zeros, whose parallel fill costs more than this small memset
+  if (want_bits) std::memset(bits.data_ptr<int64_t>(), 0, static_cast<size_t>(bits.numel()) * sizeof(int64_t));
   if (N * O * OHW == 0) return {out, bits};
 
   std::vector<uint64_t> own;

@@ -167,3 +167,34 @@ def bench_packed(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), inp
     return (markdown(rows) + f"\n\n{r['bitwise_layers']} of {r['binary_layers']} binary layers bitwise; "
             f"backend {r['backend']} ({r['isa'] or 'no compiled kernel'}), {r['threads']} threads; "
             "fp32 is the unconverted architecture; medians of alternating runs")
+
+
+class _Timed(torch.fx.Interpreter):
+    """Runs a GraphModule node by node, adding each node's milliseconds to its op kind."""
+
+    def __init__(self, gm: torch.fx.GraphModule, spent: dict):
+        super().__init__(gm)
+        self.spent = spent
+
+    def run_node(self, n: torch.fx.Node):
+        t = time.perf_counter()
+        out = super().run_node(n)
+        if n.op in ("call_module", "call_function", "call_method"):
+            kind = (type(self.module.get_submodule(n.target)).__name__ if n.op == "call_module"
+                    else getattr(n.target, "__name__", str(n.target)))
+            self.spent[kind] = self.spent.get(kind, 0.0) + (time.perf_counter() - t) * 1e3
+        return out
+
+
+@torch.no_grad()
+def op_shares(net: nn.Module, x: torch.Tensor, repeat: int = 5) -> dict[str, float]:
+    """Return {op kind: share of the forward time} of `net` on x, timed node by node in its torch.fx graph."""
+    from .fuse import _Tracer
+
+    gm = net if isinstance(net, torch.fx.GraphModule) else torch.fx.GraphModule(net, _Tracer().trace(net))
+    spent: dict[str, float] = {}
+    _Timed(gm, {}).run(x)
+    for _ in range(repeat):
+        _Timed(gm, spent).run(x)
+    total = sum(spent.values())
+    return {k: round(v / total, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}

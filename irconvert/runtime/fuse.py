@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import BinaryMixin
-from .layers import BitwiseConv2d, BitwiseLinear, FusedConv2d, PackSigns
+from .layers import BitwiseConv2d, BitwiseLinear, ChannelsLastMaxPool2d, FusedConv2d, PackSigns
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
@@ -211,6 +211,7 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
             continue
         _fuse_one(gm, node, packed, report)
     _share_packing(gm, packed, report)
+    _pools_channels_last(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -318,3 +319,11 @@ def _reads_float(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
     m = _module(gm, user)
     return (isinstance(m, FusedConv2d) and not m.packed_input and m.groups == 1 and m.threshold is None
             and not m.bireal_keep_input and user.args[0] is node)
+
+
+def _pools_channels_last(gm: fx.GraphModule) -> None:
+    """Run each max-pool in channels-last memory (see ChannelsLastMaxPool2d): exact, and far faster here."""
+    for node in gm.graph.nodes:
+        m = _module(gm, node)
+        if type(m) is nn.MaxPool2d and not m.return_indices:
+            _set(gm, node.target, ChannelsLastMaxPool2d(m))
