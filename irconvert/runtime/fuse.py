@@ -56,9 +56,29 @@ class RuntimeReport(dict):
         self.fusion: dict[str, str] = {}
 
 
+try:  # timm's BatchNorm + activation in one module (MobileNets, EfficientNets)
+    from timm.layers.norm_act import BatchNormAct2d
+except ImportError:  # pragma: no cover - timm is a dependency, but the runtime does not need it
+    BatchNormAct2d = None
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
-        return isinstance(m, (BinaryMixin, BitwiseConv2d, BitwiseLinear)) or super().is_leaf_module(m, name)
+        return (isinstance(m, (BinaryMixin, BitwiseConv2d, BitwiseLinear))
+                or (BatchNormAct2d is not None and type(m) is BatchNormAct2d) or super().is_leaf_module(m, name))
+
+
+def _split_norm_act(m: nn.Module) -> Optional[list]:
+    """[('bn', BatchNorm2d), ('clamp', act)?] computing what timm's BatchNormAct2d `m` computes, or None."""
+    if BatchNormAct2d is None or type(m) is not BatchNormAct2d or not _identity(m.drop):
+        return None
+    if not (_identity(m.act) or _clamp_of(m.act) is not None):
+        return None
+    bn = nn.BatchNorm2d(m.num_features, m.eps).eval()
+    bn.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith(("drop.", "act."))})
+    if not _foldable_bn(bn):
+        return None
+    return [("bn", bn)] + ([] if _identity(m.act) else [("clamp", m.act)])
 
 
 @dataclass
@@ -107,6 +127,10 @@ def _chain(gm: fx.GraphModule, conv_node: fx.Node, conv: BitwiseConv2d) -> _Chai
         elif m is not None and stage == 0 and _foldable_bn(m) and conv.bias is None:
             ch.modules.append(("bn", m))
             stage = 1
+        elif m is not None and stage == 0 and conv.bias is None and _split_norm_act(m) is not None:
+            parts = _split_norm_act(m)
+            ch.modules += parts
+            stage = 3 if len(parts) == 2 else 1
         elif (nxt.op == "call_function" and nxt.target in _ADDS and stage <= 1 and len(nxt.args) == 2
               and not nxt.kwargs and all(isinstance(a, fx.Node) for a in nxt.args) and nxt.args[0] is not nxt.args[1]):
             ch.residual = nxt.args[1] if nxt.args[0] is cur else nxt.args[0]
@@ -207,7 +231,10 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
     gm = fx.GraphModule(net, graph, class_name=type(net).__name__)
     packed: dict[fx.Node, fx.Node] = {}  # float value -> node holding its sign bits
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(_module(gm, node), BitwiseConv2d):
+        m = _module(gm, node)
+        if isinstance(m, BitwiseLinear):
+            report.fusion[node.target] = "not fused: Linear layers run as bitwise_linear (float in, float out)"
+        if node.op != "call_module" or not isinstance(m, BitwiseConv2d):
             continue
         _fuse_one(gm, node, packed, report)
     _share_packing(gm, packed, report)
@@ -286,13 +313,20 @@ def _set(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
 def _describe(ch: _Chain, fused: FusedConv2d, binary_users: list, notes: list[str]) -> str:
     ops = [type(m).__name__ for k, m in ch.modules if k != "id"]
     if ch.residual is not None:
-        ops.insert(1 if ops and ops[0] == "BatchNorm2d" else 0, f"+ {ch.residual.name}")
+        ops.insert(1 if ops and ops[0] == "BatchNorm2d" else 0, f"+ {_value_name(ch.residual)}")
     out = ("bits (integer thresholds)" if fused.thr is not None
            else "float + bits" if fused.want_bits else "float")
     text = f"fused: {' '.join(ops) if ops else 'nothing'} -> {out}; input {'bits' if fused.packed_input else 'float'}"
     if ch.stop and not fused.want_bits:
         text += f"; chain stops: {ch.stop}"
     return text + "".join(f"; {n}" for n in notes)
+
+
+def _value_name(node: fx.Node) -> str:
+    """The module a value comes from (through a fused conv's getitem), for the report."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        node = node.args[0]
+    return str(node.target) if node.op == "call_module" else node.name
 
 
 def _share_packing(gm: fx.GraphModule, packed: dict, report: RuntimeReport) -> None:
