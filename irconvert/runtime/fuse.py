@@ -242,6 +242,7 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    gm.delete_all_unused_submodules()  # the folded BatchNorms and activations
     gm.irconvert_runtime = report
     return gm
 
