@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -642,12 +643,76 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10:
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// BatchNorm + clamp + max-pool (a ResNet stem): y = maxpool(clamp(fma(x, alpha_c, beta_c), lo, hi)),
+// in one pass per channel plane; padding is -inf, NaN propagates as in torch's max-pool.
+
+// max that keeps a NaN (either operand), as a select the compiler vectorizes
+inline float nanmax(float m, float v) { return ((v > m) | (v != v)) ? v : m; }
+
+torch::Tensor affine_maxpool(torch::Tensor x, torch::Tensor alpha, torch::Tensor beta, bool clamp, double lo, double hi,
+                             int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t OH,
+                             int64_t OW) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 4,
+              "bitwise affine_maxpool: input must be a contiguous float32 CPU tensor [N,C,H,W]");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(alpha.numel() == C && beta.numel() == C && alpha.scalar_type() == torch::kFloat32 &&
+              beta.scalar_type() == torch::kFloat32, "bitwise affine_maxpool: alpha, beta float32 [C]");
+  auto out = torch::empty({N, C, OH, OW}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* ap = alpha.data_ptr<float>();
+  const float* bp = beta.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi), ninf = -std::numeric_limits<float>::infinity();
+  const int64_t WP = (OW - 1) * SW + KW;  // the padded row a window slides over
+  const int nt = N * C * H * W >= (int64_t{1} << 16) ? threads() : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1 && N * C > 1)
+  {
+    std::vector<float> t(static_cast<size_t>(H * W)), m(static_cast<size_t>(std::max(WP, PW + W))), hm(static_cast<size_t>(OW * SW + KW));
+#pragma omp for schedule(static)
+    for (int64_t nc = 0; nc < N * C; ++nc) {
+      const float a = ap[nc % C], b = bp[nc % C];
+      const float* src = xp + nc * H * W;
+      float* tp = t.data();
+      if (clamp) {
+        for (int64_t i = 0; i < H * W; ++i) {
+          const float v = std::fma(src[i], a, b);
+          tp[i] = v < flo ? flo : (v > fhi ? fhi : v);
+        }
+      } else {
+        for (int64_t i = 0; i < H * W; ++i) tp[i] = std::fma(src[i], a, b);
+      }
+      float* dst = yp + nc * OH * OW;
+      float* mp = m.data();
+      float* hp = hm.data();
+      const int64_t mlen = static_cast<int64_t>(m.size());
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const int64_t h0 = std::max<int64_t>(0, oh * SH - PH), h1 = std::min<int64_t>(H, oh * SH - PH + KH);
+        for (int64_t j = 0; j < mlen; ++j) mp[j] = ninf;
+        for (int64_t ih = h0; ih < h1; ++ih) {
+          const float* row = tp + ih * W;
+          float* mr = mp + PW;  // column iw sits at PW + iw: the left padding is -inf
+          for (int64_t iw = 0; iw < W; ++iw) mr[iw] = nanmax(mr[iw], row[iw]);
+        }
+        const int64_t span = (OW - 1) * SW + 1;
+        for (int64_t j = 0; j < span; ++j) hp[j] = mp[j];
+        for (int64_t d = 1; d < KW; ++d)
+          for (int64_t j = 0; j < span; ++j) hp[j] = nanmax(hp[j], j + d < mlen ? mp[j + d] : ninf);
+        for (int64_t ow = 0; ow < OW; ++ow) dst[oh * OW + ow] = hp[ow * SW];
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "irconvert bitwise W1A1 kernels (xor + popcount over 64-bit words)";
   m.def("conv2d", &conv2d, "bitwise W1A1 conv2d", py::call_guard<py::gil_scoped_release>());
   m.def("conv2d_ex", &conv2d_ex, "bitwise W1A1 conv2d with the fused output transform",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("affine_maxpool", &affine_maxpool, "max-pool of clamp(fma(x, alpha, beta))",
         py::call_guard<py::gil_scoped_release>());
   m.def("pack", &pack, "sign bits of a float NCHW tensor", py::call_guard<py::gil_scoped_release>());
   m.def("linear", &linear, "bitwise W1A1 linear", py::call_guard<py::gil_scoped_release>());

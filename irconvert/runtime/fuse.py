@@ -42,7 +42,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import BinaryMixin
-from .layers import BitwiseConv2d, BitwiseLinear, ChannelsLastMaxPool2d, FusedConv2d, PackSigns
+from .layers import (AffineMaxPool2d, BitwiseConv2d, BitwiseLinear, ChannelsLastMaxPool2d, FusedConv2d,
+                     PackSigns)
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
@@ -54,6 +55,7 @@ class RuntimeReport(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fusion: dict[str, str] = {}
+        self.float_fusion: dict[str, str] = {}  # float ops merged among themselves (the stem's BN + act + pool)
 
 
 try:  # timm's BatchNorm + activation in one module (MobileNets, EfficientNets)
@@ -238,6 +240,7 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
             continue
         _fuse_one(gm, node, packed, report)
     _share_packing(gm, packed, report)
+    _fuse_pools(gm, report)
     _pools_channels_last(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -362,3 +365,50 @@ def _pools_channels_last(gm: fx.GraphModule) -> None:
         m = _module(gm, node)
         if type(m) is nn.MaxPool2d and not m.return_indices:
             _set(gm, node.target, ChannelsLastMaxPool2d(m))
+
+
+def _pool_chain(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[list, list, fx.Node]]:
+    """If BatchNorm `node` is followed (one user each) by identities, at most one clamp and a MaxPool2d:
+    (modules, nodes after the BatchNorm, the pool node)."""
+    m = _module(gm, node)
+    modules = [("bn", m)] if _foldable_bn(m) else _split_norm_act(m)
+    if not modules:
+        return None
+    nodes, cur = [], node
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        m = _module(gm, nxt)
+        if type(m) is nn.MaxPool2d and not m.return_indices and not m.ceil_mode and m.dilation in (1, (1, 1)):
+            return modules, nodes, nxt
+        if m is None or not (_identity(m) or (_clamp_of(m) is not None and all(k != "clamp" for k, _ in modules))):
+            return None
+        if not _identity(m):
+            modules.append(("clamp", m))
+        nodes.append(nxt)
+        cur = nxt
+    return None
+
+
+def _fuse_pools(gm: fx.GraphModule, report: RuntimeReport) -> None:
+    """Merge BatchNorm -> Hardtanh/ReLU -> MaxPool2d chains of float values into one AffineMaxPool2d pass."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1:
+            continue
+        found = _pool_chain(gm, node)
+        if found is None:
+            continue
+        modules, nodes, pool_node = found
+        try:
+            alpha, beta = bn_affine(modules[0][1])
+        except ValueError as exc:
+            report.float_fusion[pool_node.target] = f"not fused: {exc}"
+            continue
+        clamp = next((_clamp_of(m) for k, m in modules if k == "clamp"), None)
+        _set(gm, pool_node.target, AffineMaxPool2d(alpha, beta, clamp, _module(gm, pool_node)))
+        with gm.graph.inserting_before(pool_node):
+            new = gm.graph.call_module(pool_node.target, node.args)
+        pool_node.replace_all_uses_with(new)
+        for n in reversed([node] + nodes + [pool_node]):
+            gm.graph.erase_node(n)
+        names = [str(n.target) for n in [node] + nodes if n.op == "call_module"]
+        report.float_fusion[pool_node.target] = f"fused: {' + '.join(names)} + {pool_node.target} in one pass"

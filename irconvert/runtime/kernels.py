@@ -322,3 +322,17 @@ def linear(x, words, scale, bias, in_features) -> torch.Tensor:
     if backend() == "native":
         return _native().linear(x, words, scale, bias, in_features)
     return _linear_python(x, words, scale, bias, in_features)
+
+
+def affine_maxpool(x, alpha, beta, clamp, kernel, stride, pad, out_hw) -> torch.Tensor:
+    """Return max_pool2d(clamp(fma(x, alpha_c, beta_c), *clamp)) of float32 NCHW x (padding -inf), in one pass."""
+    if backend() == "native":
+        lo, hi = clamp if clamp is not None else (0.0, 0.0)
+        return _native().affine_maxpool(x, alpha, beta, clamp is not None, lo, hi, *kernel, *stride, *pad, *out_hw)
+    y = _transform_float(x, alpha, beta, clamp)
+    return F.max_pool2d(y.contiguous(memory_format=torch.channels_last), kernel, stride, pad).contiguous()
+
+
+def _transform_float(x, alpha, beta, clamp) -> torch.Tensor:
+    y = fma32(x, alpha.reshape(1, -1, 1, 1), beta.reshape(1, -1, 1, 1))
+    return y if clamp is None else torch.clamp(y, *clamp)

@@ -259,3 +259,29 @@ class ChannelsLastMaxPool2d(nn.Module):
         if x.dim() != 4:
             return self.pool(x)
         return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+class AffineMaxPool2d(nn.Module):
+    """max_pool2d(clamp(alpha * x + beta)) in one pass: a BatchNorm (as the fma torch computes), a Hardtanh / ReLU
+    and the max-pool after them, as in a ResNet stem; the float simulation's values exactly (fma, clamp and max
+    are the same float ops), without its three passes over the full-size tensor."""
+
+    def __init__(self, alpha: torch.Tensor, beta: torch.Tensor, clamp: Optional[tuple[float, float]],
+                 pool: nn.MaxPool2d):
+        super().__init__()
+        self.register_buffer("alpha", alpha.to(torch.float32).contiguous())
+        self.register_buffer("beta", beta.to(torch.float32).contiguous())
+        self.clamp = clamp
+        self.kernel_size = _pair(pool.kernel_size, "kernel_size")
+        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size, "stride")
+        self.padding = _pair(pool.padding, "padding")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _float32(x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        out_hw = ((x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1)
+        return kernels.affine_maxpool(x, self.alpha, self.beta, self.clamp, self.kernel_size, self.stride,
+                                      self.padding, out_hw)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, clamp={self.clamp}"
