@@ -124,33 +124,41 @@ def fp32_model(path: os.PathLike | str) -> Optional[nn.Module]:
 
 @torch.no_grad()
 def model_rows(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: tuple[int, ...] = (3, 224, 224),
-               repeat: int = 10, case: Optional[str] = None, model: Optional[nn.Module] = None) -> list[dict]:
+               repeat: int = 10, case: Optional[str] = None, model: Optional[nn.Module] = None,
+               threads: tuple[int, ...] = (0,), fuse: bool = True) -> list[dict]:
     """Return rows timing the fp32 model against the packed file run by the bitwise runtime.
 
     The fp32 model is `model` (the unconverted architecture, needed for files made from a user
     model, as for load_packed) or else the architecture named in the file, with random weights.
+    Each row runs on one of `threads` (0: torch's current setting); `fuse` as in runtime.load.
     """
     fp32 = copy.deepcopy(model).eval() if model is not None else None
-    net = load(path, model)
+    net = load(path, model, fuse=fuse)
     fp32 = fp32 or fp32_model(path)
     n_bit = sum(v == "bitwise" for v in net.irconvert_runtime.values())
-    rows = []
-    for batch in batches:
-        x = torch.randn(batch, *input_size)
-        times = paired_ms(lambda: fp32(x), lambda: net(x), repeat, warmup=3)
-        rows.append(_row(case or f"model {os.path.basename(str(path))}", batch, times, input_size=list(input_size),
-                         bitwise_layers=n_bit, binary_layers=len(net.irconvert_runtime),
-                         fp_share=round(1 - bitwise_share(net, x), 3)))
+    rows, before = [], torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t or before)
+            for batch in batches:
+                x = torch.randn(batch, *input_size)
+                times = paired_ms(lambda: fp32(x), lambda: net(x), repeat, warmup=3)
+                rows.append(_row(case or f"model {os.path.basename(str(path))}", batch, times,
+                                 input_size=list(input_size), bitwise_layers=n_bit,
+                                 binary_layers=len(net.irconvert_runtime), fused=fuse,
+                                 fp_share=round(1 - bitwise_share(net, x), 3)))
+    finally:
+        torch.set_num_threads(before)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     """Return the rows as a Markdown table."""
-    lines = ["| case | batch | fp32 ms | bitwise ms | speedup | speedup of minima | full-precision share |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | batch | threads | fp32 ms | bitwise ms | speedup | speedup of minima | full-precision share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         share = f"{r['fp_share']:.0%}" if "fp_share" in r else ""
-        lines.append(f"| {r['case']} | {r['batch']} | {r['fp32_ms']:.3f} | {r['bitwise_ms']:.3f} | "
+        lines.append(f"| {r['case']} | {r['batch']} | {r['threads']} | {r['fp32_ms']:.3f} | {r['bitwise_ms']:.3f} | "
                      f"{r['speedup']:.1f}x | {r['fp32_min_ms'] / r['bitwise_min_ms']:.1f}x | {share} |")
     return "\n".join(lines)
 
@@ -187,8 +195,9 @@ class _Timed(torch.fx.Interpreter):
 
 
 @torch.no_grad()
-def op_shares(net: nn.Module, x: torch.Tensor, repeat: int = 5) -> dict[str, float]:
-    """Return {op kind: share of the forward time} of `net` on x, timed node by node in its torch.fx graph."""
+def op_shares(net: nn.Module, x: torch.Tensor, repeat: int = 5) -> dict[str, tuple[float, float]]:
+    """Return {op kind: (ms per forward, share of the forward time)} of `net` on x, timed node by node in its
+    torch.fx graph (the interpreter adds a few microseconds per node)."""
     from .fuse import _Tracer
 
     gm = net if isinstance(net, torch.fx.GraphModule) else torch.fx.GraphModule(net, _Tracer().trace(net))
@@ -197,4 +206,16 @@ def op_shares(net: nn.Module, x: torch.Tensor, repeat: int = 5) -> dict[str, flo
     for _ in range(repeat):
         _Timed(gm, spent).run(x)
     total = sum(spent.values())
-    return {k: round(v / total, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+    return {k: (round(v / repeat, 3), round(v / total, 3)) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
+def shares_markdown(columns: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """Return a Markdown table of op kinds (rows) by model variant (columns): ms per forward and share."""
+    kinds = list(dict.fromkeys(k for col in columns.values() for k in col))
+    lines = ["| op kind | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for k in kinds:
+        cells = [f"{c[k][0]:.2f} ms ({c[k][1]:.0%})" if k in c else "" for c in columns.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(v[0] for v in c.values()):.2f} ms" for c in columns.values()]
+    lines.append("| total | " + " | ".join(totals) + " |")
+    return "\n".join(lines)
