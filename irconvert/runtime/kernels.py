@@ -15,6 +15,13 @@ whose binary convs have none; with a bias the result is the exact value rounded 
 PyTorch's float32 conv may also round partial sums holding the bias: a few ulp apart, within
 1e-6 * (|b| + s * fan_in) (tests/test_runtime.py checks both).
 
+conv2d_ex is the conv with the fused output transform of runtime/fuse.py: y = fma(dot, alpha, beta)
+(a folded BatchNorm; one rounding, as torch's BatchNorm), plus a residual, clamped, written as float
+and/or as packed sign bits [N, OH, OW, ceil(O/64)] (by !(y >= 0) or by an integer threshold on dot),
+reading float or packed input; `pack` packs a float tensor once for several readers;
+`affine_maxpool` is a BatchNorm + clamp + max-pool in one pass (the ResNet stem). The fallback
+rounds fma exactly too (fma32: a double sum rounded to odd, then to float32).
+
 Which implementation runs is read from the environment variable IRCONVERT_RUNTIME on each call:
     auto (default)  the compiled kernel; if it cannot be built, the PyTorch one, with one warning
     native          the compiled kernel, or an IRConvertError saying why it cannot be built

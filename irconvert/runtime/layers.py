@@ -6,6 +6,11 @@ threshold; 0 for the others), see irconvert.pack. Here B_w is held as 64-bit wor
 layout (kernels.conv_words: [O, KH, KW, ceil(C_g/64)], one word run per kernel tap;
 kernels.linear_words: [ceil(O/8), ceil(F/64), 8], word k of 8 output channels side by side), and
 the product is an integer xor/popcount dot times s (see kernels.py). Inference only: no gradient.
+
+FusedConv2d is the conv with the float ops after it folded in (runtime/fuse.py), reading and writing
+packed bits; PackSigns packs an input that several of them share; AffineMaxPool2d and
+ChannelsLastMaxPool2d are the float stem's BatchNorm + clamp + max-pool in one pass and a max-pool
+in torch's faster memory layout.
 """
 
 from __future__ import annotations
