@@ -239,3 +239,20 @@ def test_fused_conv_with_broadcast_residual_adds_it_after(backends, monkeypatch)
     want = torch.clamp(layer(x) + fused.beta.reshape(1, -1, 1, 1) + r, -1, 1)  # s * dot exact, one rounding each
     for y, b in run_all(monkeypatch, backends, lambda: fused(x, r)).values():
         assert torch.equal(y, want) and torch.equal(b, kernels.pack(want))
+
+
+@torch.no_grad()
+def test_a_failed_plan_runs_the_model_unfused(monkeypatch, tmp_path):
+    torch.manual_seed(7)
+    model = irconvert.binarize(randomize_bn(TwoConvs().eval()), keep_last=False)
+    sim, _ = packed_pair(model, tmp_path, TwoConvs)
+
+    def broken(*args):
+        raise KeyError("no such node")
+
+    monkeypatch.setattr(fuse, "_fuse_one", broken)
+    with pytest.warns(RuntimeWarning, match="fusion failed .*KeyError.*running unfused"):
+        net = rt.load(tmp_path / "packed.safetensors", TwoConvs())
+    assert type(net) is TwoConvs and set(net.irconvert_runtime.fusion.values()) == {"not fused: planning failed (KeyError)"}
+    x = torch.randn(1, 3, 12, 12)
+    assert torch.equal(net(x), sim(x))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -230,7 +231,22 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
         why = f"not fused: the model does not trace with torch.fx ({type(exc).__name__})"
         report.fusion.update({n: why for n, v in report.items() if v == "bitwise"})
         return net
-    gm = fx.GraphModule(net, graph, class_name=type(net).__name__)
+    gm = fx.GraphModule(net, graph, class_name=type(net).__name__)  # new containers: `net` is not changed
+    try:
+        _rewrite(gm, report)
+    except Exception as exc:  # a graph shape the plan does not know: run the model unfused rather than fail
+        warnings.warn(f"irconvert.runtime: fusion failed ({type(exc).__name__}: {exc}); running unfused",
+                      RuntimeWarning, stacklevel=3)
+        report.fusion = {n: f"not fused: planning failed ({type(exc).__name__})" for n, v in report.items()
+                         if v == "bitwise"}
+        report.float_fusion = {}
+        return net
+    gm.irconvert_runtime = report
+    return gm
+
+
+def _rewrite(gm: fx.GraphModule, report: RuntimeReport) -> None:
+    """Fuse every bitwise conv of `gm` (in graph order, so producers before their consumers), then the pools."""
     packed: dict[fx.Node, fx.Node] = {}  # float value -> node holding its sign bits
     for node in list(gm.graph.nodes):
         m = _module(gm, node)
@@ -246,8 +262,6 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()  # the folded BatchNorms and activations
-    gm.irconvert_runtime = report
-    return gm
 
 
 def _fuse_one(gm: fx.GraphModule, node: fx.Node, packed: dict, report: RuntimeReport) -> None:
