@@ -8,7 +8,7 @@
 bitwise convs and chains them in packed bits (the plan, from the torch.fx graph), `layers` holds the
 modules and functional entry points,
 `kernels` the compiled kernel (JIT-built on first use) and its pure-PyTorch fallback, `bench` the
-timings behind `irconvert bench-runtime` and bench/runtime.py.
+timings behind `irconvert bench-runtime` and `python -m bench.runtime`.
 """
 
 from .build import float_reason, load

@@ -1,4 +1,4 @@
-"""Timings of the bitwise runtime against fp32, for `irconvert bench-runtime` and bench/runtime.py.
+"""Timings of the bitwise runtime against fp32, for `irconvert bench-runtime` and `python -m bench.runtime`.
 
 Each row times an fp32 reference and its bitwise counterpart in one run, alternating the two call
 by call (after warm-up), so that load from other processes falls on both alike; the numbers are
