@@ -1,4 +1,4 @@
-"""Timings of the bitwise runtime against fp32, for `irconvert bench-runtime` and bench/runtime.py.
+"""Timings of the bitwise runtime against fp32, for `irconvert bench-runtime` and `python -m bench.runtime`.
 
 Each row times an fp32 reference and its bitwise counterpart in one run, alternating the two call
 by call (after warm-up), so that load from other processes falls on both alike; the numbers are
@@ -22,7 +22,7 @@ from torch import nn
 from ..ops import sign
 from ..pack import binary_weight, fan_in_order, pack_signs
 from . import kernels
-from .convert import load
+from .build import load
 from .layers import BitwiseConv2d, BitwiseLinear, bitwise_conv2d, bitwise_linear
 
 
@@ -124,33 +124,41 @@ def fp32_model(path: os.PathLike | str) -> Optional[nn.Module]:
 
 @torch.no_grad()
 def model_rows(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: tuple[int, ...] = (3, 224, 224),
-               repeat: int = 10, case: Optional[str] = None, model: Optional[nn.Module] = None) -> list[dict]:
+               repeat: int = 10, case: Optional[str] = None, model: Optional[nn.Module] = None,
+               threads: tuple[int, ...] = (0,), fuse: bool = True) -> list[dict]:
     """Return rows timing the fp32 model against the packed file run by the bitwise runtime.
 
     The fp32 model is `model` (the unconverted architecture, needed for files made from a user
     model, as for load_packed) or else the architecture named in the file, with random weights.
+    Each row runs on one of `threads` (0: torch's current setting); `fuse` as in runtime.load.
     """
     fp32 = copy.deepcopy(model).eval() if model is not None else None
-    net = load(path, model)
+    net = load(path, model, fuse=fuse)
     fp32 = fp32 or fp32_model(path)
     n_bit = sum(v == "bitwise" for v in net.irconvert_runtime.values())
-    rows = []
-    for batch in batches:
-        x = torch.randn(batch, *input_size)
-        times = paired_ms(lambda: fp32(x), lambda: net(x), repeat, warmup=3)
-        rows.append(_row(case or f"model {os.path.basename(str(path))}", batch, times, input_size=list(input_size),
-                         bitwise_layers=n_bit, binary_layers=len(net.irconvert_runtime),
-                         fp_share=round(1 - bitwise_share(net, x), 3)))
+    rows, before = [], torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t or before)
+            for batch in batches:
+                x = torch.randn(batch, *input_size)
+                times = paired_ms(lambda: fp32(x), lambda: net(x), repeat, warmup=3)
+                rows.append(_row(case or f"model {os.path.basename(str(path))}", batch, times,
+                                 input_size=list(input_size), bitwise_layers=n_bit,
+                                 binary_layers=len(net.irconvert_runtime), fused=fuse,
+                                 fp_share=round(1 - bitwise_share(net, x), 3)))
+    finally:
+        torch.set_num_threads(before)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     """Return the rows as a Markdown table."""
-    lines = ["| case | batch | fp32 ms | bitwise ms | speedup | speedup of minima | full-precision share |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | batch | threads | fp32 ms | bitwise ms | speedup | speedup of minima | full-precision share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         share = f"{r['fp_share']:.0%}" if "fp_share" in r else ""
-        lines.append(f"| {r['case']} | {r['batch']} | {r['fp32_ms']:.3f} | {r['bitwise_ms']:.3f} | "
+        lines.append(f"| {r['case']} | {r['batch']} | {r['threads']} | {r['fp32_ms']:.3f} | {r['bitwise_ms']:.3f} | "
                      f"{r['speedup']:.1f}x | {r['fp32_min_ms'] / r['bitwise_min_ms']:.1f}x | {share} |")
     return "\n".join(lines)
 
@@ -167,3 +175,47 @@ def bench_packed(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), inp
     return (markdown(rows) + f"\n\n{r['bitwise_layers']} of {r['binary_layers']} binary layers bitwise; "
             f"backend {r['backend']} ({r['isa'] or 'no compiled kernel'}), {r['threads']} threads; "
             "fp32 is the unconverted architecture; medians of alternating runs")
+
+
+class _Timed(torch.fx.Interpreter):
+    """Runs a GraphModule node by node, adding each node's milliseconds to its op kind."""
+
+    def __init__(self, gm: torch.fx.GraphModule, spent: dict):
+        super().__init__(gm)
+        self.spent = spent
+
+    def run_node(self, n: torch.fx.Node):
+        t = time.perf_counter()
+        out = super().run_node(n)
+        if n.op in ("call_module", "call_function", "call_method"):
+            kind = (type(self.module.get_submodule(n.target)).__name__ if n.op == "call_module"
+                    else getattr(n.target, "__name__", str(n.target)))
+            self.spent[kind] = self.spent.get(kind, 0.0) + (time.perf_counter() - t) * 1e3
+        return out
+
+
+@torch.no_grad()
+def op_shares(net: nn.Module, x: torch.Tensor, repeat: int = 5) -> dict[str, tuple[float, float]]:
+    """Return {op kind: (ms per forward, share of the forward time)} of `net` on x, timed node by node in its
+    torch.fx graph (the interpreter adds a few microseconds per node)."""
+    from .fuse import _Tracer
+
+    gm = net if isinstance(net, torch.fx.GraphModule) else torch.fx.GraphModule(net, _Tracer().trace(net))
+    spent: dict[str, float] = {}
+    _Timed(gm, {}).run(x)
+    for _ in range(repeat):
+        _Timed(gm, spent).run(x)
+    total = sum(spent.values())
+    return {k: (round(v / repeat, 3), round(v / total, 3)) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
+def shares_markdown(columns: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """Return a Markdown table of op kinds (rows) by model variant (columns): ms per forward and share."""
+    kinds = list(dict.fromkeys(k for col in columns.values() for k in col))
+    lines = ["| op kind | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for k in kinds:
+        cells = [f"{c[k][0]:.2f} ms ({c[k][1]:.0%})" if k in c else "" for c in columns.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(v[0] for v in c.values()):.2f} ms" for c in columns.values()]
+    lines.append("| total | " + " | ".join(totals) + " |")
+    return "\n".join(lines)

@@ -15,6 +15,13 @@ whose binary convs have none; with a bias the result is the exact value rounded 
 PyTorch's float32 conv may also round partial sums holding the bias: a few ulp apart, within
 1e-6 * (|b| + s * fan_in) (tests/test_runtime.py checks both).
 
+conv2d_ex is the conv with the fused output transform of runtime/fuse.py: y = fma(dot, alpha, beta)
+(a folded BatchNorm; one rounding, as torch's BatchNorm), plus a residual, clamped, written as float
+and/or as packed sign bits [N, OH, OW, ceil(O/64)] (by !(y >= 0) or by an integer threshold on dot),
+reading float or packed input; `pack` packs a float tensor once for several readers;
+`affine_maxpool` is a BatchNorm + clamp + max-pool in one pass (the ResNet stem). The fallback
+rounds fma exactly too (fma32: a double sum rounded to odd, then to float32).
+
 Which implementation runs is read from the environment variable IRCONVERT_RUNTIME on each call:
     auto (default)  the compiled kernel; if it cannot be built, the PyTorch one, with one warning
     native          the compiled kernel, or an IRConvertError saying why it cannot be built
@@ -28,6 +35,7 @@ Linear at batch 1), where a second thread costs more than it saves.
 from __future__ import annotations
 
 import functools
+import math
 import hashlib
 import os
 import platform
@@ -190,13 +198,12 @@ def _xor_popcount(a: torch.Tensor, w: torch.Tensor, mask: Optional[torch.Tensor]
     return torch.cat(out) if out else torch.zeros(0, w.shape[0], dtype=torch.int64)
 
 
-def _conv2d_python(x, words, scale, bias, stride, pad, dilation, out_hw, groups) -> torch.Tensor:
-    """PyTorch twin of the compiled conv2d; padded taps are masked out instead of corrected."""
-    n, c, h, w = x.shape
+def _conv_dot(a, words, stride, pad, dilation, out_hw, groups, cg) -> torch.Tensor:
+    """Return the integer dots int64 [N, O, OH, OW] of packed input a [N, H, W, G, Wc]; padded taps are masked out."""
+    n, h, w = a.shape[:3]
     o, kh, kw, wc = words.shape
     (sh, sw), (pt, pl), (dh, dw), (oh, ow) = stride, pad, dilation, out_hw
-    cg, og = c // groups, o // groups
-    a = pack_activations(x, groups)
+    og = o // groups
     # pad with a frame wide enough for every tap; the mask marks which positions are real pixels
     bottom = max(0, (oh - 1) * sh + (kh - 1) * dh + 1 - pt - h)
     right = max(0, (ow - 1) * sw + (kw - 1) * dw + 1 - pl - w)
@@ -219,11 +226,58 @@ def _conv2d_python(x, words, scale, bias, stride, pad, dilation, out_hw, groups)
         a_g = patches[..., g, :].reshape(n * oh * ow, -1)
         w_g = words[g * og:(g + 1) * og].reshape(og, -1)
         y[..., g * og:(g + 1) * og] = _xor_popcount(a_g, w_g, mask).reshape(n, oh * ow, og)
-    dot = n_valid * cg - 2 * y
-    out = dot.to(torch.float32) * scale
-    if bias is not None:
-        out = out + bias
-    return out.permute(0, 2, 1).reshape(n, o, oh, ow).contiguous()
+    return (n_valid * cg - 2 * y).permute(0, 2, 1).reshape(n, o, oh, ow)
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Return fl32(a * b + c) rounded once, as a fused multiply-add, for float32 a, b, c (broadcast)."""
+    p = a.double() * b.double()  # exact: 24 + 24 bits
+    c = c.double()
+    s = p + c
+    # round to odd (s gets an odd last bit where p + c was inexact), so that the one rounding to
+    # float32 below is the correct one (53 >= 2 * 24 + 2 bits)
+    bv = s - p
+    err = (p - (s - bv)) + (c - bv)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, math.inf, -math.inf)
+    s = torch.where((err != 0) & even, torch.nextafter(s, toward), s)
+    return s.float()
+
+
+def _transform(dot, alpha, beta, fma, res, clamp) -> torch.Tensor:
+    """Return y = alpha * dot + beta (one rounding if fma, else two) [+ res] [clamped], dot [N, O, OH, OW]."""
+    d, a = dot.to(torch.float32), alpha.reshape(1, -1, 1, 1)
+    if beta is None:
+        y = d * a
+    elif fma:
+        y = fma32(d, a, beta.reshape(1, -1, 1, 1))
+    else:
+        y = d * a + beta.reshape(1, -1, 1, 1)
+    if res is not None:
+        y = y + res
+    return y if clamp is None else torch.clamp(y, *clamp)
+
+
+def _conv2d_ex_python(x, c, words, alpha, beta, fma, res, clamp, want_float, want_bits, thr, direction,
+                      stride, pad, dilation, out_hw, groups) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """PyTorch twin of the compiled conv2d_ex (the same arithmetic, slowly)."""
+    wc = words.shape[3]
+    if x.dtype == torch.int64:
+        a = x.reshape(*x.shape[:3], groups, wc)
+    else:
+        c = x.shape[1]
+        a = pack_activations(x, groups)
+    dot = _conv_dot(a, words, stride, pad, dilation, out_hw, groups, c // groups)
+    y = _transform(dot, alpha, beta, fma, res, clamp) if want_float or (want_bits and thr is None) else None
+    bits = None
+    if want_bits:
+        if thr is None:
+            neg = ~(y >= 0)
+        else:
+            t, up = thr.reshape(1, -1, 1, 1), direction.reshape(1, -1, 1, 1) > 0
+            neg = torch.where(up, dot < t, dot > t)
+        bits = _pack64(neg.permute(0, 2, 3, 1).to(torch.uint8))
+    return (y if want_float else None), bits
 
 
 def _linear_python(x, words, scale, bias, in_features) -> torch.Tensor:
@@ -233,17 +287,59 @@ def _linear_python(x, words, scale, bias, in_features) -> torch.Tensor:
     return out + bias if bias is not None else out
 
 
+def _native():
+    ext, _ = _build(os.environ.get("IRCONVERT_MARCH", "native"))
+    return ext
+
+
 def conv2d(x, words, scale, bias, stride, pad, dilation, out_hw, groups) -> torch.Tensor:
     """Run the bitwise conv on the current backend (arguments already normalized by the caller)."""
     if backend() == "native":
-        ext, _ = _build(os.environ.get("IRCONVERT_MARCH", "native"))
-        return ext.conv2d(x, words, scale, bias, *stride, *pad, *dilation, *out_hw, groups)
-    return _conv2d_python(x, words, scale, bias, stride, pad, dilation, out_hw, groups)
+        return _native().conv2d(x, words, scale, bias, *stride, *pad, *dilation, *out_hw, groups)
+    return _conv2d_ex_python(x, x.shape[1], words, scale, bias, False, None, None, True, False, None, None,
+                             stride, pad, dilation, out_hw, groups)[0]
+
+
+def conv2d_ex(x, c, words, alpha, beta, fma, res, clamp, want_float, want_bits, thr, direction,
+              stride, pad, dilation, out_hw, groups) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Run the conv with its fused output transform (see csrc/bitwise.cpp) on the current backend.
+
+    x is float32 NCHW or int64 packed bits [N, H, W, G * Wc] (then c is the channel count); returns
+    (float32 NCHW output or None, packed bits int64 [N, OH, OW, ceil(O / 64)] or None).
+    """
+    if backend() == "native":
+        lo, hi = clamp if clamp is not None else (0.0, 0.0)
+        y, bits = _native().conv2d_ex(x, c, words, alpha, beta, fma, res, clamp is not None, lo, hi, want_float,
+                                      want_bits, thr, direction, *stride, *pad, *dilation, *out_hw, groups)
+        return (y if want_float else None), (bits if want_bits else None)
+    return _conv2d_ex_python(x, c, words, alpha, beta, fma, res, clamp, want_float, want_bits, thr, direction,
+                             stride, pad, dilation, out_hw, groups)
+
+
+def pack(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Return the sign bits of float32 NCHW x as int64 words [N, H, W, G * ceil(C_g / 64)] (conv2d_ex's input)."""
+    if backend() == "native":
+        return _native().pack(x, groups)
+    n, _, h, w = x.shape
+    return pack_activations(x, groups).reshape(n, h, w, -1)
 
 
 def linear(x, words, scale, bias, in_features) -> torch.Tensor:
     """Run the bitwise linear on the current backend (x is float32 [N, F], contiguous)."""
     if backend() == "native":
-        ext, _ = _build(os.environ.get("IRCONVERT_MARCH", "native"))
-        return ext.linear(x, words, scale, bias, in_features)
+        return _native().linear(x, words, scale, bias, in_features)
     return _linear_python(x, words, scale, bias, in_features)
+
+
+def affine_maxpool(x, alpha, beta, clamp, kernel, stride, pad, out_hw) -> torch.Tensor:
+    """Return max_pool2d(clamp(fma(x, alpha_c, beta_c), *clamp)) of float32 NCHW x (padding -inf), in one pass."""
+    if backend() == "native":
+        lo, hi = clamp if clamp is not None else (0.0, 0.0)
+        return _native().affine_maxpool(x, alpha, beta, clamp is not None, lo, hi, *kernel, *stride, *pad, *out_hw)
+    y = _transform_float(x, alpha, beta, clamp)
+    return F.max_pool2d(y.contiguous(memory_format=torch.channels_last), kernel, stride, pad).contiguous()
+
+
+def _transform_float(x, alpha, beta, clamp) -> torch.Tensor:
+    y = fma32(x, alpha.reshape(1, -1, 1, 1), beta.reshape(1, -1, 1, 1))
+    return y if clamp is None else torch.clamp(y, *clamp)

@@ -6,6 +6,11 @@ threshold; 0 for the others), see irconvert.pack. Here B_w is held as 64-bit wor
 layout (kernels.conv_words: [O, KH, KW, ceil(C_g/64)], one word run per kernel tap;
 kernels.linear_words: [ceil(O/8), ceil(F/64), 8], word k of 8 output channels side by side), and
 the product is an integer xor/popcount dot times s (see kernels.py). Inference only: no gradient.
+
+FusedConv2d is the conv with the float ops after it folded in (runtime/fuse.py), reading and writing
+packed bits; PackSigns packs an input that several of them share; AffineMaxPool2d and
+ChannelsLastMaxPool2d are the float stem's BatchNorm + clamp + max-pool in one pass and a max-pool
+in torch's faster memory layout.
 """
 
 from __future__ import annotations
@@ -35,6 +40,26 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
+def _geometry(h: int, w: int, kh: int, kw: int, stride: tuple[int, int], padding: Union[IntPair, str],
+              dilation: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Return ((top, left) padding, (OH, OW)) of a conv as F.conv2d computes them."""
+    (sh, sw), (dh, dw) = stride, dilation
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"bitwise_conv2d: padding must be 'same', 'valid' or ints, got {padding!r}")
+        # F.conv2d's 'same': the odd pixel of padding goes to the bottom / right
+        total = (dh * (kh - 1), dw * (kw - 1)) if padding == "same" else (0, 0)
+        pt, pl = total[0] // 2, total[1] // 2
+        pb, pr = total[0] - pt, total[1] - pl
+    else:
+        (pt, pl) = (pb, pr) = _pair(padding, "padding")
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"bitwise_conv2d: input {h}x{w} is smaller than the dilated kernel")
+    return (pt, pl), (oh, ow)
+
+
 def bitwise_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
                    groups: int = 1) -> torch.Tensor:
@@ -52,19 +77,7 @@ def bitwise_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         raise ValueError(f"bitwise_conv2d: input has {c} channels, weight words {tuple(weight.shape)} and "
                          f"groups={groups} do not fit together")
     (sh, sw), (dh, dw) = _pair(stride, "stride"), _pair(dilation, "dilation")
-    if isinstance(padding, str):
-        if padding not in ("same", "valid"):
-            raise ValueError(f"bitwise_conv2d: padding must be 'same', 'valid' or ints, got {padding!r}")
-        # F.conv2d's 'same': the odd pixel of padding goes to the bottom / right
-        total = (dh * (kh - 1), dw * (kw - 1)) if padding == "same" else (0, 0)
-        pt, pl = total[0] // 2, total[1] // 2
-        pb, pr = total[0] - pt, total[1] - pl
-    else:
-        (pt, pl) = (pb, pr) = _pair(padding, "padding")
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"bitwise_conv2d: input {h}x{w} is smaller than the dilated kernel")
+    (pt, pl), (oh, ow) = _geometry(h, w, kh, kw, (sh, sw), padding, (dh, dw))
     y = kernels.conv2d(x, weight.contiguous(), scale.to(torch.float32).contiguous(),
                        None if bias is None else bias.to(torch.float32).contiguous(),
                        (sh, sw), (pt, pl), (dh, dw), (oh, ow), groups)
@@ -160,3 +173,120 @@ class BitwiseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, W1A1 xor/popcount"
+
+
+class FusedConv2d(BitwiseConv2d):
+    """A BitwiseConv2d with the float ops after it folded into its output (see runtime/fuse.py):
+
+        y = clamp(alpha * dot + beta [+ residual], lo, hi)      alpha * dot + beta with one rounding (fma)
+
+    written as float NCHW (`want_float`), as packed sign bits for the next binary layers
+    (`want_bits`: bit 1 where !(y >= 0), or where the integer threshold `thr` says so), or both;
+    `packed_input`: x is such bits [N, H, W, words], not floats. forward(x, residual=None)
+    returns the float output, the bits, or (float, bits).
+    """
+
+    def __init__(self, conv: BitwiseConv2d, alpha: torch.Tensor, beta: Optional[torch.Tensor], fma: bool,
+                 clamp: Optional[tuple[float, float]] = None, want_float: bool = True, want_bits: bool = False,
+                 thr: Optional[torch.Tensor] = None, direction: Optional[torch.Tensor] = None,
+                 packed_input: bool = False):
+        super().__init__(conv.weight_words, conv.scale, conv.bias, conv.in_channels, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.threshold)
+        self.register_buffer("alpha", alpha.to(torch.float32).contiguous())
+        self.register_buffer("beta", None if beta is None else beta.to(torch.float32).contiguous())
+        self.register_buffer("thr", None if thr is None else thr.to(torch.int32).contiguous())
+        self.register_buffer("direction", None if direction is None else direction.to(torch.int8).contiguous())
+        self.fma, self.clamp, self.want_float, self.want_bits = fma, clamp, want_float, want_bits
+        self.packed_input = packed_input
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if self.packed_input:
+            n, h, w = x.shape[:3]
+        else:
+            if self.threshold is not None:
+                x = x - self.threshold.to(x.dtype).reshape(-1, 1, 1)
+            x = _float32(x)
+            n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        pad, out_hw = _geometry(h, w, kh, kw, _pair(self.stride, "stride"), self.padding,
+                                _pair(self.dilation, "dilation"))
+        res = None
+        if residual is not None:
+            res = residual.to(torch.float32).contiguous()
+            if res.shape != (n, self.out_channels, *out_hw):  # a broadcasting sum: add it after, as the graph did
+                return self._unfused_sum(x, residual, pad, out_hw)
+        y, bits = kernels.conv2d_ex(x, self.in_channels, self.weight_words, self.alpha, self.beta, self.fma, res,
+                                    self.clamp, self.want_float, self.want_bits, self.thr, self.direction,
+                                    _pair(self.stride, "stride"), pad, _pair(self.dilation, "dilation"), out_hw,
+                                    self.groups)
+        if self.want_float and self.want_bits:
+            return y, bits
+        return y if self.want_float else bits
+
+    def _unfused_sum(self, x, residual, pad, out_hw):
+        y, _ = kernels.conv2d_ex(x, self.in_channels, self.weight_words, self.alpha, self.beta, self.fma, None, None,
+                                 True, False, None, None, _pair(self.stride, "stride"), pad,
+                                 _pair(self.dilation, "dilation"), out_hw, self.groups)
+        y = y + residual
+        if self.clamp is not None:
+            y = torch.clamp(y, *self.clamp)
+        bits = kernels.pack(y.contiguous()) if self.want_bits else None
+        if self.want_float and self.want_bits:
+            return y, bits
+        return y if self.want_float else bits
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr(), "fused: fma" if self.fma else "fused"]
+        if self.clamp is not None:
+            parts.append(f"clamp={self.clamp}")
+        parts.append("in=bits" if self.packed_input else "in=float")
+        parts.append("out=" + "+".join(k for k, v in (("float", self.want_float), ("bits", self.want_bits)) if v)
+                     + (" (integer thresholds)" if self.thr is not None else ""))
+        return ", ".join(parts)
+
+
+class PackSigns(nn.Module):
+    """sign(x) of a float NCHW tensor as packed bits [N, H, W, words], for binary layers that share an input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.pack(_float32(x))
+
+
+class ChannelsLastMaxPool2d(nn.Module):
+    """nn.MaxPool2d computed in channels-last memory and returned NCHW: the same values (a max is exact in any
+    order), where torch's NCHW max-pool kernel is ~20x slower on the stem of a ResNet."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return self.pool(x)
+        return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+class AffineMaxPool2d(nn.Module):
+    """max_pool2d(clamp(alpha * x + beta)) in one pass: a BatchNorm (as the fma torch computes), a Hardtanh / ReLU
+    and the max-pool after them, as in a ResNet stem; the float simulation's values exactly (fma, clamp and max
+    are the same float ops), without its three passes over the full-size tensor."""
+
+    def __init__(self, alpha: torch.Tensor, beta: torch.Tensor, clamp: Optional[tuple[float, float]],
+                 pool: nn.MaxPool2d):
+        super().__init__()
+        self.register_buffer("alpha", alpha.to(torch.float32).contiguous())
+        self.register_buffer("beta", beta.to(torch.float32).contiguous())
+        self.clamp = clamp
+        self.kernel_size = _pair(pool.kernel_size, "kernel_size")
+        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size, "stride")
+        self.padding = _pair(pool.padding, "padding")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _float32(x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        out_hw = ((x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1)
+        return kernels.affine_maxpool(x, self.alpha, self.beta, self.clamp, self.kernel_size, self.stride,
+                                      self.padding, out_hw)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, clamp={self.clamp}"

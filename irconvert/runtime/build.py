@@ -14,8 +14,15 @@ A layer with an input threshold (SD-BNN) binarizes x - threshold, which has the 
 threshold compare exactly; a float (trained) scale multiplies the integer dot once.
 
 A Bi-Real shortcut (irconvert.shortcut) keeps working: the twin keeps its real-valued input for
-the BatchNorm after it, as the binary conv did. `model.irconvert_runtime` maps every binary
-layer's name to 'bitwise' or the reason it stayed float.
+the BatchNorm after it, as the binary conv did.
+
+Then (the default, `fuse=True`) the plan is built from the model's torch.fx graph (runtime/fuse.py):
+each bitwise conv takes in the BatchNorm, residual sum and Hardtanh / ReLU after it, and writes
+packed bits where the next layers are binary, which read them as they are. The result is a
+torch.fx GraphModule; a model that does not trace stays the module above, unfused.
+
+`model.irconvert_runtime` maps every binary layer's name to 'bitwise' or the reason it stayed
+float; its `.fusion` maps each bitwise conv to what was fused into it, or why not.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ..errors import IRConvertError
 from ..layers import BinaryMixin
 from ..verify import load_packed
 from . import kernels
+from .fuse import RuntimeReport, fuse as fuse_graph
 from .layers import BitwiseConv2d, BitwiseLinear
 
 _TWINS = {nn.Conv2d: BitwiseConv2d, nn.Linear: BitwiseLinear}
@@ -54,12 +62,13 @@ def float_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
-def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
-    """Return the packed model with every W1A1 plain Conv2d / Linear replaced by its bitwise twin."""
+def load(path: os.PathLike | str, model: Optional[nn.Module] = None, fuse: bool = True) -> nn.Module:
+    """Return the packed model with every W1A1 plain Conv2d / Linear replaced by its bitwise twin, the
+    float ops after the convs fused into them unless `fuse` is False."""
     from safetensors import safe_open
 
     net = load_packed(path, model)
-    report, twins = {}, {}
+    report, twins = RuntimeReport(), {}
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         for name, m in list(net.named_modules()):
@@ -83,5 +92,8 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
         conv = getattr(m, "bireal_conv", None)
         if conv is not None and id(conv) in twins:
             object.__setattr__(m, "bireal_conv", twins[id(conv)])
+    net.eval()
+    if fuse:
+        net = fuse_graph(net, report)
     net.irconvert_runtime = report
-    return net.eval()
+    return net
