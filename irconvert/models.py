@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -53,6 +54,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a global: the file pickles Python objects
+        raise IRConvertError(f"{path}: holds pickled Python objects, which irconvert never unpickles; "
+                             "save model.state_dict() with torch.save, or use a .safetensors file") from None
     except Exception as exc:
         raise IRConvertError(f"{path}: cannot read weights ({str(exc).splitlines()[0][:160]}); "
                              "use a .safetensors file or a torch state_dict saved with torch.save") from None
