@@ -69,16 +69,20 @@ def read_checkpoint(path: Path) -> dict:
 def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Optional[dict]:
     """Check the output folder before anything is written; return the checkpoint to resume, if any."""
     check_out_path(out, resume, overwrite)
-    if not out.exists() or not any(out.iterdir()):
+    entries = list(out.iterdir()) if out.exists() else []
+    if not entries:
         if resume:
             raise IRConvertError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+        return None
+    if all(_partial(p) for p in entries):  # killed while writing its first file: nothing to keep
         return None
     if not (out / "recipe.yaml").is_file():
         raise IRConvertError(f"output.dir: {out} is not empty and holds no irconvert run; choose another --out")
     if resume:
         ckpt = out / CHECKPOINT
-        if not ckpt.is_file():
-            raise IRConvertError(f"--resume: {out} has no {CHECKPOINT} (the run wrote none); start again with --overwrite")
+        if not ckpt.is_file():  # stopped before its first checkpoint: resuming is starting again
+            _same_recipe(out, digest)
+            return None
         state = read_checkpoint(ckpt)
         if state.get("recipe_hash") != digest:
             raise IRConvertError(f"--resume: {out} was made by a different recipe (hash {state.get('recipe_hash')}, "
@@ -88,6 +92,19 @@ def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Op
         return None
     raise IRConvertError(f"output.dir: {out} already holds a run; pass --resume to continue it, "
                          "--overwrite to replace it, or another --out")
+
+
+def _partial(p: Path) -> bool:
+    """Whether `p` is a temporary file of fileformat.atomic_path (`.NAME.XXXX.tmp`)."""
+    return p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()
+
+
+def _same_recipe(out: Path, digest: str) -> None:
+    """Refuse to resume a run folder whose recipe.yaml is not the recipe given now."""
+    theirs = load_recipe(out / "recipe.yaml").digest()
+    if theirs != digest:
+        raise IRConvertError(f"--resume: {out} was made by a different recipe (hash {theirs}, now {digest}); "
+                             "use the same recipe and --set values, or another --out")
 
 
 def out_dir(out: Union[str, os.PathLike, None], recipe: Recipe) -> Path:
@@ -225,8 +242,8 @@ def json_safe(value):
 
 def remove_partial_files(out: Path) -> None:
     """Delete the temporary files (`.NAME.XXXX.tmp`, fileformat.atomic_path) a killed run left in `out`."""
-    for tmp in out.glob(".*.tmp"):
-        if tmp.is_file():
+    for tmp in out.iterdir():
+        if _partial(tmp):
             tmp.unlink(missing_ok=True)
 
 

@@ -72,6 +72,9 @@ def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int, where: s
     except (ValueError, AssertionError, TypeError, ImportError) as exc:
         from timm.optim import list_optimizers
 
+        if s.optimizer.lower() in list_optimizers():
+            raise IRConvertError(f"{where}.optimizer: timm cannot build {s.optimizer!r} here "
+                                 f"({str(exc).splitlines()[0][:100]}); choose another optimizer") from None
         close = difflib.get_close_matches(s.optimizer.lower(), list_optimizers(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.optim.list_optimizers()"
         raise IRConvertError(f"{where}.optimizer: {s.optimizer!r} is not a timm optimizer "

@@ -348,30 +348,68 @@ def _cli(ws: Path, *args) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+KILL_RUN = [*RUN, "--set", "train.max_steps_per_epoch=4", "--set", "train.epochs=3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """model.safetensors of the run the killed ones must reproduce."""
+    ws = tmp_path_factory.mktemp("full")
+    tiny_data(ws / "data")
+    (ws / "r.yaml").write_text(TINY)
+    full = _cli(ws, *KILL_RUN, "--out", "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    return ws / "full" / "model.safetensors"
+
+
+def _started(run: Path) -> bool:
+    return (run / "recipe.yaml").is_file()
+
+
+def _binary_epoch_done(run: Path) -> bool:
+    return any('"binary"' in line for line in _lines(run / "metrics.jsonl"))
+
+
 @pytest.mark.slow
-def test_kill_9_during_training_then_resume_is_bit_identical(ws):
+@pytest.mark.parametrize("when", [_started, _binary_epoch_done], ids=["before-first-checkpoint", "inside-binary-stage"])
+def test_kill_9_then_resume_is_bit_identical(ws, uninterrupted, when):
     from safetensors.torch import load_file
 
-    quick = ["--set", "train.max_steps_per_epoch=4", "--set", "train.epochs=3"]
-    full = _cli(ws, *RUN, "--out", "full", *quick)
-    assert full.wait(timeout=600) == 0, full.stderr.read()
-
-    part = _cli(ws, *RUN, "--out", "part", *quick)
+    part = _cli(ws, *KILL_RUN, "--out", "part")
     deadline = time.time() + 600
-    # kill -9 once the binary stage has checkpointed an epoch, somewhere inside the next one
-    while not any('"binary"' in line for line in _lines(ws / "part" / "metrics.jsonl")):
+    while not when(ws / "part"):
         assert part.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     part.send_signal(signal.SIGKILL)
     part.wait()
     assert not (ws / "part" / "model.safetensors").exists()
     (ws / "part" / ".checkpoint.pt.half.tmp").write_bytes(b"half a checkpoint")  # what a kill mid-save leaves
 
-    resumed = _cli(ws, *RUN, "--out", "part", *quick, "--resume")
+    resumed = _cli(ws, *KILL_RUN, "--out", "part", "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    a, b = load_file(ws / "full" / "model.safetensors"), load_file(ws / "part" / "model.safetensors")
+    a, b = load_file(uninterrupted), load_file(ws / "part" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((ws / "part").glob(".*.tmp"))
+
+
+def test_resume_refuses_a_run_folder_of_another_recipe_before_its_first_checkpoint(ws, capsys):
+    from irconvert.recipe import load_recipe
+
+    (ws / "run").mkdir()
+    (ws / "run" / "recipe.yaml").write_text(load_recipe(ws / "r.yaml").to_yaml())
+    before = snapshot(ws)
+    code, _, err = invoke([*RUN, "--out", "run", "--resume", "--set", "train.lr=0.5"], capsys)
+    assert code == 2 and "made by a different recipe" in err and snapshot(ws) == before
+
+
+def test_a_folder_holding_only_partial_files_is_a_fresh_start(tmp_path):
+    from irconvert.runfolder import prepare_out_dir, remove_partial_files
+
+    (tmp_path / ".recipe.yaml.ab12.tmp").write_text("half")
+    assert prepare_out_dir(tmp_path, "0" * 16, resume=False, overwrite=False) is None
+    (tmp_path / "keep.tmp").write_text("not ours")
+    remove_partial_files(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.tmp"]
 
 
 def _lines(path: Path) -> list[str]:
