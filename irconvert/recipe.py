@@ -105,7 +105,7 @@ class TrainSection(Schedule):
     ede: EDESection = Field(default_factory=EDESection)
     distill: DistillSection = Field(default_factory=DistillSection)
     amp: Literal["off", "bf16", "fp16"] = "off"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # epoch seeds are derived from it and must fit torch's 64 bits
     device: str = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun jobs: NCCL on GPUs, gloo on CPUs
     sync_bn: bool = False  # torchrun jobs on GPUs: BatchNorm statistics over all processes

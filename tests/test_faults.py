@@ -181,6 +181,8 @@ CASES = [
     ("set-under-a-value", None, [*RUN, "--set", "train.epochs.x=1"], "epochs is not a section"),
     ("set-bad-image-size", None, [*RUN, "--set", "data.image_size=4"], "data.image_size"),
     ("seed-not-int", None, [*RUN, "--seed", "abc"], "--seed"),
+    ("seed-too-large", None, [*RUN, "--seed", str(2**64)], "train.seed"),
+    ("seed-negative", None, [*RUN, "--seed", "-3"], "train.seed"),
     ("unknown-option", None, [*RUN, "--frobnicate"], "--frobnicate"),
     ("resume-and-overwrite", None, [*RUN, "--resume", "--overwrite"], "--resume and --overwrite"),
     ("device-mps", None, [*RUN, "--device", "mps"], "train.device"),
@@ -230,6 +232,13 @@ CASES = [
     ("data-not-gzip", _file("data/" + IDX[2], b"not gzip at all"), RUN, IDX[2]),
     ("data-not-idx", _file("data/" + IDX[1], gzip.compress(b"hello world, not IDX")), RUN, "not a whole uint8 IDX"),
     ("data-count-mismatch", lambda ws: write_idx(ws / "data" / IDX[1], torch.zeros(10)), RUN, "do not belong together"),
+    # -- --convert-only (the CI check)
+    ("check-out-under-file", _file("taken", "x"), ["test_resnet", "--convert-only", "--out", "taken/x"], "lies under"),
+    ("check-unknown-model", None, ["resnet1800", "--convert-only", "--out", "c"], "unknown timm model"),
+    ("check-bad-recipe", _recipe(BILLION_LAUGHS), ["test_resnet", "--convert-only", "--recipe", "bad.yaml"],
+     "expands to more than"),
+    ("check-weights-pickle", _torch_save("w.pth", {"model": torch.nn.Linear(2, 2)}),
+     ["test_resnet", "--convert-only", "--weights", "w.pth", "--out", "c"], "never unpickles"),
     # -- model lists (batch)
     ("models-file-missing", None, ["--models", "gone.yaml", "--convert-only"], "model list not found"),
     ("models-not-a-list", _file("m.yaml", "resnet18: yes\n"), ["--models", "m.yaml", "--convert-only"],
