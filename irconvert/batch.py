@@ -13,28 +13,28 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from .errors import IRConvertError
 from .fileformat import atomic_path, write_text
+from .recipe import read_yaml_file
 
 
 def read_model_list(path: os.PathLike | str) -> list[dict]:
     """Return [{'name': ..., 'set': [...]}] from a YAML list of names or {name, set} mappings."""
     path = Path(path)
-    try:
-        items = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise IRConvertError(f"{path}: cannot read the model list ({str(exc).splitlines()[0]})") from None
+    if not path.is_file():
+        raise IRConvertError(f"{path}: model list not found; pass an existing YAML file")
+    items = read_yaml_file(path, "model list")
     if not isinstance(items, list) or not items:
         raise IRConvertError(f"{path}: a model list is a YAML list of names or {{name: ..., set: [key=value]}}")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
             item = {"name": item}
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "set"}:
+        sets = item.get("set") or [] if isinstance(item, dict) else []
+        if (not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "set"}
+                or not isinstance(sets, list) or not all(isinstance(s, str) for s in sets)):
             raise IRConvertError(f"{path}: entry {i + 1} must be a name or {{name: ..., set: [key=value, ...]}}")
-        out.append({"name": item["name"], "set": list(item.get("set") or [])})
+        out.append({"name": item["name"], "set": list(sets)})
     return out
 
 

@@ -11,7 +11,11 @@ Every error a user can cause is an IRConvertError, printed as one line on stderr
 from __future__ import annotations
 
 import importlib
+import os
+import shlex
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +58,12 @@ def _need_recipe(recipe_path: Optional[str]) -> None:
         raise IRConvertError("--recipe: a recipe is needed (see recipes/), or --convert-only to skip training")
     if not Path(recipe_path).is_file():
         raise IRConvertError(f"{recipe_path}: recipe not found; pass an existing YAML file (see recipes/)")
+
+
+def _one_of_resume_overwrite(options: dict) -> None:
+    """Refuse --resume with --overwrite (continue a run, or replace it: not both)."""
+    if options.get("resume") and options.get("overwrite"):
+        raise IRConvertError("--resume and --overwrite: pass one of them (continue the run, or replace it)")
 
 
 def _do(command: str, **options) -> None:
@@ -106,6 +116,7 @@ def _train_options(f):
 def run_cmd(**options):
     """Convert MODEL with a recipe: load, fine-tune, binarize, distill, evaluate, export."""
     _need_recipe(options["recipe_path"])
+    _one_of_resume_overwrite(options)
     _do("run_one", **options)
 
 
@@ -124,6 +135,7 @@ def batch_cmd(**options):
     a JUnit report; the exit code is 0 only if all of them succeeded."""
     if not options["convert_only"]:
         _need_recipe(options["recipe_path"])
+    _one_of_resume_overwrite(options)
     _do("batch", **options)
 
 
@@ -180,20 +192,51 @@ def bench_runtime_cmd(**options):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI: user errors become one line on stderr and exit code 2."""
+    """Run the CLI: user errors become one line on stderr and exit code 2; Ctrl-C says how to resume
+    (exit 130); any other error is a bug: one line and the path of a log with its traceback (exit 1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="irconvert", standalone_mode=False)
     except IRConvertError as exc:
-        click.echo(f"irconvert: error: {exc}", err=True)
+        click.echo(f"irconvert: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("irconvert: aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:
+        # click turns both Ctrl-C and an EOFError raised anywhere inside into Abort
+        if isinstance(exc.__context__, KeyboardInterrupt) or exc.__context__ is None:
+            click.echo(f"irconvert: interrupted{_resume_hint(argv)}", err=True)
+            sys.exit(130)
+        _internal_error(exc.__context__)
     except click.ClickException as exc:
         click.echo(f"irconvert: error: {exc.format_message()}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"irconvert: interrupted{_resume_hint(argv)}", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: the user gets one line, the traceback goes to a file
+        _internal_error(exc)
+
+
+def _resume_hint(argv: list[str]) -> str:
+    """Return '; continue with: irconvert ... --resume' for a training line, else ''."""
+    if not argv or argv[0] in cli.commands and argv[0] not in ("run", "batch") or "--convert-only" in argv:
+        return ""
+    if argv[0] not in cli.commands and _mode(argv) == "check":
+        return ""
+    line = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    return f"; continue with: irconvert {shlex.join(line)}"
+
+
+def _internal_error(exc: BaseException) -> None:
+    """Print one line naming the error and the log that holds its traceback; exit 1."""
+    fd, log = tempfile.mkstemp(prefix="irconvert-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"irconvert {' '.join(sys.argv)}\n")
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    click.echo(f"irconvert: internal error {type(exc).__name__}: {first} (a bug; traceback in {log})", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

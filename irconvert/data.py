@@ -9,6 +9,8 @@ when it is there, else from torchvision's download into `root`.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,11 +67,21 @@ class Data:
 
 
 def _read_idx(path: Path) -> torch.Tensor:
-    """Return the uint8 tensor of a (gzipped) IDX file, the MNIST format."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    ndim = raw[3]
+    """Return the uint8 tensor of a (gzipped) IDX file, the MNIST format, or raise IRConvertError
+    naming the file when it is truncated, not gzip, or not IDX."""
+    try:
+        with gzip.open(path) if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # EOFError: a truncated .gz
+        raise IRConvertError(f"{path}: cannot read ({type(exc).__name__}: {str(exc)[:100]}); the file is "
+                             "truncated or corrupt, download it again") from None
+    ndim = raw[3] if len(raw) > 4 and raw[:3] == b"\0\0\x08" else 0
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
+    body = raw[4 + 4 * ndim:]
+    if not 1 <= ndim <= 3 or len(body) != math.prod(dims):
+        raise IRConvertError(f"{path}: not a whole uint8 IDX file ({len(body)} data bytes for shape {dims}); "
+                             "download it again")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
 
 
 def _root(cfg: DataSection) -> Path:
@@ -87,7 +99,11 @@ def _small(cfg: DataSection, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.dataset in ("fashion-mnist", "mnist"):
         img, lab = (root / f for f in _IDX[split])
         if img.is_file() and lab.is_file():
-            return _read_idx(img).unsqueeze(1), _read_idx(lab).long()
+            x, y = _read_idx(img), _read_idx(lab)
+            if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
+                raise IRConvertError(f"{img}, {lab}: {tuple(x.shape)} images but {tuple(y.shape)} labels; "
+                                     "the files do not belong together")
+            return x.unsqueeze(1), y.long()
     import torchvision.datasets as tvd
 
     cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}

@@ -56,8 +56,13 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise IRConvertError(f"train.device: {name!r} is not a device; use auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise IRConvertError(f"train.device: {name!r} is not supported; use auto, cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IRConvertError(f"train.device: {name} asked for, but no CUDA GPU is available; use cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise IRConvertError(f"train.device: {name} asked for, but there are {torch.cuda.device_count()} GPUs; "
+                             "use cuda:0 .. cuda:N-1 or auto")
     return dev
 
 

@@ -13,9 +13,12 @@ so timm adapts the classifier to num_classes and the stem to in_chans exactly as
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -51,6 +54,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a global: the file pickles Python objects
+        raise IRConvertError(f"{path}: holds pickled Python objects, which irconvert never unpickles; "
+                             "save model.state_dict() with torch.save, or use a .safetensors file") from None
     except Exception as exc:
         raise IRConvertError(f"{path}: cannot read weights ({str(exc).splitlines()[0][:160]}); "
                              "use a .safetensors file or a torch state_dict saved with torch.save") from None
@@ -172,7 +178,10 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
         if where == "hub":
             return timm.create_model(name, pretrained=True, **kwargs)
         overlay = dict(file=str(where), **_file_overlay(name, read_state_dict(where)))
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        with _timm_load_report() as report:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        _refuse_partial_load(model, report, where, name)
+        return model
     except IRConvertError:
         raise
     except TypeError as exc:
@@ -182,6 +191,45 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
             first = " ".join(str(exc).split())[:300]
             raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({first})") from None
         raise
+
+
+@contextmanager
+def _timm_load_report() -> Iterator[dict[str, list[str]]]:
+    """Collect the keys timm reports as missing or unexpected while it loads weights non-strictly
+    (it does so whenever it adapts the head or the stem, and then only logs what did not fit)."""
+    report: dict[str, list[str]] = {"missing": [], "unexpected": []}
+
+    class _Keys(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            for label in report:
+                if msg.startswith(f"{label.capitalize()} keys ("):
+                    report[label] += msg[len(label) + 7:].partition(")")[0].split(", ")
+
+    logger, handler = logging.getLogger("timm.models._builder"), _Keys(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.WARNING, logging.INFO))
+    try:
+        yield report
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _refuse_partial_load(model: nn.Module, report: dict[str, list[str]], where, name: str) -> None:
+    """Raise unless the only keys timm could not load are the classifier's it dropped on purpose
+    (the file was made for another number of classes)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    missing = [k for k in report["missing"] if k.rpartition(".")[0] not in heads]
+    unexpected = report["unexpected"]
+    if missing or unexpected:
+        parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({'; '.join(parts)}); "
+                             "check the model name and its kwargs")
 
 
 def _file_overlay(name: str, state: dict[str, torch.Tensor]) -> dict:

@@ -105,7 +105,7 @@ class TrainSection(Schedule):
     ede: EDESection = Field(default_factory=EDESection)
     distill: DistillSection = Field(default_factory=DistillSection)
     amp: Literal["off", "bf16", "fp16"] = "off"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # epoch seeds are derived from it and must fit torch's 64 bits
     device: str = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun jobs: NCCL on GPUs, gloo on CPUs
     sync_bn: bool = False  # torchrun jobs on GPUs: BatchNorm statistics over all processes
@@ -146,6 +146,76 @@ class Recipe(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; a bigger file is a mistake
+MAX_YAML_DEPTH = 32  # recipes nest 4 deep
+MAX_YAML_NODES = 100_000  # nodes after alias expansion ("billion laughs" expands to 10^9)
+
+
+class _Bounded(yaml.SafeLoader):
+    """A SafeLoader that refuses, while composing and before anything is expanded, documents nested
+    deeper than MAX_YAML_DEPTH, whose aliases expand to more than MAX_YAML_NODES nodes, or whose
+    alias points into its own anchor (a loop that no later step could walk)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth, self._nodes, self._weight = 0, 0, {}
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            target = self.anchors.get(self.peek_event().anchor)
+            if target is not None:
+                if id(target) not in self._weight:
+                    raise yaml.YAMLError(f"alias *{self.peek_event().anchor} refers to its own anchor (a loop)")
+                self._count(self._weight[id(target)])
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        before = self._nodes
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._count(1)
+        self._weight[id(node)] = self._nodes - before
+        return node
+
+    def _count(self, n: int) -> None:
+        self._nodes += n
+        if self._nodes > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES} values (aliases repeated)")
+
+
+def safe_yaml(text: str) -> Any:
+    """Return the YAML document in `text`, bounded in depth and alias expansion (yaml.YAMLError if not)."""
+    loader = _Bounded(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: Path, what: str = "recipe") -> Any:
+    """Return the YAML document in the file `path`, or raise IRConvertError naming the file and the problem."""
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise IRConvertError(f"{path}: {path.stat().st_size} bytes is too large for a {what} "
+                                 f"(at most {MAX_YAML_BYTES}); pass the right file")
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IRConvertError(f"{path}: cannot read the {what} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    try:
+        return safe_yaml(text)
+    except RecursionError:
+        raise IRConvertError(f"{path}: is not valid YAML (nested too deeply)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise IRConvertError(f"{path}:{where} is not valid YAML ({problem})") from None
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -158,12 +228,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise IRConvertError(f"{path}: recipe not found; pass an existing YAML file (see recipes/)")
     if path.resolve() in chain:
         raise IRConvertError(f"{path}: 'extends' loops back to itself")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise IRConvertError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = read_yaml_file(path)
+    if raw is None:
+        raise IRConvertError(f"{path}: the recipe is empty; it needs at least model: and data: sections")
     if not isinstance(raw, dict):
         raise IRConvertError(f"{path}: a recipe is a YAML mapping of sections (model, data, ...)")
     parent = raw.pop("extends", None)
@@ -181,8 +248,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not eq or not key:
             raise IRConvertError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=2")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
+            value = safe_yaml(text)
+        except (yaml.YAMLError, RecursionError):
             value = text
         _set(raw, key, value, f"--set {item!r}")
     return raw

@@ -26,10 +26,10 @@ from .errors import IRConvertError, logged_warnings
 from .fileformat import write_text
 from .models import create_model, split_name
 from .recipe import Recipe, resolve_recipe
-from .runfolder import RunFolder, out_dir, reload_diff, report_fields, write_files
+from .runfolder import RunFolder, check_out_path, out_dir, reload_diff, report_fields, write_files
 from .layer_summary import default_input_size, summary
 from .swap import binarize
-from .train import Stage, evaluate, fit
+from .train import Stage, check_schedule, evaluate, fit
 
 
 def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLike],
@@ -38,6 +38,7 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
         log=print) -> dict:
     """Run the recipe on `model` (a name, overriding the recipe's, or a module) and return the report."""
     recipe = resolve_recipe(recipe, overrides, _fields(model, seed, device))
+    out = check_inputs(recipe, out, resume, overwrite)
     dev, world = distributed.start(recipe.train.device, recipe.train.backend)
     log = log if world.main else (lambda *a, **k: None)  # one process speaks
     clock = Clock()
@@ -47,7 +48,7 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
         data = build_data(recipe.data)
         torch.manual_seed(recipe.train.seed)  # a random-init model is the same again on --resume
         fp = model if isinstance(model, nn.Module) else build_model(recipe, data, weights)
-    folder = RunFolder.open(out_dir(out, recipe), recipe, resume, overwrite, world.main)
+    folder = RunFolder.open(out, recipe, resume, overwrite, world.main)
     folder.teacher, folder.input_size = fp, (data.info.in_chans, data.info.image_size, data.info.image_size)
     if recipe.train.sync_bn and world.size > 1:
         fp = folder.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(fp)
@@ -75,6 +76,19 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     report = folder.finish(student, acc, verified, clock.seconds, log)
     distributed.teardown()
     return report
+
+
+def check_inputs(recipe: Recipe, out: Union[str, os.PathLike, None], resume: bool, overwrite: bool) -> Path:
+    """Check what is cheap to check before the data and the model load: the output folder, the
+    device, the optimizers of both stages; return the run folder. Data and weights are checked as
+    they load, still before RunFolder.open writes the first file."""
+    folder = out_dir(out, recipe)
+    check_out_path(folder, resume, overwrite)
+    distributed.resolve_device(recipe.train.device)
+    check_schedule(recipe.train, "train")
+    if recipe.teacher.finetune is not None:
+        check_schedule(recipe.teacher.finetune, "teacher.finetune")
+    return folder
 
 
 class Clock:
@@ -150,6 +164,7 @@ def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], pol
                  overwrite: bool = False, log=print, **kwargs) -> dict:
     """Binarize, export and verify without training: the check a CI job runs on a model list."""
     out, t0 = Path(out), time.time()
+    check_out_path(out)
     fp = model if isinstance(model, nn.Module) else create_model(model, weights=weights, pretrained=bool(weights), **kwargs)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise IRConvertError(f"output.dir: {out} is not empty; pass --overwrite or another --out")

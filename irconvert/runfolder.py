@@ -13,6 +13,7 @@ Only the main process writes; every process reads the checkpoint on --resume.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from .models import from_origin
 from .recipe import Recipe, load_recipe
 from .layer_summary import Summary, summary
 from .swap import binarize
-from .train import Stage
+from .train import Diverged, Stage
 from .verify import load, load_packed, max_abs_diff
 from .version import __version__
 from .write import save_latent, save_packed
@@ -38,21 +39,51 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "report.json", "curves.png", "mod
              "packed.safetensors", "recipe.yaml")
 
 
+def check_out_path(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output folder that is a file or lies under one, and --resume with --overwrite,
+    before anything is loaded or written."""
+    if resume and overwrite:
+        raise IRConvertError("--resume and --overwrite: pass one of them (continue the run, or replace it)")
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == out else f"lies under {p}, which is a file"
+            raise IRConvertError(f"output.dir: {out} {where}; choose a folder")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise IRConvertError(f"output.dir: {out} is not writable; choose another --out")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Return a run's checkpoint (weights_only load), or raise IRConvertError if it is not a whole one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, a pickle with other globals, not a torch file at all
+        raise IRConvertError(f"{path}: not a readable irconvert checkpoint ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:100]}); start the run again with --overwrite") from None
+    keys = ("recipe_hash", "stage", "epoch", "model", "teacher", "history", "optimizer")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise IRConvertError(f"{path}: not an irconvert checkpoint (it lacks {', '.join(keys)}); "
+                             "start the run again with --overwrite")
+    return state
+
+
 def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Optional[dict]:
     """Check the output folder before anything is written; return the checkpoint to resume, if any."""
-    if not out.exists() or not any(out.iterdir()):
+    check_out_path(out, resume, overwrite)
+    entries = list(out.iterdir()) if out.exists() else []
+    if not entries:
         if resume:
             raise IRConvertError(f"--resume: {out} holds no run to resume; drop --resume to start one")
         return None
-    if out.is_file():
-        raise IRConvertError(f"output.dir: {out} is a file; choose a folder")
+    if all(_partial(p) for p in entries):  # killed while writing its first file: nothing to keep
+        return None
     if not (out / "recipe.yaml").is_file():
         raise IRConvertError(f"output.dir: {out} is not empty and holds no irconvert run; choose another --out")
     if resume:
         ckpt = out / CHECKPOINT
-        if not ckpt.is_file():
-            raise IRConvertError(f"--resume: {out} has no {CHECKPOINT} (the run wrote none); start again with --overwrite")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if not ckpt.is_file():  # stopped before its first checkpoint: resuming is starting again
+            _same_recipe(out, digest)
+            return None
+        state = read_checkpoint(ckpt)
         if state.get("recipe_hash") != digest:
             raise IRConvertError(f"--resume: {out} was made by a different recipe (hash {state.get('recipe_hash')}, "
                                  f"now {digest}); use the same recipe and --set values, or another --out")
@@ -61,6 +92,19 @@ def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Op
         return None
     raise IRConvertError(f"output.dir: {out} already holds a run; pass --resume to continue it, "
                          "--overwrite to replace it, or another --out")
+
+
+def _partial(p: Path) -> bool:
+    """Whether `p` is a temporary file of fileformat.atomic_path (`.NAME.XXXX.tmp`)."""
+    return p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()
+
+
+def _same_recipe(out: Path, digest: str) -> None:
+    """Refuse to resume a run folder whose recipe.yaml is not the recipe given now."""
+    theirs = load_recipe(out / "recipe.yaml").digest()
+    if theirs != digest:
+        raise IRConvertError(f"--resume: {out} was made by a different recipe (hash {theirs}, now {digest}); "
+                             "use the same recipe and --set values, or another --out")
 
 
 def out_dir(out: Union[str, os.PathLike, None], recipe: Recipe) -> Path:
@@ -80,6 +124,7 @@ class RunFolder:
     teacher: Optional[nn.Module] = None  # the FP model whose weights and origin checkpoints record
     input_size: Optional[tuple[int, int, int]] = None
     files: dict[str, str] = field(default_factory=dict)
+    kept: Optional[tuple[str, int]] = None  # (stage, epoch) of the checkpoint this run wrote last
 
     @classmethod
     def open(cls, out: Path, recipe: Recipe, resume: bool, overwrite: bool, main: bool) -> "RunFolder":
@@ -91,6 +136,7 @@ class RunFolder:
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
+            remove_partial_files(out)
             write_text(out / "recipe.yaml", recipe.to_yaml())
         return cls(out, recipe, main, state)
 
@@ -111,6 +157,13 @@ class RunFolder:
         """Save the end of `epoch` of `stage` (fit's on_epoch) and the metrics so far."""
         if not self.main:
             return
+        bad = _non_finite(stage)
+        if bad:
+            self.write_metrics()
+            kept = (f"the checkpoint of {self.state_label()} is kept" if (self.out / CHECKPOINT).is_file()
+                    else "no checkpoint was kept")
+            raise Diverged(f"train: {bad} after {stage.name} epoch {epoch}; {kept}; "
+                           "lower the lr or set train.grad_clip, then start again with --overwrite")
         if self.recipe.output.checkpoint:
             body = {"recipe_hash": self.recipe.digest(), "stage": stage.name, "epoch": epoch,
                     "model": stage.model.state_dict(),
@@ -119,14 +172,20 @@ class RunFolder:
                     "teacher": self.teacher.state_dict(), "history": self._rows(), **opt_state}
             with atomic_path(self.out / CHECKPOINT) as tmp:
                 torch.save(body, tmp)
+            self.kept = (stage.name, epoch)
         self.write_metrics()
+
+    def state_label(self) -> str:
+        """Return 'STAGE epoch N' of the checkpoint on disk (this run's, else the one resumed from)."""
+        stage, epoch = self.kept or ((self.state["stage"], self.state["epoch"]) if self.state else ("?", "?"))
+        return f"{stage} epoch {epoch}"
 
     def _rows(self) -> list[dict]:
         return [r for st in self.stages for r in st.history]
 
     def write_metrics(self) -> None:
         """Write metrics.jsonl: one line per epoch and stage."""
-        lines = [json.dumps(row) for row in self._rows()]
+        lines = [json.dumps(json_safe(row), allow_nan=False) for row in self._rows()]
         write_text(self.out / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
 
     def export(self, student: nn.Module, x: torch.Tensor, log=print) -> tuple[nn.Module, Optional[float]]:
@@ -146,7 +205,7 @@ class RunFolder:
         size = summary(student, self.input_size)
         report = report_fields(r.model.name, r.binarize, size, verified, seconds, self.files,
                                source=r.model.source, recipe_hash=r.digest(), **acc)
-        write_text(self.out / "report.json", json.dumps(report, indent=2))
+        write_text(self.out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False))
         if r.output.plot:
             plot_curves(self.out / "curves.png", self.stages)
         self.write_metrics()
@@ -155,6 +214,37 @@ class RunFolder:
             f"packed reload max |diff| {verified if verified is not None else 'n/a'}")
         log(f"wrote {self.out}")
         return report
+
+
+def _non_finite(stage: Stage) -> Optional[str]:
+    """Return what is not finite at the end of an epoch (the weights, the losses), or None: a
+    checkpoint is only kept when a resumed run could go on from it."""
+    row = stage.history[-1] if stage.history else {}
+    for key in ("train_loss", "val_loss"):
+        if key in row and not math.isfinite(row[key]):
+            return f"{key.replace('_', ' ')} is {row[key]}"
+    for name, t in stage.model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"weight {name} holds non-finite values"
+    return None
+
+
+def json_safe(value):
+    """Return `value` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def remove_partial_files(out: Path) -> None:
+    """Delete the temporary files (`.NAME.XXXX.tmp`, fileformat.atomic_path) a killed run left in `out`."""
+    for tmp in out.iterdir():
+        if _partial(tmp):
+            tmp.unlink(missing_ok=True)
 
 
 def report_fields(model: str, policy, size: Summary, diff: Optional[float], seconds: dict, files: dict,
@@ -243,7 +333,7 @@ def _student_from_checkpoint(path: Path) -> tuple[nn.Module, Path, str]:
         raise IRConvertError(f"{path}: not a run folder with recipe.yaml and {CHECKPOINT}, "
                              "nor a model.safetensors; pass one of those")
     recipe = load_recipe(run / "recipe.yaml")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = read_checkpoint(ckpt)
     if state.get("stage") != "binary":
         raise IRConvertError(f"{ckpt}: the run has not reached the binary stage yet; resume it first")
     origin = json.loads(state.get("origin") or "null")

@@ -8,6 +8,7 @@ an epoch's checkpoint continues exactly as one that was never stopped.
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from contextlib import nullcontext
@@ -60,7 +61,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
                     reduction="batchmean", log_target=True) * (t * t)
 
 
-def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int):
+def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int, where: str = "train"):
     """Return (optimizer, scheduler or None) from timm's factories; the scheduler steps per update."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -68,14 +69,27 @@ def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int):
     kw = {"momentum": s.momentum} if s.optimizer.lower() in ("sgd", "momentum", "nesterov") else {}
     try:
         opt = create_optimizer_v2(model, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, **kw)
-    except (ValueError, AssertionError) as exc:
-        raise IRConvertError(f"train.optimizer: {s.optimizer!r} is not a timm optimizer ({exc})") from None
+    except (ValueError, AssertionError, TypeError, ImportError) as exc:
+        from timm.optim import list_optimizers
+
+        if s.optimizer.lower() in list_optimizers():
+            raise IRConvertError(f"{where}.optimizer: timm cannot build {s.optimizer!r} here "
+                                 f"({str(exc).splitlines()[0][:100]}); choose another optimizer") from None
+        close = difflib.get_close_matches(s.optimizer.lower(), list_optimizers(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.optim.list_optimizers()"
+        raise IRConvertError(f"{where}.optimizer: {s.optimizer!r} is not a timm optimizer "
+                             f"({str(exc).splitlines()[0][:100]}){hint}") from None
     if s.scheduler == "none":
         return opt, None
     sched, _ = create_scheduler_v2(opt, sched=s.scheduler, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
                                    min_lr=s.min_lr, warmup_lr=s.lr * 0.01, step_on_epochs=False,
                                    updates_per_epoch=steps_per_epoch)
     return opt, sched
+
+
+def check_schedule(s: Schedule, where: str) -> None:
+    """Raise IRConvertError if timm cannot build the schedule's optimizer (found before any file is written)."""
+    make_optimizer(nn.Linear(1, 1), s, 1, where)
 
 
 @torch.no_grad()
