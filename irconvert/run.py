@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import Data, build_data
+from .data import DataInfo, build_data, data_info
 from .errors import IRConvertError, logged_warnings
 from .fileformat import write_text
 from .models import create_model, split_name
@@ -46,7 +46,7 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     with clock("load"):
         data = build_data(recipe.data)
         torch.manual_seed(recipe.train.seed)  # a random-init model is the same again on --resume
-        fp = model if isinstance(model, nn.Module) else build_model(recipe, data, weights)
+        fp = model if isinstance(model, nn.Module) else build_model(recipe, data.info, weights)
     folder = RunFolder.open(out_dir(out, recipe), recipe, resume, overwrite, world.main)
     folder.teacher, folder.input_size = fp, (data.info.in_chans, data.info.image_size, data.info.image_size)
     if recipe.train.sync_bn and world.size > 1:
@@ -100,16 +100,21 @@ def _fields(model, seed: Optional[int], device: Optional[str]) -> dict:
     return fields
 
 
-def build_model(recipe: Recipe, data: Data, weights: Optional[str] = None) -> nn.Module:
+def recipe_for(model: Optional[str], recipe: Union[Recipe, str, os.PathLike], overrides: tuple[str, ...] = ()) -> Recipe:
+    """Return the recipe with the --set `overrides` applied and `model` (a name, if given) as its model."""
+    return resolve_recipe(recipe, overrides, _fields(model, None, None))
+
+
+def build_model(recipe: Recipe, info: DataInfo, weights: Optional[str] = None) -> nn.Module:
     """Return the full-precision model the recipe names, fitted to the data's classes and channels."""
     m = recipe.model
     kwargs = dict(m.kwargs)
-    kwargs.setdefault("num_classes", data.info.num_classes)
+    kwargs.setdefault("num_classes", info.num_classes)
     adapt = {"first_stride": m.first_stride, "stem_pool": m.stem_pool}
     if m.source == "timm":
-        kwargs.setdefault("in_chans", data.info.in_chans)
-    elif data.info.in_chans != 3:
-        adapt["in_chans"] = data.info.in_chans
+        kwargs.setdefault("in_chans", info.in_chans)
+    elif info.in_chans != 3:
+        adapt["in_chans"] = info.in_chans
     return create_model(m.name, m.source, pretrained=m.pretrained, weights=weights, adapt=adapt, **kwargs)
 
 
@@ -145,21 +150,41 @@ def train_binary(student: nn.Module, fp: nn.Module, folder: RunFolder, loaders, 
     return stage
 
 
-def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], policy=None,
-                 weights: Optional[str] = None, input_size: Optional[tuple[int, ...]] = None,
-                 overwrite: bool = False, log=print, **kwargs) -> dict:
-    """Binarize, export and verify without training: the check a CI job runs on a model list."""
-    out, t0 = Path(out), time.time()
-    fp = model if isinstance(model, nn.Module) else create_model(model, weights=weights, pretrained=bool(weights), **kwargs)
+def convert_recipe(model: Optional[str], recipe: Union[Recipe, str, os.PathLike], out: Union[str, os.PathLike],
+                   weights: Optional[str] = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
+                   log=print) -> dict:
+    """`convert_only` of the model a recipe builds (its model section, pretrained weights, stem fixes,
+    the data's classes, channels and image size) with the recipe's policy; `model` overrides its name."""
+    recipe = recipe_for(model, recipe, overrides)
+    info = data_info(recipe.data)
+    _check_out(Path(out), overwrite)
+    fp = build_model(recipe, info, weights)
+    return convert_only(fp, out, recipe.binarize, input_size=(info.in_chans, info.image_size, info.image_size),
+                        overwrite=overwrite, log=log, name=recipe.model.name, recipe_hash=recipe.digest())
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise IRConvertError(f"output.dir: {out} is a file; choose a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise IRConvertError(f"output.dir: {out} is not empty; pass --overwrite or another --out")
+
+
+def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], policy=None,
+                 weights: Optional[str] = None, input_size: Optional[tuple[int, ...]] = None,
+                 overwrite: bool = False, log=print, name: Optional[str] = None, recipe_hash: Optional[str] = None,
+                 **kwargs) -> dict:
+    """Binarize, export and verify without training: the check a CI job runs on a model list."""
+    out, t0 = Path(out), time.time()
+    _check_out(out, overwrite)
+    fp = model if isinstance(model, nn.Module) else create_model(model, weights=weights, pretrained=bool(weights), **kwargs)
     with logged_warnings(log):
         student = binarize(fp, policy).eval()
     size_in = tuple(input_size or default_input_size(student))
     student.irconvert_input_size = size_in
-    files = write_files(student, out)
+    files = write_files(student, out, recipe_hash)
     diff = reload_diff(student, out, torch.randn((2,) + size_in, generator=torch.Generator().manual_seed(0)))
-    name = model if isinstance(model, str) else type(model).__name__
+    name = name or (model if isinstance(model, str) else type(model).__name__)
     report = report_fields(name, student.irconvert_plan.policy, summary(student, size_in), diff,
                            {"total": time.time() - t0}, files,
                            file_bytes={k: os.path.getsize(v) for k, v in files.items()})

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import yaml
 from torch import nn
 
 from . import distributed
 from .errors import IRConvertError
 from .fileformat import atomic_path, write_text
 from .models import from_origin
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, validate
 from .layer_summary import Summary, summary
 from .swap import binarize
 from .train import Stage
@@ -112,7 +113,7 @@ class RunFolder:
         if not self.main:
             return
         if self.recipe.output.checkpoint:
-            body = {"recipe_hash": self.recipe.digest(), "stage": stage.name, "epoch": epoch,
+            body = {"recipe_hash": self.recipe.digest(), "recipe": self.recipe.to_yaml(), "stage": stage.name, "epoch": epoch,
                     "model": stage.model.state_dict(),
                     "origin": json.dumps(getattr(self.teacher, "irconvert_origin", None)),
                     "input_size": json.dumps(list(self.input_size or ())),
@@ -213,46 +214,99 @@ def plot_curves(path: Path, stages: list[Stage]) -> None:
     plt.close(fig)
 
 
-def export_run(path: Union[str, os.PathLike], overwrite: bool = False, log=print) -> dict[str, str]:
-    """Write model.safetensors and packed.safetensors from a run folder (its checkpoint) or a model.safetensors."""
+def export_run(path: Union[str, os.PathLike], out: Union[str, os.PathLike, None] = None,
+               recipe: Union[str, os.PathLike, None] = None, overwrite: bool = False, log=print) -> dict[str, str]:
+    """Write model.safetensors and packed.safetensors from a run folder (its checkpoint, else its
+    model.safetensors), a checkpoint.pt, or a model.safetensors (packed only), into `out` (default:
+    beside the input). A file already there with the same contents is left as it is."""
     path = Path(path)
+    if path.is_dir() and not (path / CHECKPOINT).is_file() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"  # a finished run whose checkpoint was removed
     if path.is_file() and path.suffix == ".safetensors":
-        student, out, digest = load(path), path.parent, None
-        targets = {"packed": out / "packed.safetensors"}
+        student, names = load(path), ("packed",)
+        digest, home = _metadata(path).get("recipe_hash") or None, path.parent
     else:
-        student, out, digest = _student_from_checkpoint(path)
-        targets = {"model": out / "model.safetensors", "packed": out / "packed.safetensors"}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise IRConvertError(f"export: {', '.join(existing)} already exist; pass --overwrite to replace them")
-    student = student.cpu().eval()
-    written = {}
-    if "model" in targets:
-        written["model"] = str(save_latent(student, targets["model"], digest))
-    written["packed"] = str(save_packed(student, targets["packed"], digest))
-    for v in written.values():
-        log(f"wrote {v}")
-    return written
+        student, home, digest = _student_from_checkpoint(path, recipe)
+        names = ("model", "packed")
+    return _write_changed(student.cpu().eval(), Path(out) if out else home, names, digest, overwrite, log)
 
 
-def _student_from_checkpoint(path: Path) -> tuple[nn.Module, Path, str]:
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # unreadable: the file differs from anything export writes
+        return {}
+
+
+def _write_changed(student: nn.Module, out: Path, names: tuple[str, ...], digest: Optional[str], overwrite: bool,
+                   log=print) -> dict[str, str]:
+    """Write each named file to a temporary name, then keep the file already there where it has the same
+    metadata (which holds the SHA-256 of every tensor), refuse to replace one that differs unless
+    `overwrite`, and rename the rest into place."""
+    if out.exists() and not out.is_dir():
+        raise IRConvertError(f"--out: {out} is a file; choose a folder")
+    save = {"model": save_latent, "packed": save_packed}
+    targets = {n: out / f"{n}.safetensors" for n in names}
+    tmp = {n: out / f".{n}.safetensors.export.tmp" for n in names}
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for n in names:
+            save[n](student, tmp[n], digest)
+        same = {n: targets[n].is_file() and _metadata(targets[n]) == _metadata(tmp[n]) for n in names}
+        clash = [str(targets[n]) for n in names if targets[n].exists() and not same[n]]
+        if clash and not overwrite:
+            raise IRConvertError(f"export: {', '.join(clash)} already exist with other contents; pass --overwrite "
+                                 "to replace them, or --out DIR to write elsewhere")
+        for n in names:
+            if same[n]:
+                log(f"{targets[n]} is up to date")
+            else:
+                os.replace(tmp[n], targets[n])
+                log(f"wrote {targets[n]}")
+        return {n: str(t) for n, t in targets.items()}
+    finally:
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
+
+
+def _checkpoint_recipe(state: dict, ckpt: Path, recipe: Union[str, os.PathLike, None]) -> Recipe:
+    """Return the recipe of a checkpoint: the one it holds, else --recipe, else recipe.yaml beside it;
+    it must have the checkpoint's recipe hash."""
+    beside = ckpt.parent / "recipe.yaml"
+    if state.get("recipe"):
+        found = validate(yaml.safe_load(state["recipe"]), str(ckpt))
+    elif recipe is not None or beside.is_file():
+        found = load_recipe(recipe if recipe is not None else beside)
+    else:
+        raise IRConvertError(f"{ckpt}: holds no recipe and has no recipe.yaml beside it; pass the run's recipe "
+                             "with --recipe (its recipe.yaml)")
+    if found.digest() != state.get("recipe_hash"):
+        raise IRConvertError(f"{recipe or beside}: is not the recipe of {ckpt} (hash {found.digest()}, checkpoint "
+                             f"{state.get('recipe_hash')}); pass the run's recipe.yaml with --recipe")
+    return found
+
+
+def _student_from_checkpoint(path: Path, recipe: Union[str, os.PathLike, None] = None) -> tuple[nn.Module, Path, str]:
     """Rebuild the binary model of a run folder's (or a checkpoint file's) last binary epoch."""
     run = path if path.is_dir() else path.parent
     ckpt = path if path.is_file() else run / CHECKPOINT
-    if not (run / "recipe.yaml").is_file() or not ckpt.is_file():
-        raise IRConvertError(f"{path}: not a run folder with recipe.yaml and {CHECKPOINT}, "
-                             "nor a model.safetensors; pass one of those")
-    recipe = load_recipe(run / "recipe.yaml")
+    if not ckpt.is_file():
+        raise IRConvertError(f"{path}: not a run folder with {CHECKPOINT} or model.safetensors, nor a checkpoint "
+                             "or a model.safetensors; pass one of those")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     if state.get("stage") != "binary":
         raise IRConvertError(f"{ckpt}: the run has not reached the binary stage yet; resume it first")
     origin = json.loads(state.get("origin") or "null")
     if not origin:
         raise IRConvertError(f"{ckpt}: holds no model origin (a user model); export it from Python with save_packed")
+    found = _checkpoint_recipe(state, ckpt, recipe)
     fp = from_origin(origin)
     # binarize the same FP weights the run binarized: the per-layer gains come from them
     fp.load_state_dict(state["teacher"])
-    student = binarize(fp, recipe.binarize)
+    student = binarize(fp, found.binarize)
     student.load_state_dict(state["model"])
     student.irconvert_input_size = tuple(json.loads(state.get("input_size") or "[]")) or None
     return student, run, state["recipe_hash"]
