@@ -15,7 +15,7 @@ from .models import create_model, split_name
 from .plan import Policy
 from .recipe import load_recipe
 from .data import DataInfo, data_info
-from .run import build_model, convert_only, convert_recipe, recipe_for, run
+from .run import build_model, convert_only, convert_recipe, evaluate_file, recipe_for, run
 from .runtime.bench import bench_packed
 from .runfolder import export_run
 from .swap import binarize
@@ -46,8 +46,11 @@ def batch(models: tuple[str, ...], models_file: Optional[str], report_path: Opti
     if not names:
         raise IRConvertError("no model given: name one (e.g. resnet18) or pass --models FILE")
     out = Path(options.pop("out") or "runs/batch")
-    results = run_batch(names, out, child_argv(**options), timeout, log=click.echo)
     report, junit = Path(report_path or out / "batch.json"), Path(junit_path or out / "junit.xml")
+    for folder in {out, report.parent, junit.parent}:
+        if (folder / "recipe.yaml").is_file():  # a batch's files never go into one run's folder
+            raise IRConvertError(f"--out: {folder} holds a single run (recipe.yaml); give the batch its own folder")
+    results = run_batch(names, out, child_argv(**options), timeout, log=click.echo)
     write_reports(results, report, junit)
     failed = [r["model"] for r in results if r["status"] != "ok"]
     click.echo(f"{len(results) - len(failed)}/{len(results)} converted; report {report}, junit {junit}")
@@ -93,6 +96,12 @@ def _summary_model(model: str, weights: Optional[str], in_chans: Optional[int], 
 def export(path: str, out: Optional[str], recipe_path: Optional[str], overwrite: bool) -> None:
     """`irconvert export RUN|CHECKPOINT|model.safetensors [--out DIR]`."""
     export_run(path, out, recipe_path, overwrite=overwrite, log=click.echo)
+
+
+def evaluate(path: str, recipe_path: Optional[str], overrides: tuple[str, ...], use_runtime: bool,
+             device: Optional[str]) -> None:
+    """`irconvert eval PATH [--recipe R] [--runtime]`: top-1 / top-5 on the recipe's validation data."""
+    evaluate_file(path, recipe_path, overrides, use_runtime, device, log=click.echo)
 
 
 def verify(packed: str, latent: Optional[str], tolerance: float) -> None:

@@ -193,3 +193,59 @@ def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], pol
         f"{report['file_bytes']['packed'] / 2**20:.2f} MiB vs {report['file_bytes']['model'] / 2**20:.2f} MiB, "
         f"reload max |diff| {diff:.3g}")
     return report
+
+
+def evaluate_file(path: Union[str, os.PathLike], recipe: Union[Recipe, str, os.PathLike, None] = None,
+                  overrides: tuple[str, ...] = (), runtime: bool = False, device: Optional[str] = None,
+                  log=print) -> dict:
+    """Return top-1, top-5 and loss of a packed file, a model.safetensors or a run folder (its packed file)
+    on the recipe's validation data (a run folder's own recipe.yaml by default); `runtime` runs the
+    W1A1 layers through the bitwise kernels."""
+    path = Path(path)
+    if path.is_dir():
+        recipe = recipe if recipe is not None else path / "recipe.yaml"
+        path = path / "packed.safetensors"
+    if recipe is None:
+        raise IRConvertError(f"--recipe: {path} needs a recipe for its validation data (e.g. the run's recipe.yaml)")
+    recipe = resolve_recipe(recipe, overrides, {"train.device": device})
+    net = _eval_model(path, runtime)
+    info = data_info(recipe.data)
+    want = (info.in_chans, info.image_size, info.image_size)
+    if net.irconvert_input_size and tuple(net.irconvert_input_size) != want:
+        raise IRConvertError(f"{path}: made for input {tuple(net.irconvert_input_size)}, but the recipe's data gives "
+                             f"{want}; pass the recipe the model was trained with")
+    dev = torch.device("cpu") if runtime else distributed.resolve_device(recipe.train.device)
+    loader = build_data(recipe.data).loaders(recipe.data, torch.Generator(), recipe.train.seed)[1]
+    log(f"evaluating {path} on {len(loader.dataset)} {recipe.data.dataset} validation images"
+        f"{' through the bitwise kernels' if runtime else ''}")
+    result = evaluate(net.to(dev), loader, dev, "off" if runtime else recipe.train.amp)
+    log(f"top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   loss {result['loss']:.4f}")
+    return result
+
+
+def _eval_model(path: Path, runtime: bool) -> nn.Module:
+    """Return the model in `path`: packed (float simulation or, with `runtime`, bitwise) or latent."""
+    from .verify import load, load_packed
+
+    if not path.is_file():
+        raise IRConvertError(f"{path}: file not found; pass a packed.safetensors, a model.safetensors or a run folder")
+    if _format(path).startswith("irconvert-latent"):
+        if runtime:
+            raise IRConvertError(f"{path}: --runtime runs a packed file; pass packed.safetensors")
+        return load(path)
+    if runtime:
+        from . import runtime as bitwise
+
+        return bitwise.load(path)
+    return load_packed(path)
+
+
+def _format(path: Path) -> str:
+    """Return the format a safetensors file's metadata names ('' if none or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format", "")
+    except Exception:  # load_packed reports what is wrong with the file
+        return ""

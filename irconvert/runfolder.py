@@ -64,6 +64,16 @@ def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Op
                          "--overwrite to replace it, or another --out")
 
 
+def tensorboard_writer():
+    """Return TensorBoard's SummaryWriter class, or raise the install hint (checked before anything is written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise IRConvertError("output.tensorboard: TensorBoard is not installed; pip install tensorboard "
+                             "(or irconvert[tensorboard]), or set output.tensorboard: false") from None
+    return SummaryWriter
+
+
 def out_dir(out: Union[str, os.PathLike, None], recipe: Recipe) -> Path:
     """Return --out, else the recipe's output.dir, else runs/<model name>."""
     return Path(out if out is not None else recipe.output.dir or Path("runs") / recipe.model.name.replace("/", "_"))
@@ -81,11 +91,13 @@ class RunFolder:
     teacher: Optional[nn.Module] = None  # the FP model whose weights and origin checkpoints record
     input_size: Optional[tuple[int, int, int]] = None
     files: dict[str, str] = field(default_factory=dict)
+    writer: Optional[object] = None  # TensorBoard's SummaryWriter (output.tensorboard)
 
     @classmethod
     def open(cls, out: Path, recipe: Recipe, resume: bool, overwrite: bool, main: bool) -> "RunFolder":
         """Check the folder (resume, overwrite), then on the main process clear it and write recipe.yaml."""
         state = prepare_out_dir(out, recipe.digest(), resume, overwrite)
+        writer_class = tensorboard_writer() if recipe.output.tensorboard and main else None
         distributed.barrier()  # every process has checked the folder before the first one writes to it
         if main:
             if overwrite and out.exists() and state is None:
@@ -93,7 +105,8 @@ class RunFolder:
                     (out / name).unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "recipe.yaml", recipe.to_yaml())
-        return cls(out, recipe, main, state)
+        writer = writer_class(log_dir=str(out / "tensorboard")) if writer_class else None
+        return cls(out, recipe, main, state, writer=writer)
 
     def history(self, stage: str) -> list[dict]:
         """Return the resumed checkpoint's metric rows of `stage` (none on a fresh run)."""
@@ -121,6 +134,12 @@ class RunFolder:
             with atomic_path(self.out / CHECKPOINT) as tmp:
                 torch.save(body, tmp)
         self.write_metrics()
+        if self.writer is not None and stage.history:
+            row = stage.history[-1]
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(f"{stage.name}/{key}", value, row["epoch"])
+            self.writer.flush()
 
     def _rows(self) -> list[dict]:
         return [r for st in self.stages for r in st.history]
@@ -151,6 +170,10 @@ class RunFolder:
         if r.output.plot:
             plot_curves(self.out / "curves.png", self.stages)
         self.write_metrics()
+        if self.writer is not None:
+            self.writer.close()
+        if self.files and not r.output.keep_checkpoint:  # exported: the checkpoint is no longer needed
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
         log(str(size))
         log(f"top-1: full precision {acc['fp']['top1']:.2f}%   binary ({r.binarize.mode}) {acc['binary']['top1']:.2f}%   "
             f"packed reload max |diff| {verified if verified is not None else 'n/a'}")

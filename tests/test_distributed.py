@@ -63,7 +63,7 @@ def test_two_processes_reach_the_weights_and_accuracy_of_one(runs):
 
 def test_only_one_set_of_files_is_written(runs):
     names = sorted(p.name for p in (runs / "two").iterdir())
-    assert names == ["checkpoint.pt", "metrics.jsonl", "model.safetensors", "packed.safetensors",
+    assert names == ["metrics.jsonl", "model.safetensors", "packed.safetensors",
                      "recipe.yaml", "report.json"]
     rows = [json.loads(l) for l in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [("teacher", 1), ("binary", 1), ("binary", 2)]

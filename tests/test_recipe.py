@@ -70,9 +70,10 @@ def quick_run(tmp_path_factory, fashion_root):
 
 def test_end_to_end_cli_run_writes_everything(quick_run):
     out, res = quick_run
-    for f in ("recipe.yaml", "metrics.jsonl", "report.json", "curves.png", "checkpoint.pt",
+    for f in ("recipe.yaml", "metrics.jsonl", "report.json", "curves.png",
               "model.safetensors", "packed.safetensors"):
         assert (out / f).is_file(), f
+    assert not (out / "checkpoint.pt").exists()  # output.keep_checkpoint is false: removed after the export
     report = json.loads((out / "report.json").read_text())
     assert report["packed_max_abs_diff"] <= 1e-5
     assert 0 <= report["binary"]["top1"] <= 100 and report["binary_layers"] == 19

@@ -21,6 +21,7 @@ layer's name to 'bitwise' or the reason it stayed float.
 from __future__ import annotations
 
 import os
+import types
 from typing import Optional
 
 import torch
@@ -30,7 +31,7 @@ from ..errors import IRConvertError
 from ..layers import BinaryMixin
 from ..verify import load_packed
 from . import kernels
-from .layers import BitwiseConv2d, BitwiseLinear
+from .layers import BitwiseConv2d, BitwiseLinear, refuse_train
 
 _TWINS = {nn.Conv2d: BitwiseConv2d, nn.Linear: BitwiseLinear}
 
@@ -84,4 +85,6 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
         if conv is not None and id(conv) in twins:
             object.__setattr__(m, "bireal_conv", twins[id(conv)])
     net.irconvert_runtime = report
-    return net.eval()
+    net.eval()
+    net.train = types.MethodType(refuse_train, net)  # refuse before any submodule's mode changes
+    return net
