@@ -55,7 +55,8 @@ def _check_sets(args: list[str]) -> None:
         value = args[i + 1] if a == "--set" and i + 1 < len(args) else (a[6:] if a.startswith("--set=") else None)
         if value is None or "=" in value:
             continue
-        after = args[i + 2] if a == "--set" and i + 2 < len(args) else None
+        j = i + 2 if a == "--set" else i + 1
+        after = args[j] if j < len(args) else None
         hint = f"--set {value}={after}" if after and not after.startswith("-") else f"--set {value}=VALUE"
         raise IRConvertError(f"--set {value!r}: expected key.path=value; did you mean {hint}?")
 
