@@ -168,7 +168,8 @@ class RunFolder:
                                source=r.model.source, recipe_hash=r.digest(), **acc)
         write_text(self.out / "report.json", json.dumps(report, indent=2))
         if r.output.plot:
-            plot_curves(self.out / "curves.png", self.stages)
+            title = f"{r.model.name}: {r.binarize.method} {r.binarize.mode} on {r.data.dataset}"
+            plot_curves(self.out / "curves.png", self.stages, title, acc["fp"]["top1"], r.train.distill.enabled)
         self.write_metrics()
         if self.writer is not None:
             self.writer.close()
@@ -211,26 +212,45 @@ def reload_diff(student: nn.Module, out: Path, x: torch.Tensor) -> float:
                max_abs_diff(student, load(out / "model.safetensors"), x))
 
 
-def plot_curves(path: Path, stages: list[Stage]) -> None:
-    """Write loss and accuracy per epoch of both stages to a PNG."""
+def plot_curves(path: Path, stages: list[Stage], title: str = "", fp_top1: Optional[float] = None,
+                kd: bool = False) -> None:
+    """Write the curves of a run to a PNG: cross-entropies, the binary stage's training loss on its own
+    axes (with KD it is not a cross-entropy), validation top-1 with the FP model's as a reference line;
+    epochs are counted across the stages (the teacher's first), in integers."""
     import matplotlib  # only runs that plot pay for it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ce, train, acc) = plt.subplots(1, 3, figsize=(13, 3.8))
+    offset = 0
     for st in stages:
         if not st.history:
             continue
-        ep = [r["epoch"] for r in st.history]
-        ax1.plot(ep, [r["train_loss"] for r in st.history], marker="o", label=f"{st.name} train")
-        ax1.plot(ep, [r["val_loss"] for r in st.history], marker="x", ls="--", label=f"{st.name} val")
-        ax2.plot(ep, [r["val_top1"] for r in st.history], marker="o", label=f"{st.name} val top-1")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
-    for ax in (ax1, ax2):
+        ep = [offset + r["epoch"] for r in st.history]
+        style = dict(marker="o", ms=4)
+        if st.name != "binary" or not kd:
+            ce.plot(ep, [r["train_loss"] for r in st.history], label=f"{st.name} train", **style)
+        ce.plot(ep, [r["val_loss"] for r in st.history], ls="--", label=f"{st.name} validation", **style)
+        if st.name == "binary":
+            train.plot(ep, [r["train_loss"] for r in st.history], color="C3", **style)
+        acc.plot(ep, [r["val_top1"] for r in st.history], label=f"{st.name} validation", **style)
+        offset = ep[-1]
+        if st.name != "binary":  # where the binary stage starts
+            for ax in (ce, acc):
+                ax.axvline(offset + 0.5, color="0.7", lw=0.8)
+    if fp_top1 is not None:
+        acc.axhline(fp_top1, color="0.4", ls=":", label=f"FP model {fp_top1:.2f}%")
+    ce.set(xlabel="epoch", ylabel="cross-entropy", title="cross-entropy")
+    train.set(xlabel="epoch", ylabel="loss", title="binary training loss" + (" (KD + CE)" if kd else " (CE)"))
+    acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
+    for ax in (ce, train, acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    for ax in (ce, acc):
         ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -305,3 +305,81 @@ def test_eval_needs_a_recipe_and_a_packed_file_for_runtime(run_dir, capsys):
     assert code == 2 and "packed.safetensors" in err
     code, _, err = cli(capsys, "eval", run_dir / "packed.safetensors", "--recipe", ROOT / "recipes" / "cifar10.yaml")
     assert code == 2 and "made for input (1, 28, 28)" in err
+
+
+def test_hub_weights_without_network_are_one_line(monkeypatch, capsys, tmp_path):
+    import timm
+    import requests
+    import torchvision
+    from urllib.error import URLError
+
+    def offline_timm(*a, **k):
+        raise requests.exceptions.ConnectionError("Name or service not known")
+
+    def offline_torchvision(*a, **k):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(timm, "create_model", offline_timm)
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline_torchvision)
+    for model in ("resnet18", "torchvision:resnet18"):
+        out = tmp_path / model.replace(":", "_")
+        code, _, err = cli(capsys, model, "--convert-only", "--recipe", QUICKSTART, "--out", out,
+                           "--set", "model.pretrained=true")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "cannot download the hub weights" in err and "--weights FILE or model.pretrained: PATH" in err
+        assert not out.exists()
+
+
+def test_a_bug_in_a_model_is_not_reported_as_a_network_error(monkeypatch):
+    import timm
+
+    from irconvert.models import create_model
+
+    def broken(*a, **k):
+        raise OSError("disk full")  # not a download failure: it must surface as it is
+
+    monkeypatch.setattr(timm, "create_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        create_model("resnet18", pretrained=True)
+
+
+# -- 10. every command of the README on the first command's outputs ----------------------------------------
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("irconvert ")]
+
+
+def concrete(line: str, run: Path, tmp: Path) -> list[list]:
+    """The README line `line` with its placeholders filled in on the run `run` (the first command's outputs)."""
+    packed = run / "packed.safetensors"
+    table = {
+        "irconvert MODEL --recipe R": [["resnet18", "--recipe", QUICKSTART, "--out", tmp / "again", *sets(TINY)]],
+        "irconvert MODEL1 MODEL2": [["resnet18", "resnet10t", "--recipe", QUICKSTART, "--out", tmp / "batch",
+                                     *sets(TINY)]],
+        "irconvert MODEL --convert-only": [["resnet18", "--convert-only", "--out", tmp / "check"]],
+        "irconvert --models list.yaml": [["--models", tmp / "list.yaml", "--convert-only", "--out", tmp / "list"]],
+        "irconvert summary MODEL": [["summary", "resnet18", "--recipe", QUICKSTART],
+                                    ["summary", "resnet18", "--input-size", "1,28,28", "--mode", "W1A32"]],
+        "irconvert export RUN_DIR": [["export", run], ["export", run / "checkpoint.pt", "--out", tmp / "ex"],
+                                     ["export", run / "model.safetensors", "--out", tmp / "ex2"]],
+        "irconvert verify packed.safetensors": [["verify", packed]],
+        "irconvert eval RUN_DIR": [["eval", run], ["eval", packed, "--recipe", run / "recipe.yaml", "--runtime"]],
+        "irconvert bench-runtime packed.safetensors": [["bench-runtime", packed, "--batch", "1", "--repeat", "1"]],
+    }
+    keys = [k for k in table if line.startswith(k)]
+    assert keys, f"README command without a test: {line}"
+    return table[max(keys, key=len)]
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_on_the_first_commands_outputs(run_dir, tmp_path, capsys, python_kernels):
+    (tmp_path / "list.yaml").write_text("- name: resnet10t\n  set: []\n")
+    lines = readme_commands()
+    assert len(lines) == 9
+    for line in lines:
+        for args in concrete(line, run_dir, tmp_path):
+            code, out, err = cli(capsys, *args)
+            assert code == 0, f"{line}: {err[-2000:]}"
+            assert "Traceback" not in err
