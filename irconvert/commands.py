@@ -13,7 +13,6 @@ from .errors import IRConvertError, logged_warnings
 from .layer_summary import summary as layer_summary
 from .models import create_model, split_name
 from .plan import Policy
-from .recipe import load_recipe
 from .data import DataInfo, data_info
 from .run import build_model, convert_only, convert_recipe, evaluate_file, recipe_for, run
 from .runtime.bench import bench_packed

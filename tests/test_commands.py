@@ -282,6 +282,16 @@ def test_tensorboard_without_the_package_is_refused_before_writing(tmp_path, cap
     assert code == 2 and "pip install tensorboard" in err and not out.exists()
 
 
+@pytest.mark.slow
+def test_tensorboard_writes_event_files(tmp_path, fashion_root):
+    pytest.importorskip("torch.utils.tensorboard")  # the optional extra: irconvert[tensorboard]
+    from irconvert.run import run
+
+    out = tmp_path / "tb"
+    run("resnet18", QUICKSTART, out=out, overrides=tuple(TINY + ["output.tensorboard=true"]), log=lambda *a: None)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
 # -- 9. eval -------------------------------------------------------------------------------------------------
 
 def test_eval_of_a_run_its_files_and_through_the_kernels(run_dir, capsys, python_kernels):
