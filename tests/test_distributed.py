@@ -71,7 +71,9 @@ def test_only_one_set_of_files_is_written(runs):
 
 def test_resume_in_two_process_mode(runs):
     out = runs / "killed"
-    proc = launch(2, out, 16, wait=False)
+    # torchrun's workers may outlive the kill of its process group and finish the run; keep the
+    # checkpoint then, as before output.keep_checkpoint existed (its default deletes it after the export)
+    proc = launch(2, out, 16, "--set", "output.keep_checkpoint=true", wait=False)
     ckpt = out / "checkpoint.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
