@@ -282,6 +282,32 @@ def test_tensorboard_without_the_package_is_refused_before_writing(tmp_path, cap
     assert code == 2 and "pip install tensorboard" in err and not out.exists()
 
 
+def test_curves_have_a_title_integer_epochs_own_axes_for_kd_and_the_fp_line(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from irconvert.runfolder import plot_curves
+    from irconvert.train import Stage
+
+    def rows(n, base):
+        return [{"epoch": e, "train_loss": base / e, "val_loss": base / (e + 1), "val_top1": 60 + e} for e in range(1, n + 1)]
+
+    stages = [Stage("teacher", None, None, 0, history=rows(1, 1.0)), Stage("binary", None, None, 0, history=rows(3, 5.0))]
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    plot_curves(tmp_path / "c.png", stages, "resnet18: irnet W1A1", fp_top1=91.5, kd=True)
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    fig = figs[0]
+    ce, train, acc = fig.axes
+    assert fig._suptitle.get_text() == "resnet18: irnet W1A1"
+    assert [ln.get_label() for ln in ce.lines if not ln.get_label().startswith("_")] == [
+        "teacher train", "teacher validation", "binary validation"]  # the KD loss is not a cross-entropy
+    assert list(train.lines[0].get_xdata()) == [2, 3, 4] and train.lines[0].get_ydata()[0] == 5.0
+    assert any(ln.get_label() == "FP model 91.50%" and list(ln.get_ydata()) == [91.5, 91.5] for ln in acc.lines)
+    for ax in (ce, train, acc):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+
+
 @pytest.mark.slow
 def test_tensorboard_writes_event_files(tmp_path, fashion_root):
     pytest.importorskip("torch.utils.tensorboard")  # the optional extra: irconvert[tensorboard]
