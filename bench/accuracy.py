@@ -89,7 +89,7 @@ def train_fp(overrides: list[str], out: Path, device: torch.device) -> tuple[Pat
     t0 = time.time()
     data = build_data(recipe.data)
     torch.manual_seed(0)
-    model = build_model(recipe, data).to(device)
+    model = build_model(recipe, data.info).to(device)
     train_loader, val_loader = data.loaders(recipe.data, torch.Generator())
     stage = fit(Stage("teacher", model, recipe.teacher.finetune, 0), train_loader, val_loader, device)
     acc = evaluate(model, val_loader, device)

@@ -47,9 +47,22 @@ class _DefaultGroup(click.Group):
     """A group whose unknown first word is a model name: the line goes to `run`, `batch` or `check`."""
 
     def parse_args(self, ctx, args):
+        _check_sets(args)
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [_mode(args), *args]
         return super().parse_args(ctx, args)
+
+
+def _check_sets(args: list[str]) -> None:
+    """Refuse `--set key value` (a space for '='), before the bare value is taken for a model name."""
+    for i, a in enumerate(args):
+        value = args[i + 1] if a == "--set" and i + 1 < len(args) else (a[6:] if a.startswith("--set=") else None)
+        if value is None or "=" in value:
+            continue
+        j = i + 2 if a == "--set" else i + 1
+        after = args[j] if j < len(args) else None
+        hint = f"--set {value}={after}" if after and not after.startswith("-") else f"--set {value}=VALUE"
+        raise IRConvertError(f"--set {value!r}: expected key.path=value; did you mean {hint}?")
 
 
 def _need_recipe(recipe_path: Optional[str]) -> None:
@@ -152,11 +165,15 @@ def check_cmd(convert_only, **options):
 @cli.command("summary")
 @click.argument("model")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights (.safetensors or .pth).")
-@click.option("--mode", type=click.Choice(["W1A1", "W1A32"]), default="W1A1", show_default=True)
-@click.option("--method", default="irnet", show_default=True,
-              help="Binarization method: a registered name (irnet, vanilla, libra, ede, sdbnn, sdbnn_ede, irnet_sd, "
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="Build the model as this recipe does (model section, the data's classes, channels, image "
+                   "size, stem fixes, policy).")
+@click.option("--in-chans", type=int, help="Input channels of the stem (default: the model's own, or --input-size's C).")
+@click.option("--mode", type=click.Choice(["W1A1", "W1A32"]), help="Binary mode (default W1A1, or the recipe's).")
+@click.option("--method",
+              help="Binarization method (default irnet, or the recipe's): a registered name (irnet, vanilla, libra, ede, sdbnn, sdbnn_ede, irnet_sd, "
                    "scaled, irnet_scaled) or module:Class.")
-@click.option("--input-size", help="C,H,W used to count MACs (default: the model's own).")
+@click.option("--input-size", help="C,H,W used to count MACs (default: the model's own, or the recipe's data).")
 @click.option("--num-classes", type=int, help="Classifier size (default: the model's own).")
 def summary_cmd(**options):
     """Print the per-layer summary of MODEL binarized with the default policy."""
@@ -165,10 +182,26 @@ def summary_cmd(**options):
 
 @cli.command("export")
 @click.argument("path", type=click.Path())
-@click.option("--overwrite", is_flag=True, help="Replace model/packed files already there.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write to (default: beside PATH).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="The run's recipe, for a checkpoint.pt written before checkpoints held it.")
+@click.option("--overwrite", is_flag=True, help="Replace model/packed files that differ from what export writes.")
 def export_cmd(**options):
-    """Write model.safetensors and packed.safetensors from a run folder, checkpoint or model.safetensors."""
+    """Write model.safetensors and packed.safetensors from a run folder, checkpoint or model.safetensors.
+    Files already there with the same contents are left as they are."""
     _do("export", **options)
+
+
+@cli.command("eval")
+@click.argument("path", type=click.Path())
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="Recipe whose validation data to use (default: a run folder's recipe.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. data.val_subset=1000.")
+@click.option("--runtime", "use_runtime", is_flag=True, help="Run the W1A1 layers through the bitwise kernels (packed files).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N (default: the recipe's).")
+def eval_cmd(**options):
+    """Top-1 / top-5 of PATH (packed.safetensors, model.safetensors or a run folder) on the recipe's validation data."""
+    _do("evaluate", **options)
 
 
 @cli.command("verify")
@@ -183,7 +216,7 @@ def verify_cmd(**options):
 @cli.command("bench-runtime")
 @click.argument("packed", type=click.Path())
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch size, repeatable (default: 1 and 8).")
-@click.option("--input-size", help="C,H,W of the input (default 3,224,224).")
+@click.option("--input-size", help="C,H,W of the input (default: the size stored in the file, else the model's own).")
 @click.option("--repeat", type=int, default=10, show_default=True, help="Timed runs per batch size.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON here.")
 def bench_runtime_cmd(**options):

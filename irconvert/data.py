@@ -28,6 +28,9 @@ _STATS = {  # per-channel mean, std of the training images
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+_NATIVE = {  # classes, channels, image size of the in-memory datasets, known without reading them
+    "fashion-mnist": (10, 1, 28), "mnist": (10, 1, 28), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32),
+}
 _DEBIAN = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
 _IDX = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
         "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -173,6 +176,19 @@ def build_data(cfg: DataSection) -> Data:
         _Collate(mean, std, size, True, cfg.hflip, cfg.crop_padding),
         _Collate(mean, std, size, False, 0.0, 0),
     )
+
+
+def data_info(cfg: DataSection) -> DataInfo:
+    """Return the classes, channels and image size the data section gives a model, without loading the
+    images (an image folder's classes are its train/ sub-folders)."""
+    if cfg.dataset != "imagefolder":
+        classes, chans, size = _NATIVE[cfg.dataset]
+        return DataInfo(classes, chans, cfg.image_size or size)
+    train = Path(cfg.root or ".") / "train"
+    if not cfg.root or not train.is_dir():
+        raise IRConvertError(f"data.root: {train} not found; an image folder has train/ and val/, "
+                             "each with one sub-folder per class")
+    return DataInfo(sum(p.is_dir() for p in train.iterdir()), 3, cfg.image_size or 224)
 
 
 def _imagefolder(cfg: DataSection) -> Data:

@@ -167,6 +167,23 @@ def adapt_input(model: nn.Module, in_chans: Optional[int] = None, first_stride: 
     return model
 
 
+_NETWORK_MODULES = ("urllib", "requests", "urllib3", "httpx", "httpcore", "huggingface_hub", "socket", "ssl")
+
+
+@contextmanager
+def _hub(name: str) -> Iterator[None]:
+    """Turn a failed download of hub weights (no network, no such file on the hub) into one line."""
+    try:
+        yield
+    except Exception as exc:
+        mods = {c.__module__.split(".")[0] for c in type(exc).__mro__}
+        if not (mods & set(_NETWORK_MODULES) or isinstance(exc, (ConnectionError, TimeoutError))):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise IRConvertError(f"model.pretrained: cannot download the hub weights of {name!r} ({type(exc).__name__}: "
+                             f"{first}); without network pass a local file: --weights FILE or model.pretrained: PATH") from None
+
+
 def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
     import timm
 
@@ -176,7 +193,8 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
         if where is None:
             return timm.create_model(name, pretrained=False, **kwargs)
         if where == "hub":
-            return timm.create_model(name, pretrained=True, **kwargs)
+            with _hub(name):
+                return timm.create_model(name, pretrained=True, **kwargs)
         overlay = dict(file=str(where), **_file_overlay(name, read_state_dict(where)))
         with _timm_load_report() as report:
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
@@ -268,7 +286,8 @@ def _create_torchvision(name: str, where, kwargs: dict) -> nn.Module:
         return model
     if where == "hub":
         enum = torchvision.models.get_model_weights(name)
-        state = enum.DEFAULT.get_state_dict(progress=True)
+        with _hub(name):
+            state = enum.DEFAULT.get_state_dict(progress=True)
         origin = f"torchvision hub weights {enum.DEFAULT}"
     else:
         state, origin = read_state_dict(where), str(where)

@@ -124,6 +124,8 @@ class OutputSection(_Section):
     export: bool = True  # model.safetensors and packed.safetensors
     plot: bool = True  # curves.png
     checkpoint: bool = True  # checkpoint.pt at the end of every epoch (for --resume)
+    keep_checkpoint: bool = False  # keep checkpoint.pt after a successful export (it is ~4x the model)
+    tensorboard: bool = False  # TensorBoard event files in <dir>/tensorboard (pip install tensorboard)
 
 
 class Recipe(_Section):

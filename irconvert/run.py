@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import Data, build_data
+from .data import DataInfo, build_data, data_info
 from .errors import IRConvertError, logged_warnings
 from .fileformat import write_text
 from .models import create_model, split_name
@@ -47,7 +47,7 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     with clock("load"):
         data = build_data(recipe.data)
         torch.manual_seed(recipe.train.seed)  # a random-init model is the same again on --resume
-        fp = model if isinstance(model, nn.Module) else build_model(recipe, data, weights)
+        fp = model if isinstance(model, nn.Module) else build_model(recipe, data.info, weights)
     folder = RunFolder.open(out, recipe, resume, overwrite, world.main)
     folder.teacher, folder.input_size = fp, (data.info.in_chans, data.info.image_size, data.info.image_size)
     if recipe.train.sync_bn and world.size > 1:
@@ -114,16 +114,21 @@ def _fields(model, seed: Optional[int], device: Optional[str]) -> dict:
     return fields
 
 
-def build_model(recipe: Recipe, data: Data, weights: Optional[str] = None) -> nn.Module:
+def recipe_for(model: Optional[str], recipe: Union[Recipe, str, os.PathLike], overrides: tuple[str, ...] = ()) -> Recipe:
+    """Return the recipe with the --set `overrides` applied and `model` (a name, if given) as its model."""
+    return resolve_recipe(recipe, overrides, _fields(model, None, None))
+
+
+def build_model(recipe: Recipe, info: DataInfo, weights: Optional[str] = None) -> nn.Module:
     """Return the full-precision model the recipe names, fitted to the data's classes and channels."""
     m = recipe.model
     kwargs = dict(m.kwargs)
-    kwargs.setdefault("num_classes", data.info.num_classes)
+    kwargs.setdefault("num_classes", info.num_classes)
     adapt = {"first_stride": m.first_stride, "stem_pool": m.stem_pool}
     if m.source == "timm":
-        kwargs.setdefault("in_chans", data.info.in_chans)
-    elif data.info.in_chans != 3:
-        adapt["in_chans"] = data.info.in_chans
+        kwargs.setdefault("in_chans", info.in_chans)
+    elif info.in_chans != 3:
+        adapt["in_chans"] = info.in_chans
     return create_model(m.name, m.source, pretrained=m.pretrained, weights=weights, adapt=adapt, **kwargs)
 
 
@@ -159,22 +164,40 @@ def train_binary(student: nn.Module, fp: nn.Module, folder: RunFolder, loaders, 
     return stage
 
 
-def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], policy=None,
-                 weights: Optional[str] = None, input_size: Optional[tuple[int, ...]] = None,
-                 overwrite: bool = False, log=print, **kwargs) -> dict:
-    """Binarize, export and verify without training: the check a CI job runs on a model list."""
-    out, t0 = Path(out), time.time()
+def convert_recipe(model: Optional[str], recipe: Union[Recipe, str, os.PathLike], out: Union[str, os.PathLike],
+                   weights: Optional[str] = None, overrides: tuple[str, ...] = (), overwrite: bool = False,
+                   log=print) -> dict:
+    """`convert_only` of the model a recipe builds (its model section, pretrained weights, stem fixes,
+    the data's classes, channels and image size) with the recipe's policy; `model` overrides its name."""
+    recipe = recipe_for(model, recipe, overrides)
+    info = data_info(recipe.data)
+    _check_out(Path(out), overwrite)
+    fp = build_model(recipe, info, weights)
+    return convert_only(fp, out, recipe.binarize, input_size=(info.in_chans, info.image_size, info.image_size),
+                        overwrite=overwrite, log=log, name=recipe.model.name, recipe_hash=recipe.digest())
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
     check_out_path(out)
-    fp = model if isinstance(model, nn.Module) else create_model(model, weights=weights, pretrained=bool(weights), **kwargs)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise IRConvertError(f"output.dir: {out} is not empty; pass --overwrite or another --out")
+
+
+def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], policy=None,
+                 weights: Optional[str] = None, input_size: Optional[tuple[int, ...]] = None,
+                 overwrite: bool = False, log=print, name: Optional[str] = None, recipe_hash: Optional[str] = None,
+                 **kwargs) -> dict:
+    """Binarize, export and verify without training: the check a CI job runs on a model list."""
+    out, t0 = Path(out), time.time()
+    _check_out(out, overwrite)
+    fp = model if isinstance(model, nn.Module) else create_model(model, weights=weights, pretrained=bool(weights), **kwargs)
     with logged_warnings(log):
         student = binarize(fp, policy).eval()
     size_in = tuple(input_size or default_input_size(student))
     student.irconvert_input_size = size_in
-    files = write_files(student, out)
+    files = write_files(student, out, recipe_hash)
     diff = reload_diff(student, out, torch.randn((2,) + size_in, generator=torch.Generator().manual_seed(0)))
-    name = model if isinstance(model, str) else type(model).__name__
+    name = name or (model if isinstance(model, str) else type(model).__name__)
     report = report_fields(name, student.irconvert_plan.policy, summary(student, size_in), diff,
                            {"total": time.time() - t0}, files,
                            file_bytes={k: os.path.getsize(v) for k, v in files.items()})
@@ -183,3 +206,59 @@ def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], pol
         f"{report['file_bytes']['packed'] / 2**20:.2f} MiB vs {report['file_bytes']['model'] / 2**20:.2f} MiB, "
         f"reload max |diff| {diff:.3g}")
     return report
+
+
+def evaluate_file(path: Union[str, os.PathLike], recipe: Union[Recipe, str, os.PathLike, None] = None,
+                  overrides: tuple[str, ...] = (), runtime: bool = False, device: Optional[str] = None,
+                  log=print) -> dict:
+    """Return top-1, top-5 and loss of a packed file, a model.safetensors or a run folder (its packed file)
+    on the recipe's validation data (a run folder's own recipe.yaml by default); `runtime` runs the
+    W1A1 layers through the bitwise kernels."""
+    path = Path(path)
+    if path.is_dir():
+        recipe = recipe if recipe is not None else path / "recipe.yaml"
+        path = path / "packed.safetensors"
+    if recipe is None:
+        raise IRConvertError(f"--recipe: {path} needs a recipe for its validation data (e.g. the run's recipe.yaml)")
+    recipe = resolve_recipe(recipe, overrides, {"train.device": device})
+    net = _eval_model(path, runtime)
+    info = data_info(recipe.data)
+    want = (info.in_chans, info.image_size, info.image_size)
+    if net.irconvert_input_size and tuple(net.irconvert_input_size) != want:
+        raise IRConvertError(f"{path}: made for input {tuple(net.irconvert_input_size)}, but the recipe's data gives "
+                             f"{want}; pass the recipe the model was trained with")
+    dev = torch.device("cpu") if runtime else distributed.resolve_device(recipe.train.device)
+    loader = build_data(recipe.data).loaders(recipe.data, torch.Generator(), recipe.train.seed)[1]
+    log(f"evaluating {path} on {len(loader.dataset)} {recipe.data.dataset} validation images"
+        f"{' through the bitwise kernels' if runtime else ''}")
+    result = evaluate(net.to(dev), loader, dev, "off" if runtime else recipe.train.amp)
+    log(f"top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   loss {result['loss']:.4f}")
+    return result
+
+
+def _eval_model(path: Path, runtime: bool) -> nn.Module:
+    """Return the model in `path`: packed (float simulation or, with `runtime`, bitwise) or latent."""
+    from .verify import load, load_packed
+
+    if not path.is_file():
+        raise IRConvertError(f"{path}: file not found; pass a packed.safetensors, a model.safetensors or a run folder")
+    if _format(path).startswith("irconvert-latent"):
+        if runtime:
+            raise IRConvertError(f"{path}: --runtime runs a packed file; pass packed.safetensors")
+        return load(path)
+    if runtime:
+        from . import runtime as bitwise
+
+        return bitwise.load(path)
+    return load_packed(path)
+
+
+def _format(path: Path) -> str:
+    """Return the format a safetensors file's metadata names ('' if none or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format", "")
+    except Exception:  # load_packed reports what is wrong with the file
+        return ""

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import yaml
 from torch import nn
 
 from . import distributed
 from .errors import IRConvertError
 from .fileformat import atomic_path, write_text
 from .models import from_origin
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, validate
 from .layer_summary import Summary, summary
 from .swap import binarize
 from .train import Diverged, Stage
@@ -107,6 +108,16 @@ def _same_recipe(out: Path, digest: str) -> None:
                              "use the same recipe and --set values, or another --out")
 
 
+def tensorboard_writer():
+    """Return TensorBoard's SummaryWriter class, or raise the install hint (checked before anything is written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise IRConvertError("output.tensorboard: TensorBoard is not installed; pip install tensorboard "
+                             "(or irconvert[tensorboard]), or set output.tensorboard: false") from None
+    return SummaryWriter
+
+
 def out_dir(out: Union[str, os.PathLike, None], recipe: Recipe) -> Path:
     """Return --out, else the recipe's output.dir, else runs/<model name>."""
     return Path(out if out is not None else recipe.output.dir or Path("runs") / recipe.model.name.replace("/", "_"))
@@ -125,11 +136,13 @@ class RunFolder:
     input_size: Optional[tuple[int, int, int]] = None
     files: dict[str, str] = field(default_factory=dict)
     kept: Optional[tuple[str, int]] = None  # (stage, epoch) of the checkpoint this run wrote last
+    writer: Optional[object] = None  # TensorBoard's SummaryWriter (output.tensorboard)
 
     @classmethod
     def open(cls, out: Path, recipe: Recipe, resume: bool, overwrite: bool, main: bool) -> "RunFolder":
         """Check the folder (resume, overwrite), then on the main process clear it and write recipe.yaml."""
         state = prepare_out_dir(out, recipe.digest(), resume, overwrite)
+        writer_class = tensorboard_writer() if recipe.output.tensorboard and main else None
         distributed.barrier()  # every process has checked the folder before the first one writes to it
         if main:
             if overwrite and out.exists() and state is None:
@@ -138,7 +151,8 @@ class RunFolder:
             out.mkdir(parents=True, exist_ok=True)
             remove_partial_files(out)
             write_text(out / "recipe.yaml", recipe.to_yaml())
-        return cls(out, recipe, main, state)
+        writer = writer_class(log_dir=str(out / "tensorboard")) if writer_class else None
+        return cls(out, recipe, main, state, writer=writer)
 
     def history(self, stage: str) -> list[dict]:
         """Return the resumed checkpoint's metric rows of `stage` (none on a fresh run)."""
@@ -165,7 +179,7 @@ class RunFolder:
             raise Diverged(f"train: {bad} after {stage.name} epoch {epoch}; {kept}; "
                            "lower the lr or set train.grad_clip, then start again with --overwrite")
         if self.recipe.output.checkpoint:
-            body = {"recipe_hash": self.recipe.digest(), "stage": stage.name, "epoch": epoch,
+            body = {"recipe_hash": self.recipe.digest(), "recipe": self.recipe.to_yaml(), "stage": stage.name, "epoch": epoch,
                     "model": stage.model.state_dict(),
                     "origin": json.dumps(getattr(self.teacher, "irconvert_origin", None)),
                     "input_size": json.dumps(list(self.input_size or ())),
@@ -174,6 +188,12 @@ class RunFolder:
                 torch.save(body, tmp)
             self.kept = (stage.name, epoch)
         self.write_metrics()
+        if self.writer is not None and stage.history:
+            row = stage.history[-1]
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(f"{stage.name}/{key}", value, row["epoch"])
+            self.writer.flush()
 
     def state_label(self) -> str:
         """Return 'STAGE epoch N' of the checkpoint on disk (this run's, else the one resumed from)."""
@@ -207,8 +227,13 @@ class RunFolder:
                                source=r.model.source, recipe_hash=r.digest(), **acc)
         write_text(self.out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False))
         if r.output.plot:
-            plot_curves(self.out / "curves.png", self.stages)
+            title = f"{r.model.name}: {r.binarize.method} {r.binarize.mode} on {r.data.dataset}"
+            plot_curves(self.out / "curves.png", self.stages, title, acc["fp"]["top1"], r.train.distill.enabled)
         self.write_metrics()
+        if self.writer is not None:
+            self.writer.close()
+        if self.files and not r.output.keep_checkpoint:  # exported: the checkpoint is no longer needed
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
         log(str(size))
         log(f"top-1: full precision {acc['fp']['top1']:.2f}%   binary ({r.binarize.mode}) {acc['binary']['top1']:.2f}%   "
             f"packed reload max |diff| {verified if verified is not None else 'n/a'}")
@@ -277,72 +302,144 @@ def reload_diff(student: nn.Module, out: Path, x: torch.Tensor) -> float:
                max_abs_diff(student, load(out / "model.safetensors"), x))
 
 
-def plot_curves(path: Path, stages: list[Stage]) -> None:
-    """Write loss and accuracy per epoch of both stages to a PNG."""
+def plot_curves(path: Path, stages: list[Stage], title: str = "", fp_top1: Optional[float] = None,
+                kd: bool = False) -> None:
+    """Write the curves of a run to a PNG: cross-entropies, the binary stage's training loss on its own
+    axes (with KD it is not a cross-entropy), validation top-1 with the FP model's as a reference line;
+    epochs are counted across the stages (the teacher's first), in integers."""
     import matplotlib  # only runs that plot pay for it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ce, train, acc) = plt.subplots(1, 3, figsize=(13, 3.8))
+    offset = 0
     for st in stages:
         if not st.history:
             continue
-        ep = [r["epoch"] for r in st.history]
-        ax1.plot(ep, [r["train_loss"] for r in st.history], marker="o", label=f"{st.name} train")
-        ax1.plot(ep, [r["val_loss"] for r in st.history], marker="x", ls="--", label=f"{st.name} val")
-        ax2.plot(ep, [r["val_top1"] for r in st.history], marker="o", label=f"{st.name} val top-1")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
-    for ax in (ax1, ax2):
+        ep = [offset + r["epoch"] for r in st.history]
+        style = dict(marker="o", ms=4)
+        if st.name != "binary" or not kd:
+            ce.plot(ep, [r["train_loss"] for r in st.history], label=f"{st.name} train", **style)
+        ce.plot(ep, [r["val_loss"] for r in st.history], ls="--", label=f"{st.name} validation", **style)
+        if st.name == "binary":
+            train.plot(ep, [r["train_loss"] for r in st.history], color="C3", **style)
+        acc.plot(ep, [r["val_top1"] for r in st.history], label=f"{st.name} validation", **style)
+        offset = ep[-1]
+        if st.name != "binary":  # where the binary stage starts
+            for ax in (ce, acc):
+                ax.axvline(offset + 0.5, color="0.7", lw=0.8)
+    if fp_top1 is not None:
+        acc.axhline(fp_top1, color="0.4", ls=":", label=f"FP model {fp_top1:.2f}%")
+    ce.set(xlabel="epoch", ylabel="cross-entropy", title="cross-entropy")
+    train.set(xlabel="epoch", ylabel="loss", title="binary training loss" + (" (KD + CE)" if kd else " (CE)"))
+    acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
+    for ax in (ce, train, acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    for ax in (ce, acc):
         ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
-def export_run(path: Union[str, os.PathLike], overwrite: bool = False, log=print) -> dict[str, str]:
-    """Write model.safetensors and packed.safetensors from a run folder (its checkpoint) or a model.safetensors."""
+def export_run(path: Union[str, os.PathLike], out: Union[str, os.PathLike, None] = None,
+               recipe: Union[str, os.PathLike, None] = None, overwrite: bool = False, log=print) -> dict[str, str]:
+    """Write model.safetensors and packed.safetensors from a run folder (its checkpoint, else its
+    model.safetensors), a checkpoint.pt, or a model.safetensors (packed only), into `out` (default:
+    beside the input). A file already there with the same contents is left as it is."""
     path = Path(path)
+    if path.is_dir() and not (path / CHECKPOINT).is_file() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"  # a finished run whose checkpoint was removed
     if path.is_file() and path.suffix == ".safetensors":
-        student, out, digest = load(path), path.parent, None
-        targets = {"packed": out / "packed.safetensors"}
+        student, names = load(path), ("packed",)
+        digest, home = _metadata(path).get("recipe_hash") or None, path.parent
     else:
-        student, out, digest = _student_from_checkpoint(path)
-        targets = {"model": out / "model.safetensors", "packed": out / "packed.safetensors"}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise IRConvertError(f"export: {', '.join(existing)} already exist; pass --overwrite to replace them")
-    student = student.cpu().eval()
-    written = {}
-    if "model" in targets:
-        written["model"] = str(save_latent(student, targets["model"], digest))
-    written["packed"] = str(save_packed(student, targets["packed"], digest))
-    for v in written.values():
-        log(f"wrote {v}")
-    return written
+        student, home, digest = _student_from_checkpoint(path, recipe)
+        names = ("model", "packed")
+    return _write_changed(student.cpu().eval(), Path(out) if out else home, names, digest, overwrite, log)
 
 
-def _student_from_checkpoint(path: Path) -> tuple[nn.Module, Path, str]:
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # unreadable: the file differs from anything export writes
+        return {}
+
+
+def _write_changed(student: nn.Module, out: Path, names: tuple[str, ...], digest: Optional[str], overwrite: bool,
+                   log=print) -> dict[str, str]:
+    """Write each named file to a temporary name, then keep the file already there where it has the same
+    metadata (which holds the SHA-256 of every tensor), refuse to replace one that differs unless
+    `overwrite`, and rename the rest into place."""
+    if out.exists() and not out.is_dir():
+        raise IRConvertError(f"--out: {out} is a file; choose a folder")
+    save = {"model": save_latent, "packed": save_packed}
+    targets = {n: out / f"{n}.safetensors" for n in names}
+    tmp = {n: out / f".{n}.safetensors.export.tmp" for n in names}
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for n in names:
+            save[n](student, tmp[n], digest)
+        same = {n: targets[n].is_file() and _metadata(targets[n]) == _metadata(tmp[n]) for n in names}
+        clash = [str(targets[n]) for n in names if targets[n].exists() and not same[n]]
+        if clash and not overwrite:
+            raise IRConvertError(f"export: {', '.join(clash)} already exist with other contents; pass --overwrite "
+                                 "to replace them, or --out DIR to write elsewhere")
+        for n in names:
+            if same[n]:
+                log(f"{targets[n]} is up to date")
+            else:
+                os.replace(tmp[n], targets[n])
+                log(f"wrote {targets[n]}")
+        return {n: str(t) for n, t in targets.items()}
+    finally:
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
+
+
+def _checkpoint_recipe(state: dict, ckpt: Path, recipe: Union[str, os.PathLike, None]) -> Recipe:
+    """Return the recipe of a checkpoint: the one it holds, else --recipe, else recipe.yaml beside it;
+    it must have the checkpoint's recipe hash."""
+    beside = ckpt.parent / "recipe.yaml"
+    if state.get("recipe"):
+        found = validate(yaml.safe_load(state["recipe"]), str(ckpt))
+    elif recipe is not None or beside.is_file():
+        found = load_recipe(recipe if recipe is not None else beside)
+    else:
+        raise IRConvertError(f"{ckpt}: holds no recipe and has no recipe.yaml beside it; pass the run's recipe "
+                             "with --recipe (its recipe.yaml)")
+    if found.digest() != state.get("recipe_hash"):
+        raise IRConvertError(f"{recipe or beside}: is not the recipe of {ckpt} (hash {found.digest()}, checkpoint "
+                             f"{state.get('recipe_hash')}); pass the run's recipe.yaml with --recipe")
+    return found
+
+
+def _student_from_checkpoint(path: Path, recipe: Union[str, os.PathLike, None] = None) -> tuple[nn.Module, Path, str]:
     """Rebuild the binary model of a run folder's (or a checkpoint file's) last binary epoch."""
     run = path if path.is_dir() else path.parent
     ckpt = path if path.is_file() else run / CHECKPOINT
-    if not (run / "recipe.yaml").is_file() or not ckpt.is_file():
-        raise IRConvertError(f"{path}: not a run folder with recipe.yaml and {CHECKPOINT}, "
-                             "nor a model.safetensors; pass one of those")
-    recipe = load_recipe(run / "recipe.yaml")
+    if not ckpt.is_file():
+        raise IRConvertError(f"{path}: not a run folder with {CHECKPOINT} or model.safetensors, nor a checkpoint "
+                             "or a model.safetensors; pass one of those")
     state = read_checkpoint(ckpt)
     if state.get("stage") != "binary":
         raise IRConvertError(f"{ckpt}: the run has not reached the binary stage yet; resume it first")
     origin = json.loads(state.get("origin") or "null")
     if not origin:
         raise IRConvertError(f"{ckpt}: holds no model origin (a user model); export it from Python with save_packed")
+    found = _checkpoint_recipe(state, ckpt, recipe)
     fp = from_origin(origin)
     # binarize the same FP weights the run binarized: the per-layer gains come from them
     fp.load_state_dict(state["teacher"])
-    student = binarize(fp, recipe.binarize)
+    student = binarize(fp, found.binarize)
     student.load_state_dict(state["model"])
     student.irconvert_input_size = tuple(json.loads(state.get("input_size") or "[]")) or None
     return student, run, state["recipe_hash"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -168,6 +169,14 @@ def _step(model: nn.Module, loss: torch.Tensor, opt, scaler, grad_clip: Optional
         scaler.update()
 
 
+def _progress(bar, lines: bool, what: str, i: int, steps: int, loss: float, acc: float, **more) -> None:
+    """Advance the progress bar; without one (`lines`: output to a log), print a line per tenth of the epoch."""
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}", **more)
+    if lines and (i + 1) % max(1, steps // 10) == 0:
+        print(f"{what} step {i + 1}/{steps}: loss {loss:.4f}  acc {acc:.1f}%", flush=True)
+
+
 def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoch: int = 0,
         resume: Optional[dict] = None, on_epoch: Optional[Callable[[Stage, int, dict], None]] = None) -> Stage:
     """Train `stage.model` for its schedule's epochs; `on_epoch(stage, epoch, state)` checkpoints."""
@@ -189,6 +198,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
         main = not dist.is_initialized() or dist.get_rank() == 0
         bar = tqdm(total=steps, desc=f"{stage.name} {epoch + 1}/{s.epochs}", leave=False, disable=None if main else True)
+        lines = main and not sys.stderr.isatty()  # no bar in a log file: a line per tenth of the epoch instead
         for i, (x, y) in enumerate(train_loader):
             if i >= steps:
                 break
@@ -208,10 +218,9 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
             seen += len(y)
             correct += int((out.argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
-            bar.update()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                            lr=f"{opt.param_groups[0]['lr']:.2e}",
-                            **({"t": f"{first_binary.ede_t:.3g}"} if binary and stage.ede else {}))
+            _progress(bar, lines, f"{stage.name} epoch {epoch + 1}/{s.epochs}", i, steps, loss_sum / seen,
+                      100 * correct / seen, lr=f"{opt.param_groups[0]['lr']:.2e}",
+                      **({"t": f"{first_binary.ede_t:.3g}"} if binary and stage.ede else {}))
         bar.close()
         seen, correct, loss_sum = sum_all([seen, correct, loss_sum])
         val = evaluate(model, val_loader, device, stage.amp)

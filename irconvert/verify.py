@@ -60,7 +60,17 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
     tensors, meta = read(path, LATENT_FORMAT)
     net = _skeleton(meta, path, model)
     _load_strict(net, tensors, path)
+    net.irconvert_input_size = stored_input_size(meta)  # a re-export keeps it
     return net
+
+
+def stored_input_size(meta: dict[str, str]) -> Optional[tuple[int, ...]]:
+    """Return the input size (C, H, W) a file's metadata records, or None (files made without one)."""
+    try:
+        size = tuple(int(v) for v in json.loads(meta.get("input_size") or "[]"))
+    except (TypeError, ValueError):
+        return None
+    return size if len(size) == 3 else None
 
 
 def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
@@ -93,6 +103,7 @@ def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> n
         m.freeze(w, threshold)
         tensors[f"{name}.weight"] = m._parameters["weight"].data
     _load_strict(net, tensors, path)
+    net.irconvert_input_size = stored_input_size(meta)
     return net.eval()
 
 
@@ -125,9 +136,11 @@ def verify_file(packed: os.PathLike | str, latent: Optional[os.PathLike | str] =
     """Rebuild `packed`, compare it with the latent model (model.safetensors beside it by default)
     on random input, and return the size figures and the max abs difference (None without a latent file)."""
     packed = Path(packed)
+    if latent is not None and not Path(latent).is_file():
+        raise IRConvertError(f"--latent {latent}: file not found; pass the model.safetensors to compare with, "
+                             "or leave --latent out to use the one beside the packed file")
     net = load_packed(packed)
-    _, meta = read(packed, PACKED_FORMAT)
-    size_in = tuple(json.loads(meta.get("input_size") or "[]")) or default_input_size(net)
+    size_in = net.irconvert_input_size or default_input_size(net)
     latent = Path(latent) if latent else packed.with_name("model.safetensors")
     diff = None
     if latent.is_file():

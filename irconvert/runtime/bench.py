@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layer_summary import default_input_size
 from ..ops import sign
 from ..pack import binary_weight, fan_in_order, pack_signs
 from . import kernels
@@ -123,18 +124,21 @@ def fp32_model(path: os.PathLike | str) -> Optional[nn.Module]:
 
 
 @torch.no_grad()
-def model_rows(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: tuple[int, ...] = (3, 224, 224),
+def model_rows(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: Optional[tuple[int, ...]] = None,
                repeat: int = 10, case: Optional[str] = None, model: Optional[nn.Module] = None,
-               threads: tuple[int, ...] = (0,), fuse: bool = True) -> list[dict]:
-    """Return rows timing the fp32 model against the packed file run by the bitwise runtime.
+               threads: tuple[int, ...] = (0,), fuse: bool = True, per_layer: bool = False) -> list[dict]:
+    """Return rows timing the fp32 model against the packed file run by the bitwise runtime (and, with
+    `per_layer`, each bitwise layer against the same layer of the fp32 model, on the inputs it gets there).
 
     The fp32 model is `model` (the unconverted architecture, needed for files made from a user
     model, as for load_packed) or else the architecture named in the file, with random weights.
+    The input size is `input_size`, else the one stored in the file, else the model's own.
     Each row runs on one of `threads` (0: torch's current setting); `fuse` as in runtime.load.
     """
     fp32 = copy.deepcopy(model).eval() if model is not None else None
     net = load(path, model, fuse=fuse)
     fp32 = fp32 or fp32_model(path)
+    input_size = tuple(input_size or net.irconvert_input_size or default_input_size(fp32))
     n_bit = sum(v == "bitwise" for v in net.irconvert_runtime.values())
     rows, before = [], torch.get_num_threads()
     try:
@@ -147,8 +151,40 @@ def model_rows(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input
                                  input_size=list(input_size), bitwise_layers=n_bit,
                                  binary_layers=len(net.irconvert_runtime), fused=fuse,
                                  fp_share=round(1 - bitwise_share(net, x), 3)))
+                if per_layer:
+                    rows += layer_rows_of(net, fp32, x, repeat)
     finally:
         torch.set_num_threads(before)
+    return rows
+
+
+def _inputs(net: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Return the input each named layer of `net` receives when `net` runs on `x`."""
+    seen, hooks = {}, []
+    for name in names:
+        hooks.append(net.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, name=name: seen.setdefault(name, a[0].detach())))
+    try:
+        net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def layer_rows_of(net: nn.Module, fp32: nn.Module, x: torch.Tensor, repeat: int = 10) -> list[dict]:
+    """Return one row per bitwise layer of `net`: the fp32 model's layer of that name against it, each on
+    the input it receives in its own model."""
+    names = [n for n, m in net.named_modules() if isinstance(m, (BitwiseConv2d, BitwiseLinear))]
+    bw_in, fp_in = _inputs(net, x, names), _inputs(fp32, x, names)
+    rows = []
+    for name in names:
+        if name not in bw_in or name not in fp_in:
+            continue  # a layer this input does not reach
+        bw, fp = net.get_submodule(name), fp32.get_submodule(name)
+        times = paired_ms(lambda: fp(fp_in[name]), lambda: bw(bw_in[name]), repeat, warmup=2)
+        rows.append(_row(f"  {name}", x.shape[0], times, layer=name))
     return rows
 
 
@@ -163,18 +199,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_packed(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: tuple[int, ...] = (3, 224, 224),
+def bench_packed(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), input_size: Optional[tuple[int, ...]] = None,
                  repeat: int = 10, json_path: Optional[os.PathLike | str] = None) -> str:
-    """Return the Markdown table timing a packed file (see model_rows); write the rows to json_path if given."""
+    """Return the Markdown table timing a packed file, whole model and per bitwise layer (see model_rows);
+    write the rows to json_path if given."""
     from ..write import write_text
 
-    rows = model_rows(path, tuple(batches), tuple(input_size), repeat)
+    rows = model_rows(path, tuple(batches), input_size, repeat, per_layer=True)
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2) + "\n")
     r = rows[0]
-    return (markdown(rows) + f"\n\n{r['bitwise_layers']} of {r['binary_layers']} binary layers bitwise; "
+    return (markdown(rows) + f"\n\ninput {tuple(r['input_size'])}; {r['bitwise_layers']} of {r['binary_layers']} binary layers bitwise; "
             f"backend {r['backend']} ({r['isa'] or 'no compiled kernel'}), {r['threads']} threads; "
-            "fp32 is the unconverted architecture; medians of alternating runs")
+            "fp32 is the unconverted architecture (indented rows: one layer each, on the input it gets in "
+            "its model); medians of alternating runs")
 
 
 class _Timed(torch.fx.Interpreter):

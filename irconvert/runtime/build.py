@@ -28,6 +28,7 @@ float; its `.fusion` maps each bitwise conv to what was fused into it, or why no
 from __future__ import annotations
 
 import os
+import types
 from typing import Optional
 
 import torch
@@ -38,7 +39,7 @@ from ..layers import BinaryMixin
 from ..verify import load_packed
 from . import kernels
 from .fuse import RuntimeReport, fuse as fuse_graph
-from .layers import BitwiseConv2d, BitwiseLinear
+from .layers import BitwiseConv2d, BitwiseLinear, refuse_train
 
 _TWINS = {nn.Conv2d: BitwiseConv2d, nn.Linear: BitwiseLinear}
 
@@ -96,4 +97,5 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None, fuse: bool 
     if fuse:
         net = fuse_graph(net, report)
     net.irconvert_runtime = report
+    net.train = types.MethodType(refuse_train, net)  # refuse before any submodule's mode changes
     return net

@@ -37,7 +37,9 @@ from __future__ import annotations
 import functools
 import math
 import hashlib
+import logging
 import os
+import sys
 import platform
 import warnings
 from importlib import resources
@@ -82,6 +84,11 @@ def _build(march: str) -> tuple[Optional[ModuleType], str]:
         name = f"irconvert_bitwise_{key}"
         build_dir = _cache_dir() / name
         build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob(f"{name}*.so")):  # a first build takes minutes: say so before it starts
+            print(f"irconvert: building the bitwise kernel (once, ~1-2 min) in {build_dir} ...", file=sys.stderr,
+                  flush=True)
+        # torch logs "No CUDA runtime is found" on import where CUDA_HOME exists: irrelevant to a CPU kernel
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
         with resources.as_file(src) as path:

@@ -20,8 +20,36 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..errors import IRConvertError
 from ..layers import BinaryMixin
 from . import kernels
+
+INFERENCE_ONLY = ("irconvert.runtime: the bitwise model is inference only (xor/popcount has no gradient); "
+                  "train the latent model instead: irconvert.load('model.safetensors')")
+_ANCHOR = torch.zeros((), requires_grad=True)  # gives a bitwise output a backward that can refuse
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity forward; a backward through a bitwise layer raises instead of silently skipping it."""
+
+    @staticmethod
+    def forward(ctx, y, anchor):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise IRConvertError(INFERENCE_ONLY)
+
+
+def refuse_train(module: nn.Module, mode: bool = True) -> nn.Module:
+    """nn.Module.train for inference-only modules: eval() works, train() raises."""
+    if mode:
+        raise IRConvertError(INFERENCE_ONLY)
+    return nn.Module.train(module, False)
+
+
+def _guard(y: torch.Tensor) -> torch.Tensor:
+    return _NoBackward.apply(y, _ANCHOR) if torch.is_grad_enabled() else y
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -139,8 +167,10 @@ class BitwiseConv2d(nn.Module):
             self.bireal_input = x
         if self.threshold is not None:
             x = x - self.threshold.to(x.dtype).reshape(-1, 1, 1)
-        return bitwise_conv2d(x, self.weight_words, self.scale, self.bias, self.stride, self.padding,
-                              self.dilation, self.groups)
+        return _guard(bitwise_conv2d(x, self.weight_words, self.scale, self.bias, self.stride, self.padding,
+                                     self.dilation, self.groups))
+
+    train = refuse_train
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -169,7 +199,9 @@ class BitwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.threshold is not None:
             x = x - self.threshold.to(x.dtype)
-        return bitwise_linear(x, self.weight_words, self.scale, self.in_features, self.bias)
+        return _guard(bitwise_linear(x, self.weight_words, self.scale, self.in_features, self.bias))
+
+    train = refuse_train
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, W1A1 xor/popcount"
