@@ -241,8 +241,11 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
                          if v == "bitwise"}
         report.float_fusion = {}
         return net
+    for key, value in vars(net).items():  # what load_packed recorded (input size, origin, plan) goes along
+        if key.startswith("irconvert_"):
+            setattr(gm, key, value)
     gm.irconvert_runtime = report
-    return gm
+    return gm.eval()  # the containers GraphModule made are new, in training mode
 
 
 def _rewrite(gm: fx.GraphModule, report: RuntimeReport) -> None:

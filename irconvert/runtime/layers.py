@@ -232,6 +232,12 @@ class FusedConv2d(BitwiseConv2d):
         self.packed_input = packed_input
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        out = self._fused(x, residual)
+        if self.want_float and self.want_bits:
+            return _guard(out[0]), out[1]
+        return _guard(out) if self.want_float else out
+
+    def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor]):
         if self.packed_input:
             n, h, w = x.shape[:3]
         else:
