@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .fused import binary_sign
+
 T_MIN = 1e-3
 T_MAX = 10.0
 
@@ -40,9 +42,13 @@ class EDESign(torch.autograd.Function):
         return torch.ops.aten.tanh_backward(grad_out, th).mul_(ctx.k * ctx.t), None, None
 
 
-def ede_sign(x: torch.Tensor, t: float, k: float) -> torch.Tensor:
-    """Return sign(x) whose gradient is EDE's k * t * (1 - tanh^2(t x))."""
-    return EDESign.apply(x, t, k)
+def ede_sign(x: torch.Tensor, t, k: "float | None" = None) -> torch.Tensor:
+    """Return sign(x) whose gradient is EDE's k * t * (1 - tanh^2(t x)); t and k floats, or t a
+    tensor [t, k] (a binary layer's `ede_tk`, data rather than a constant under torch.compile).
+
+    Runs the fused op (irconvert.fused); `EDESign` above is the unfused reference it is tested against."""
+    tk = t if isinstance(t, torch.Tensor) else torch.tensor([float(t), float(k)])
+    return binary_sign(x, "ede", tk)
 
 
 def ede_t(progress: float, t_min: float = T_MIN, t_max: float = T_MAX) -> float:

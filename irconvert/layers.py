@@ -46,7 +46,8 @@ class BinaryMixin:
     """Put in front of an nn.Conv*d / nn.Linear class: weight and input are binarized by `binarizer`.
 
     Attributes set by `make_binary`: `binarizer` (a methods.Binarizer), `binary_mode` ('W1A1' or
-    'W1A32'), `ede_t` and `ede_k` (EDE's t and k, floats, not in the state_dict), `binary_gain`
+    'W1A32'), `ede_t` and `ede_k` (EDE's t and k, floats, not in the state_dict; the buffer `ede_tk`
+    holds them as a tensor for the fused sign, see `swap.set_ede`), `binary_gain`
     (the int g of the fixed gain 2^g), `binary_params` (names of the method's own parameters, such
     as SD-BNN's shifts; they are in the state_dict) and `binary_frozen` (True in a model rebuilt
     from a packed file: the stored weight already is 2^g * s * B, see `freeze`).
@@ -152,6 +153,8 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
     module.bireal_input = None
     module.ede_t = T_MIN
     module.ede_k = ede_k(T_MIN)
+    w = module._parameters["weight"]
+    module.register_buffer("ede_tk", torch.tensor([T_MIN, module.ede_k], device=w.device), persistent=False)
     module.binary_params = binarizer.init(module)
     return module
 

@@ -61,7 +61,7 @@ class Binarizer:
 
     def _sign(self, x: torch.Tensor, layer, estimator: str) -> torch.Tensor:
         if estimator == "ede":
-            return ede_sign(x, layer.ede_t, layer.ede_k)
+            return ede_sign(x, layer.ede_tk)
         return approx_sign(x) if estimator == "approx" else ste_sign(x)
 
     def _latent(self, w: torch.Tensor, layer) -> torch.Tensor:

@@ -6,6 +6,7 @@ import copy
 import warnings
 from typing import Iterator, Optional
 
+import torch
 from torch import nn
 
 from .analyze import analyze
@@ -63,8 +64,10 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def set_ede(model: nn.Module, t: float) -> None:
     """Set EDE's t, and k = max(1/t, 1), on every binary layer of `model`."""
     k = ede_k(t)
+    tk = torch.tensor([float(t), k])
     for _, m in binary_layers(model):
         m.ede_t, m.ede_k = float(t), k
+        m.ede_tk.copy_(tk)  # in place: a compiled graph reads the buffer, not the float
 
 
 def method_penalty(model: nn.Module):

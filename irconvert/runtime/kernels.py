@@ -65,13 +65,14 @@ def _cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(march: str) -> tuple[Optional[ModuleType], str]:
-    """Return (the compiled extension or None, why not); built at most once per process and -march."""
-    src = resources.files("irconvert") / "csrc" / "bitwise.cpp"
+def _build(march: str, source: str = "bitwise.cpp") -> tuple[Optional[ModuleType], str]:
+    """Return (the extension compiled from irconvert/csrc/`source` or None, why not); built at most
+    once per process, source and -march (the training kernels of irconvert.fused use it too)."""
+    src = resources.files("irconvert") / "csrc" / source
     try:
         code = src.read_bytes()
         key = hashlib.sha256(code + f"|{torch.__version__}|{march}|{_cpu_signature()}".encode()).hexdigest()[:16]
-        name = f"irconvert_bitwise_{key}"
+        name = f"irconvert_{source.rsplit('.', 1)[0]}_{key}"
         build_dir = _cache_dir() / name
         build_dir.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load
