@@ -181,7 +181,7 @@ def convert(
     gen = torch.Generator()
     train_loader, val_loader = data.loaders(recipe.data, gen, recipe.train.seed, world.rank, world.size)
     teacher_stage = Stage("teacher", fp, recipe.teacher.finetune or recipe.train, recipe.train.seed,
-                          amp=recipe.train.amp)
+                          amp=recipe.train.amp, compile=recipe.train.compile)
     stages = [teacher_stage]
 
     def checkpoint(stage: Stage, epoch: int, opt_state: dict) -> None:
@@ -228,6 +228,7 @@ def convert(
             p.requires_grad_(False)
     binary_stage = Stage("binary", student, recipe.train, recipe.train.seed, teacher=teacher,
                          distill=recipe.train.distill, ede=recipe.train.ede, amp=recipe.train.amp,
+                         compile=recipe.train.compile,
                          history=[r for r in history if r["stage"] == "binary"])
     stages.append(binary_stage)
 

@@ -45,6 +45,7 @@ class Stage:
     distill: Optional[DistillSection] = None
     ede: Optional[EDESection] = None
     amp: str = "off"
+    compile: "str | bool" = False  # the recipe's train.compile: True, False or "auto" (on for CUDA)
     history: list[dict] = field(default_factory=list)
 
 
@@ -114,6 +115,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     s, model = stage.schedule, stage.model
     # DDP averages gradients over processes; the state, EDE's t and the schedule stay on `model`
     net = DistributedDataParallel(model) if dist.is_initialized() else model
+    if stage.compile is True or (stage.compile == "auto" and device.type == "cuda"):
+        net = torch.compile(net)  # the binary layers' sign is a custom op: one graph, no break
     steps = min(len(train_loader), s.max_steps_per_epoch or len(train_loader))
     opt, sched = make_optimizer(model, s, steps)
     if resume:

@@ -3,7 +3,7 @@
 //   forward:  y = +1 where x >= 0, else -1 (sign(0) = +1; NaN gives -1, as !(NaN >= 0))
 //   backward: dL/dx = g * d(x), d one of
 //     ede     k * t * (1 - tanh^2(t x))    IR-Net's EDE, written 4 k t e / (1 + e)^2, e = exp(-2 |t x|)
-//     ste     1{|x| <= 1}                  the clipped straight-through estimator
+//     ste     1{|x| <= 1}                  the clipped straight-through estimator (g * 0 or g * 1, as PyTorch's mul)
 //     approx  max(0, 2 - 2 |x|)            Bi-Real Net's ApproxSign
 //
 // Math runs in float32 for float32, bfloat16 and float16 tensors; the result is rounded once to
@@ -64,14 +64,14 @@ void ede_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__
 template <typename T>
 void ste_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i)
-    out[i] = static_cast<T>(std::fabs(static_cast<float>(x[i])) <= 1.0f ? static_cast<float>(g[i]) : 0.0f);
+    out[i] = static_cast<T>(static_cast<float>(g[i]) * (std::fabs(static_cast<float>(x[i])) <= 1.0f ? 1.0f : 0.0f));
 }
 
 template <typename T>
 void approx_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const float d = 2.0f - 2.0f * std::fabs(static_cast<float>(x[i]));
-    out[i] = static_cast<T>(static_cast<float>(g[i]) * (d > 0.0f ? d : 0.0f));
+    out[i] = static_cast<T>(static_cast<float>(g[i]) * (d < 0.0f ? 0.0f : d));  // NaN stays NaN, as clamp
   }
 }
 

@@ -43,9 +43,10 @@ def _grad_kernel(g_ptr, x_ptr, tk_ptr, out_ptr, n, MODE: tl.constexpr, BLOCK: tl
         q = 1.0 + e
         out = g * (4.0 * k * t * e / (q * q))
     elif MODE == 1:
-        out = tl.where(tl.abs(x) <= 1.0, g, 0.0)
+        out = g * tl.where(tl.abs(x) <= 1.0, 1.0, 0.0)
     else:
-        out = g * tl.maximum(2.0 - 2.0 * tl.abs(x), 0.0)
+        d = 2.0 - 2.0 * tl.abs(x)
+        out = g * tl.where(d < 0.0, 0.0, d)  # NaN stays NaN, as PyTorch's clamp
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
