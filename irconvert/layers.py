@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .ede import T_MIN, ede_k, sign
+from .fused.saved import int8_signs
 from .methods import Binarizer
 from .sdbnn import per_input_channel
 
@@ -73,7 +74,11 @@ class BinaryMixin:
         if self.bireal_keep_input:  # the Bi-Real shortcut (shortcut.py) adds it after the BatchNorm
             self.bireal_input = input
         if self.binary_mode == "W1A1":
-            input = self._frozen_sign(input) if self.binary_frozen else self.binarizer.activation(input, self)
+            if self.binary_frozen:
+                return super().forward(self._frozen_sign(input), *args, **kwargs)
+            input = self.binarizer.activation(input, self)
+            with int8_signs(input):  # the signs the weight gradient needs, kept as int8
+                return super().forward(input, *args, **kwargs)
         return super().forward(input, *args, **kwargs)
 
     def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,16 @@ EXP_MIN, EXP_MAX = -64, 63
 
 def balance(w: torch.Tensor) -> torch.Tensor:
     """Return w_hat = (w - mean) / std per output channel, 0 for constant channels."""
+    flat, mean, inv = balance_stats(w)
+    return ((flat - mean) * inv).reshape(w.shape)
+
+
+def balance_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (w as float32 [out, fan-in], mean [out, 1], 1/std [out, 1] with 0 for constant channels):
+    w_hat = (flat - mean) * inv, the ops `balance` runs (the fused op recomputes w_hat from these)."""
     flat = w.reshape(w.shape[0], -1).float()
-    centered = flat - flat.mean(dim=1, keepdim=True)
+    mean = flat.mean(dim=1, keepdim=True)
+    centered = flat - mean
     n = flat.shape[1]
     if n > 1:
         var = centered.square().sum(dim=1, keepdim=True) / (n - 1)
@@ -33,7 +41,7 @@ def balance(w: torch.Tensor) -> torch.Tensor:
     # single multiply, as this runs in every forward pass; sqrt sees no 0, so no inf gradient
     ok = var > 0
     inv = ok / torch.where(ok, var, torch.ones_like(var)).sqrt()
-    return (centered * inv).reshape(w.shape)
+    return flat, mean, inv
 
 
 def scale_exponent(w_hat: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 from . import libra, scaled, sdbnn
 from .ede import ede_sign, sign
 from .errors import IRConvertError
+from .fused.libra_pb import libra_pb
 from .quantizers import approx_sign, ste_sign
 
 Estimator = Literal["ste", "ede", "approx"]
@@ -91,9 +92,11 @@ class Binarizer:
 
     def weight(self, w: torch.Tensor, layer) -> torch.Tensor:
         """Return the effective binary weight (scale * B) used in the forward pass."""
+        estimator = self.weight_estimator or self.estimator
+        if self.balance and self.scale == "pow2" and not self.shift:  # IR-Net's own weight path, fused
+            return libra_pb(w, estimator, layer.ede_tk if estimator == "ede" else None)
         w_hat = libra.balance(w) if self.balance else w
-        b = self._sign(sdbnn.shift_weight(w_hat, layer) if self.shift else w_hat, layer,
-                       self.weight_estimator or self.estimator)
+        b = self._sign(sdbnn.shift_weight(w_hat, layer) if self.shift else w_hat, layer, estimator)
         s = self._scale(w_hat, layer)
         return b if s is None else (b * s).to(w.dtype)
 
