@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .ede import sign
 from .fused import binary_sign
+from .ops import sign
 
 
 class SurrogateSign(torch.autograd.Function):
