@@ -213,8 +213,8 @@ def table(device: str, cases: list[str], compiles: list[bool], repeats: int, ste
             print(json.dumps(row), flush=True)
             rows = [r for r in rows if (r["case"], r["device"], r["compile"]) != (row["case"], device, compiled)]
             rows.append(row)
-    rows.sort(key=lambda r: (r["device"], r["case"], r["compile"]))
-    write_results("throughput", rows, table_markdown(rows))
+            rows.sort(key=lambda r: (r["device"], r["case"], r["compile"]))
+            write_results("throughput", rows, table_markdown(rows))  # after each row: a long run keeps what it did
 
 
 def main() -> None:

@@ -155,14 +155,20 @@ def _step(model: nn.Module, loss: torch.Tensor, opt, scaler, grad_clip: Optional
         scaler.update()
 
 
+def training_net(model: nn.Module, compile: "str | bool", device: torch.device) -> nn.Module:
+    """Return what the steps call: `model`, under DDP when processes share the work, compiled when
+    train.compile says so (auto: on CUDA); the state, EDE's t and the schedule stay on `model`."""
+    net = DistributedDataParallel(model) if dist.is_initialized() else model
+    if compile is True or (compile == "auto" and device.type == "cuda"):
+        net = torch.compile(net)  # the binary layers' sign is a custom op: one graph, no break
+    return net
+
+
 def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoch: int = 0,
         resume: Optional[dict] = None, on_epoch: Optional[Callable[[Stage, int, dict], None]] = None) -> Stage:
     """Train `stage.model` for its schedule's epochs; `on_epoch(stage, epoch, state)` checkpoints."""
     s, model = stage.schedule, stage.model
-    # DDP averages gradients over processes; the state, EDE's t and the schedule stay on `model`
-    net = DistributedDataParallel(model) if dist.is_initialized() else model
-    if stage.compile is True or (stage.compile == "auto" and device.type == "cuda"):
-        net = torch.compile(net)  # the binary layers' sign is a custom op: one graph, no break
+    net = training_net(model, stage.compile, device)
     steps = min(len(train_loader), s.max_steps_per_epoch or len(train_loader))
     opt, sched = make_optimizer(model, s, steps)
     _restore(opt, sched, resume)

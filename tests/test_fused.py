@@ -238,3 +238,17 @@ def test_triton_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_train_compile_recipe_field_and_where_it_applies():
+    from irconvert.recipe import TrainSection
+    from irconvert.train import training_net
+
+    assert TrainSection().compile == "auto"
+    assert TrainSection(compile=True).compile is True and TrainSection(compile=False).compile is False
+    with pytest.raises(Exception, match="compile"):
+        TrainSection(compile="sometimes")
+    model = small_binary()
+    cpu = torch.device("cpu")
+    assert training_net(model, "auto", cpu) is model and training_net(model, False, cpu) is model
+    assert isinstance(training_net(model, True, cpu), torch._dynamo.eval_frame.OptimizedModule)

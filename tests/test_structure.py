@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "irconvert"
 # then what runs them. A module may import only modules listed before it.
 ORDER = [
     "version", "errors", "ops", "fileformat", "graph",
-    "ede", "quantizers", "libra", "sdbnn", "scaled", "methods", "layers", "shortcut",
+    "libra", "fused",  # the fused training ops (Libra-PB's op reuses libra's statistics)
+    "ede", "quantizers", "sdbnn", "scaled", "methods", "layers", "shortcut",
     "models",  # load
     "analyze", "plan", "recipe", "data",
     "swap", "layer_summary", "distributed",
@@ -26,13 +27,13 @@ MAX_LINES = 60
 
 def _module(path: Path) -> str:
     rel = path.relative_to(PKG).with_suffix("")
-    return rel.parts[0] if rel.parts[0] == "runtime" else ".".join(rel.parts)
+    return rel.parts[0] if rel.parts[0] in ("runtime", "fused") else ".".join(rel.parts)
 
 
 def _imports(path: Path) -> set[str]:
     """The irconvert modules `path` imports, anywhere in the file (function-local imports too)."""
     found = set()
-    inside_runtime = path.parent.name == "runtime"
+    inside_runtime = path.parent.name in ("runtime", "fused")
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = (node.module or "").split(".")[0]
@@ -50,11 +51,12 @@ def _imports(path: Path) -> set[str]:
 
 
 def _files():
-    return [p for p in sorted(PKG.rglob("*.py")) if p.name not in ("__init__.py", "__main__.py") or p.parent.name == "runtime"]
+    return [p for p in sorted(PKG.rglob("*.py"))
+            if p.name not in ("__init__.py", "__main__.py") or p.parent.name in ("runtime", "fused")]
 
 
 def test_every_module_has_a_place_in_the_order():
-    assert {_module(p) for p in _files() if p.parent == PKG} | {"runtime"} == set(ORDER)
+    assert {_module(p) for p in _files() if p.parent == PKG} | {"runtime", "fused"} == set(ORDER)
 
 
 @pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(PKG)))
