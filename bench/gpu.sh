@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The checks for a lent GPU machine, in one script: the training-throughput check (bf16 and fp32) and
+# The checks for a lent GPU machine, in one script: the training-throughput table (GPU rows of
+# bench/results/throughput.json: resnet18 28x28 fp32 and resnet34 224x224 bf16, eager and compiled),
+# the older throughput check (bf16 and fp32) and
 # the accuracy benchmark's longer schedule (11 runs in parallel on the one GPU, binary epochs chosen
 # by a timed probe to fit MINUTES). Results land in $OUT (default bench/results).
 #   bench/gpu.sh [MINUTES]
@@ -12,6 +14,8 @@ python3 -c "import torch, timm, pydantic; print('torch', torch.__version__, 'tim
 for amp in bf16 off; do
   python3 bench/throughput.py --device cuda --amp $amp --steps 300 2>&1 | tail -3 | tee -a "$OUT/gpu-throughput.txt"
 done
+python3 bench/throughput.py --table --device cuda --repeats 5 --steps 20 2>&1 | tail -8 | tee -a "$OUT/gpu-throughput.txt"
+[ "$OUT" != bench/results ] && cp bench/results/throughput.* "$OUT"/ 2>/dev/null
 python3 bench/accuracy.py --device cuda --jobs 11 --fp-epochs 15 --minutes "$MINUTES" --name accuracy-gpu 2>&1 \
   | tee "$OUT/accuracy-gpu.log"
 status=$?

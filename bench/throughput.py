@@ -1,17 +1,33 @@
-"""Training throughput (images/s, all processes together) of the Fashion-MNIST recipe's model, full
-precision vs binarized, on real data. Runs alone or under torchrun:
+"""Training throughput, full precision vs binarized (IR-Net W1A1, the fused sign op).
+
+The table (bench/results/throughput.json + .md, in the README):
+
+    python bench/throughput.py --table [--device cuda] [--cases resnet18-28,resnet34-224] [--compile 0,1]
+
+one row per case, device and compile setting: images/s of FP and binary training steps (forward,
+backward, AdamW step; random inputs, so data loading is not timed), their ratio, and the step's
+peak memory above what was resident before it (weights, optimizer state): CUDA
+`max_memory_allocated`, CPU peak RSS (VmHWM, reset through /proc/self/clear_refs; glibc is told to
+return large blocks to the system so that RSS follows the tensors). FP and binary repeats
+alternate in one process, one process per row. Cases: resnet18 1x28x28 batch 128 fp32 (the
+Fashion-MNIST recipe's model) and resnet34 3x224x224 under bf16 autocast (batch 128 on a GPU, 16 on
+the CPU).
+
+The older single measurement on real data, alone or under torchrun (bench/distributed.py):
 
     python bench/throughput.py                                   # 1 process
     torchrun --standalone --nproc_per_node=2 bench/throughput.py # 2 processes (gloo on CPU)
-    python bench/throughput.py --device cuda --amp bf16 --steps 300   # the GPU check
-
-Prints one JSON line (rank 0); bench/distributed.py runs the CPU cases and writes the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +37,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import irconvert
 from irconvert import distributed
+from irconvert.models import create_model
 from irconvert.run import build_model
 from irconvert.data import build_data
 from irconvert.recipe import load_recipe
 from irconvert.train import _autocast, logits_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion-mnist.yaml"
 
@@ -64,13 +84,161 @@ def measure(model, loader, device, amp: str, steps: int, warmup: int = 3) -> flo
     return time.perf_counter() - t0
 
 
+CASES = {  # name: (model, recipe-style kwargs, input shape, dtype, batch on GPU, batch on CPU)
+    "resnet18-28": ("resnet18", {"num_classes": 10, "in_chans": 1}, (1, 28, 28), "fp32", 128, 128),
+    "resnet34-224": ("resnet34", {"num_classes": 1000}, (3, 224, 224), "bf16", 128, 16),
+}
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def make_step(model, x, y, amp: str):
+    """Return a function running one training step of `model` on (x, y)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device = x.device
+
+    def step():
+        with _autocast(device, amp):
+            loss = torch.nn.functional.cross_entropy(logits_of(model(x)).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def peak_mib(step, device: torch.device) -> float:
+    """Return the peak memory of one step above what was resident before it, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _rss_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    step()
+    return _rss_mib("VmHWM") - before
+
+
+def run_case(name: str, device: torch.device, compiled: bool, repeats: int, steps: int) -> dict:
+    """Return one table row: FP and binary training images/s (alternating repeats) and step peak memory."""
+    arch, kwargs, shape, dtype, gpu_batch, cpu_batch = CASES[name]
+    batch = gpu_batch if device.type == "cuda" else cpu_batch
+    torch.manual_seed(0)
+    if name == "resnet18-28":  # the Fashion-MNIST recipe's model: stride-2 stem, no max-pool
+        recipe = load_recipe(RECIPE)
+        fp = create_model(arch, "timm", adapt={"first_stride": recipe.model.first_stride,
+                                               "stem_pool": recipe.model.stem_pool}, **kwargs)
+        policy = recipe.binarize
+    else:
+        fp = create_model(arch, "timm", **kwargs)
+        policy = None
+    binary = irconvert.binarize(fp, policy).to(device)
+    fp = fp.to(device)
+    amp = "bf16" if dtype == "bf16" else "off"
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, kwargs["num_classes"], (batch,), device=device)
+    steps_of = {}
+    for label, model in (("fp", fp), ("binary", binary)):
+        model.train()
+        steps_of[label] = make_step(torch.compile(model) if compiled else model, x, y, amp)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {"fp": [], "binary": []}
+    for label in times:  # warm-up (and compilation)
+        for _ in range(2):
+            steps_of[label]()
+    peaks = {label: peak_mib(steps_of[label], device) for label in times}
+    for _ in range(repeats):
+        for label in times:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                steps_of[label]()
+            sync()
+            times[label].append((time.perf_counter() - t0) / steps)
+    fp_s, bin_s = statistics.median(times["fp"]), statistics.median(times["binary"])
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"case": f"{arch} {'x'.join(map(str, shape))}", "device": device.type, "card": card,
+            "threads": torch.get_num_threads(), "dtype": dtype, "compile": compiled, "batch": batch,
+            "fp_img_s": round(batch / fp_s, 1), "binary_img_s": round(batch / bin_s, 1),
+            "ratio": round(fp_s / bin_s, 3), "fp_peak_mib": round(peaks["fp"], 1),
+            "binary_peak_mib": round(peaks["binary"], 1), "repeats": repeats, "steps_per_repeat": steps}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """Return the README table of the rows."""
+    lines = ["| case | device | card | dtype | compile | batch | FP img/s | binary img/s | binary / FP "
+             "| FP peak MiB | binary peak MiB | binary / FP memory |", "|" + "---|" * 12]
+    for r in rows:
+        card = r["card"] + (f", {r['threads']} threads" if r["device"] == "cpu" else "")
+        mem = r["binary_peak_mib"] / r["fp_peak_mib"] if r["fp_peak_mib"] > 0 else float("nan")
+        lines.append(f"| {r['case']} | {r['device']} | {card} | {r['dtype']} | {r['compile']} | {r['batch']} "
+                     f"| {r['fp_img_s']} | {r['binary_img_s']} | {r['ratio']:.2f} | {r['fp_peak_mib']} "
+                     f"| {r['binary_peak_mib']} | {mem:.2f} |")
+    return "\n".join(lines)
+
+
+def table(device: str, cases: list[str], compiles: list[bool], repeats: int, steps: int) -> None:
+    """Run each (case, compile) in its own process and merge the rows into bench/results/throughput.json."""
+    root = str(RECIPE.parents[1])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TQDM_DISABLE": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = RESULTS / "throughput.json"
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    for case in cases:
+        for compiled in compiles:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--row", case, "--device", device,
+                   "--compile", str(int(compiled)), "--repeats", str(repeats), "--steps", str(steps)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows = [r for r in rows if (r["case"], r["device"], r["compile"]) != (row["case"], device, compiled)]
+            rows.append(row)
+            rows.sort(key=lambda r: (r["device"], r["case"], r["compile"]))
+            write_results("throughput", rows, table_markdown(rows))  # after each row: a long run keeps what it did
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--table", action="store_true", help="run the cases and write bench/results/throughput.*")
+    ap.add_argument("--row", choices=sorted(CASES), help="(internal) print one table row as JSON")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--compile", default="0,1", help="0, 1 or 0,1")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30; --table: per repeat, 2)")
     ap.add_argument("--batch", type=int, default=128, help="global batch (split over processes)")
     args = ap.parse_args()
+    if args.steps is None:
+        args.steps = 2 if (args.row or args.table) else 30
+    if args.row:
+        print(json.dumps(run_case(args.row, torch.device(args.device), args.compile == "1", args.repeats,
+                                  args.steps)), flush=True)
+        return
+    if args.table:
+        table(args.device, args.cases.split(","), [c == "1" for c in args.compile.split(",")], args.repeats,
+              args.steps)
+        return
     device = torch.device(args.device)
     world = distributed.setup("auto", device)
     if device.type == "cuda" and world.size > 1:

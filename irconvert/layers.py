@@ -35,6 +35,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .fused.saved import int8_signs
 from .methods.ede import T_MIN, ede_k
 from .methods import Binarizer
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude, per_input_channel, sign  # noqa: F401  (re-exported)
@@ -66,7 +67,7 @@ class BinaryMixin:
     """Put in front of an nn.Conv*d / nn.Linear class: weight and input are binarized by the layer's
     method. `make_binary` sets `binary`, a BinaryState; `binarizer`, `binary_mode`, `binary_gain`,
     `binary_frozen`, `binary_params`, `ede_t`, `ede_k`, `bireal_keep_input` and `bireal_input` read
-    and write its fields.
+    and write its fields. The non-persistent buffer `ede_tk` holds [t, k] as a tensor for the fused sign.
     """
 
     binarizer = _state("method", "the binarization method")
@@ -74,7 +75,7 @@ class BinaryMixin:
     binary_gain = _state("gain", "g of the fixed gain 2^g")
     binary_frozen = _state("frozen", "True in a model rebuilt from a packed file")
     binary_params = _state("params", "names of the method's own parameters")
-    ede_t = _state("ede_t", "EDE's t")
+    ede_t = _state("ede_t", "EDE's t (set_ede also writes it to the buffer ede_tk the sign reads)")
     ede_k = _state("ede_k", "EDE's k")
     bireal_keep_input = _state("keep_input", "a Bi-Real shortcut reads the input")
     bireal_input = _state("input", "the input a Bi-Real shortcut reads")
@@ -96,7 +97,11 @@ class BinaryMixin:
         if self.bireal_keep_input:  # the Bi-Real shortcut (shortcut.py) adds it after the BatchNorm
             self.bireal_input = input
         if self.binary_mode == "W1A1":
-            input = self._frozen_sign(input) if self.binary_frozen else self.binarizer.activation(input, self)
+            if self.binary_frozen:
+                return super().forward(self._frozen_sign(input), *args, **kwargs)
+            input = self.binarizer.activation(input, self)
+            with int8_signs(input):  # the signs the weight gradient needs, kept as int8
+                return super().forward(input, *args, **kwargs)
         return super().forward(input, *args, **kwargs)
 
     def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +173,9 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     module.__class__ = binary_class(type(module))
     module.binary = BinaryState(binarizer, mode, int(gain))
+    w = module._parameters["weight"]
+    # EDE's t and k as data for the fused sign: a compiled graph reads the buffer, not a constant
+    module.register_buffer("ede_tk", torch.tensor([T_MIN, ede_k(T_MIN)], device=w.device), persistent=False)
     module.binary.params = binarizer.init(module)
     return module
 
@@ -182,8 +190,10 @@ def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def set_ede(model: nn.Module, t: float) -> None:
     """Set EDE's t, and k = max(1/t, 1), on every binary layer of `model`."""
     k = ede_k(t)
+    tk = torch.tensor([float(t), k])
     for _, m in binary_layers(model):
         m.ede_t, m.ede_k = float(t), k
+        m.ede_tk.copy_(tk)  # in place: a compiled graph reads the buffer, not the float
 
 
 def method_penalty(model: nn.Module):

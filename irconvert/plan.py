@@ -8,9 +8,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    import torch
 
 from .analyze import Analysis, LayerFacts
 from .errors import IRConvertError
@@ -164,7 +167,7 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
     return LayerPlan(facts.name, mode, reason, gain)
 
 
-def plan(analysis: Analysis, policy: Policy, modules: dict[str, "nn.Module"]) -> Plan:
+def plan(analysis: Analysis, policy: Policy, modules: dict[str, "torch.nn.Module"]) -> Plan:
     """Return the Plan of `policy` over `analysis`; `modules` maps layer names to the layers."""
     unknown = [n for n in policy.layers if n not in analysis.layers]
     warnings = [analysis.warning] if analysis.warning else []

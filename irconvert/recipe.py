@@ -109,6 +109,7 @@ class TrainSection(Schedule):
     device: str = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun jobs: NCCL on GPUs, gloo on CPUs
     sync_bn: bool = False  # torchrun jobs on GPUs: BatchNorm statistics over all processes
+    compile: Union[Literal["auto"], bool] = "auto"  # torch.compile the model for training; auto: on CUDA
 
     @field_validator("amp", mode="before")
     @classmethod

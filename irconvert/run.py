@@ -136,7 +136,7 @@ def finetune_teacher(fp: nn.Module, folder: RunFolder, loaders, dev: torch.devic
     """Fine-tune the FP model for `teacher.finetune` (if set), resuming from the folder's checkpoint."""
     r = folder.recipe
     stage = Stage("teacher", fp, r.teacher.finetune or r.train, r.train.seed, amp=r.train.amp,
-                  history=folder.history("teacher"))
+                  compile=r.train.compile, history=folder.history("teacher"))
     folder.stages.append(stage)
     if folder.state is not None:
         fp.load_state_dict(folder.state["teacher"])
@@ -154,7 +154,7 @@ def train_binary(student: nn.Module, fp: nn.Module, folder: RunFolder, loaders, 
     if r.train.distill.enabled:
         teacher = copy.deepcopy(fp).eval().requires_grad_(False)
     stage = Stage("binary", student, r.train, r.train.seed, teacher=teacher, distill=r.train.distill,
-                  ede=r.train.ede, amp=r.train.amp, history=folder.history("binary"))
+                  ede=r.train.ede, amp=r.train.amp, compile=r.train.compile, history=folder.history("binary"))
     folder.stages.append(stage)
     start, opt_state = folder.resume_point("binary", 0)
     if opt_state is not None:

@@ -9,7 +9,6 @@ an epoch's checkpoint continues exactly as one that was never stopped.
 from __future__ import annotations
 
 import difflib
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -47,6 +46,7 @@ class Stage:
     distill: Optional[DistillSection] = None
     ede: Optional[EDESection] = None
     amp: str = "off"
+    compile: "str | bool" = False  # the recipe's train.compile: True, False or "auto" (on for CUDA)
     history: list[dict] = field(default_factory=list)
 
 
@@ -177,12 +177,20 @@ def _progress(bar, lines: bool, what: str, i: int, steps: int, loss: float, acc:
         print(f"{what} step {i + 1}/{steps}: loss {loss:.4f}  acc {acc:.1f}%", flush=True)
 
 
+def training_net(model: nn.Module, compile: "str | bool", device: torch.device) -> nn.Module:
+    """Return what the steps call: `model`, under DDP when processes share the work, compiled when
+    train.compile says so (auto: on CUDA); the state, EDE's t and the schedule stay on `model`."""
+    net = DistributedDataParallel(model) if dist.is_initialized() else model
+    if compile is True or (compile == "auto" and device.type == "cuda"):
+        net = torch.compile(net)  # the binary layers' sign is a custom op: one graph, no break
+    return net
+
+
 def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoch: int = 0,
         resume: Optional[dict] = None, on_epoch: Optional[Callable[[Stage, int, dict], None]] = None) -> Stage:
     """Train `stage.model` for its schedule's epochs; `on_epoch(stage, epoch, state)` checkpoints."""
     s, model = stage.schedule, stage.model
-    # DDP averages gradients over processes; the state, EDE's t and the schedule stay on `model`
-    net = DistributedDataParallel(model) if dist.is_initialized() else model
+    net = training_net(model, stage.compile, device)
     steps = min(len(train_loader), s.max_steps_per_epoch or len(train_loader))
     opt, sched = make_optimizer(model, s, steps)
     _restore(opt, sched, resume)

@@ -36,6 +36,9 @@ class Binarizer:
     """A sign binarizer; subclass it (or its mixins) and `register_method` the class to add a method."""
 
     name: ClassVar[str] = "vanilla"
+    # the fused sign's mode ("ste", "ede", "approx") that this class's own weight_sign runs; a class that
+    # overrides weight_sign without setting it here gets the unfused weight path
+    weight_sign_mode: ClassVar[Optional[str]] = "ste"
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)

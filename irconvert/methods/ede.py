@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..fused import binary_sign
 from ..ops import sign
 
 T_MIN = 1e-3
@@ -37,9 +38,13 @@ class EDESign(torch.autograd.Function):
         return torch.ops.aten.tanh_backward(grad_out, th).mul_(ctx.k * ctx.t), None, None
 
 
-def ede_sign(x: torch.Tensor, t: float, k: float) -> torch.Tensor:
-    """Return sign(x) whose gradient is EDE's k * t * (1 - tanh^2(t x))."""
-    return EDESign.apply(x, t, k)
+def ede_sign(x: torch.Tensor, t, k: "float | None" = None) -> torch.Tensor:
+    """Return sign(x) whose gradient is EDE's k * t * (1 - tanh^2(t x)); t and k floats, or t a
+    tensor [t, k] (a binary layer's `ede_tk`, data rather than a constant under torch.compile).
+
+    Runs the fused op (irconvert.fused); `EDESign` above is the unfused reference it is tested against."""
+    tk = t if isinstance(t, torch.Tensor) else torch.tensor([float(t), float(k)])
+    return binary_sign(x, "ede", tk)
 
 
 def ede_t(progress: float, t_min: float = T_MIN, t_max: float = T_MAX) -> float:
@@ -54,11 +59,19 @@ def ede_k(t: float) -> float:
     return max(1.0 / t, 1.0)
 
 
+def layer_tk(layer):
+    """Return the layer's [t, k] buffer (set_ede keeps it), else its floats t and k."""
+    tk = getattr(layer, "ede_tk", None)
+    return (tk,) if tk is not None else (layer.ede_t, layer.ede_k)
+
+
 class EDE:
     """EDE as a method part: both signs get k * t * (1 - tanh^2(t x)), with the layer's t and k."""
 
+    weight_sign_mode = "ede"  # the fused sign's mode that weight_sign runs (see LibraPB.weight)
+
     def weight_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return ede_sign(x, layer.ede_t, layer.ede_k)
+        return ede_sign(x, *layer_tk(layer))
 
     def input_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return ede_sign(x, layer.ede_t, layer.ede_k)
+        return ede_sign(x, *layer_tk(layer))

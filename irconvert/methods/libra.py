@@ -22,10 +22,18 @@ EXP_MIN, EXP_MAX = -64, 63
 
 def balance(w: torch.Tensor) -> torch.Tensor:
     """Return w_hat = (w - mean) / std per output channel, 0 for constant channels."""
+    flat, mean, inv = balance_stats(w)
+    return ((flat - mean) * inv).reshape(w.shape)
+
+
+def balance_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (w as [out, fan-in], float32 for half types, mean [out, 1], 1/std [out, 1] with 0 for constant
+    channels): w_hat = (flat - mean) * inv, the ops `balance` runs (the fused op recomputes w_hat from these)."""
     flat = w.reshape(w.shape[0], -1)
     if flat.dtype in (torch.float16, torch.bfloat16):  # autocast or a half model: statistics in float32
         flat = flat.float()
-    centered = flat - flat.mean(dim=1, keepdim=True)
+    mean = flat.mean(dim=1, keepdim=True)
+    centered = flat - mean
     n = flat.shape[1]
     if n > 1:
         var = centered.square().sum(dim=1, keepdim=True) / (n - 1)
@@ -35,7 +43,7 @@ def balance(w: torch.Tensor) -> torch.Tensor:
     # single multiply, as this runs in every forward pass; sqrt sees no 0, so no inf gradient
     ok = var > 0
     inv = ok / torch.where(ok, var, torch.ones_like(var)).sqrt()
-    return (centered * inv).reshape(w.shape)
+    return flat, mean, inv
 
 
 def scale_exponent(w_hat: torch.Tensor) -> torch.Tensor:
@@ -52,7 +60,22 @@ def pow2(exponent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class LibraPB:
-    """Libra-PB as a method part: signs of w_hat, the detached power-of-two scale s."""
+    """Libra-PB as a method part: signs of w_hat, the detached power-of-two scale s.
+
+    Where a method takes Libra-PB's weight path as it is (no shift, this scale, a weight sign the fused
+    op knows), `weight` runs it as one op (libra_pb.py): the same bits, less memory and fewer passes."""
+
+    def weight(self, w: torch.Tensor, layer) -> torch.Tensor:
+        mode = _fused_mode(type(self))
+        if mode is None or w.dtype == torch.float64:
+            return super().weight(w, layer)
+        from .libra_pb import libra_pb
+
+        tk = None
+        if mode == "ede":
+            tk = getattr(layer, "ede_tk", None)
+            tk = tk if tk is not None else torch.tensor([layer.ede_t, layer.ede_k], device=w.device)
+        return libra_pb(w, mode, tk)
 
     def standardize(self, w: torch.Tensor, layer) -> torch.Tensor:
         return balance(w)
@@ -65,3 +88,14 @@ class LibraPB:
 
     def magnitude(self, layer) -> float:
         return 1.0  # w_hat has unit spread: the gain is not in it
+
+
+def _fused_mode(cls) -> "str | None":
+    """Return the fused sign mode of `cls`'s weight path if it is Libra-PB's own, else None."""
+    from .base import Binarizer
+
+    if (cls.standardize is not LibraPB.standardize or cls.scale is not LibraPB.scale
+            or cls.shift_weight is not Binarizer.shift_weight):
+        return None
+    owner = next(k for k in cls.__mro__ if "weight_sign" in vars(k))
+    return vars(owner).get("weight_sign_mode")

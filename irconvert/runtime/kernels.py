@@ -36,68 +36,21 @@ from __future__ import annotations
 
 import functools
 import math
-import hashlib
-import logging
 import os
-import sys
-import platform
 import warnings
-from importlib import resources
-from pathlib import Path
-from types import ModuleType
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import IRConvertError
+from ..native import build as _build
 
 ENV_BACKEND = "IRCONVERT_RUNTIME"
 BACKENDS = ("auto", "native", "python")
 WORD = 64
 LANES = 8  # linear output channels per weight block: word k of 8 channels is one 512-bit vector
 _MASKS = (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F)
-
-
-def _cpu_signature() -> str:
-    """Return the CPU's model and flags: a binary built with -march=native is only valid on that CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "irconvert"
-    return Path(os.environ.get("IRCONVERT_CACHE") or default)
-
-
-@functools.lru_cache(maxsize=None)
-def _build(march: str) -> tuple[Optional[ModuleType], str]:
-    """Return (the compiled extension or None, why not); built at most once per process and -march."""
-    src = resources.files("irconvert") / "csrc" / "bitwise.cpp"
-    try:
-        code = src.read_bytes()
-        key = hashlib.sha256(code + f"|{torch.__version__}|{march}|{_cpu_signature()}".encode()).hexdigest()[:16]
-        name = f"irconvert_bitwise_{key}"
-        build_dir = _cache_dir() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob(f"{name}*.so")):  # a first build takes minutes: say so before it starts
-            print(f"irconvert: building the bitwise kernel (once, ~1-2 min) in {build_dir} ...", file=sys.stderr,
-                  flush=True)
-        # torch logs "No CUDA runtime is found" on import where CUDA_HOME exists: irrelevant to a CPU kernel
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        from torch.utils.cpp_extension import load
-
-        with resources.as_file(src) as path:
-            ext = load(name=name, sources=[str(path)], build_directory=str(build_dir), with_cuda=False,
-                       extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        return ext, ""
-    except Exception as exc:  # no compiler, no ninja, a failed compile: all mean "use the fallback"
-        first = str(exc).strip().splitlines()
-        return None, f"{type(exc).__name__}: {first[-1][:200] if first else ''}"
 
 
 def backend() -> str:

@@ -1,0 +1,72 @@
+"""Libra-PB as one op per layer: Q(w) = s * sign(w_hat), keeping only w and two numbers per channel.
+
+IR-Net (Qin et al., CVPR 2020, Sec. 3.2), per output channel i over its fan-in of n weights:
+
+    w_hat_i = (w_i - mu_i) * r_i,   mu_i = mean(w_i),  r_i = 1 / std(w_i) (unbiased; 0 for a constant channel)
+    Q(w)_i  = s_i * sign(w_hat_i),  s_i = 2^round(log2 mean|w_hat_i|), detached
+
+The forward is `libra.balance`, `libra.scale_exponent` and `sign`, the same ops in the same order,
+so Q is bit-identical to the unfused code. The backward recomputes w_hat from w, mu and r (the same
+ops again, so the same bits) instead of keeping it and the balancing's temporaries, several
+weight-sized tensors per layer, and applies the chain rule in closed form:
+
+    g_hat = d(w_hat) * s * dL/dQ                       the sign's surrogate (EDE, STE, ...)
+    dL/dw = r * (g_hat - mean(g_hat) - w_hat * sum(g_hat * w_hat) / (n - 1))
+
+(the derivative of standardization; r = 0 makes a constant channel's gradient 0, as before).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..fused.sign import binary_sign_grad, sign_torch
+from . import libra
+
+
+@torch.library.custom_op("irconvert::libra_pb", mutates_args=())
+def libra_pb_op(w: torch.Tensor, tk: Optional[torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor, torch.Tensor]:
+    """Return (Q(w) in w's dtype, mu [O, 1], r [O, 1], s [O] float32); tk and mode shape the backward."""
+    flat, mu, r = libra.balance_stats(w)
+    w_hat = (flat - mu) * r  # libra.balance
+    s = libra.pow2(libra.scale_exponent(w_hat), w_hat)
+    return (sign_torch(w_hat) * s).reshape(w.shape).to(w.dtype), mu, r, s.reshape(-1)
+
+
+@libra_pb_op.register_fake
+def _(w, tk, mode):
+    o = w.shape[0]
+    f32 = dict(dtype=torch.float32, device=w.device)
+    return torch.empty_like(w), w.new_empty((o, 1), **f32), w.new_empty((o, 1), **f32), w.new_empty((o,), **f32)
+
+
+def _setup(ctx, inputs, output) -> None:
+    w, tk, mode = inputs
+    _, mu, r, s = output
+    ctx.save_for_backward(w, tk, mu, r, s)
+    ctx.mode = mode
+    ctx.mark_non_differentiable(mu, r, s)
+
+
+def _backward(ctx, grad_q, *_):
+    w, tk, mu, r, s = ctx.saved_tensors
+    flat = w.reshape(w.shape[0], -1).float()
+    w_hat = (flat - mu) * r  # libra.balance's ops: the same w_hat, bit for bit
+    g = grad_q.reshape(flat.shape).float() * s[:, None]
+    g_hat = binary_sign_grad(g, w_hat, tk, ctx.mode)
+    n = flat.shape[1]
+    dot = (g_hat * w_hat).sum(dim=1, keepdim=True) / max(n - 1, 1)
+    grad_w = r * (g_hat - g_hat.mean(dim=1, keepdim=True) - w_hat * dot)
+    return grad_w.reshape(w.shape).to(w.dtype), None, None
+
+
+libra_pb_op.register_autograd(_backward, setup_context=_setup)
+
+
+def libra_pb(w: torch.Tensor, mode: str = "ede", tk: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return Libra-PB's Q(w) = 2^round(log2 mean|w_hat|) * sign(w_hat) per output channel, its
+    gradient through sign by `mode`'s surrogate (tk = tensor [t, k] for EDE)."""
+    return libra_pb_op(w, tk, mode)[0]
