@@ -12,6 +12,7 @@ from .analyze import analyze
 from .ede import ede_k
 from .layers import BinaryMixin, make_binary
 from .methods import get_method
+from .origin import infer_origin
 from .plan import Plan, Policy, plan
 from .shortcut import add_shortcut
 
@@ -44,8 +45,10 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
         policy = policy.model_copy(update=policy_fields)
     if any(isinstance(m, BinaryMixin) for m in model.modules()):
         raise ValueError("model is already binarized")
+    origin = infer_origin(model)  # before any change: it compares the model with a rebuilt architecture
     if not inplace:
         model = copy.deepcopy(model)
+    model.irconvert_origin = origin
     analysis = analyze(model)
     the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
     for w in the_plan.warnings:

@@ -193,3 +193,36 @@ def test_modules_that_check_their_state_dict_version_reload(tmp_path):
     net = irconvert.binarize(create_model("torchvision:mnasnet0_5", num_classes=10))  # MNASNet refuses a missing version
     loaded = irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
     assert max_abs_diff(net, loaded, torch.randn(2, 3, 64, 64)) == 0
+
+
+# ---------------------------------------------------------------- self-contained packed files
+
+
+@pytest.mark.parametrize("build, origin", [
+    (lambda: timm.create_model("resnet18"), ("resnet18", "timm", {})),
+    (lambda: timm.create_model("resnet18", num_classes=3, in_chans=1, global_pool="max"),
+     ("resnet18", "timm", {"num_classes": 3, "in_chans": 1, "global_pool": "max"})),
+    (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32),
+     ("vit_tiny_patch16_224", "timm", {"num_classes": 7, "img_size": 32})),
+    (lambda: torchvision.models.resnet18(num_classes=5), ("resnet18", "torchvision", {"num_classes": 5})),
+    (lambda: torchvision.models.googlenet(num_classes=4, aux_logits=False, init_weights=True),
+     ("googlenet", "torchvision", {"num_classes": 4, "aux_logits": False})),
+])
+def test_models_built_outside_irconvert_reload_without_the_architecture(build, origin, tmp_path):
+    torch.manual_seed(0)
+    model = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = irconvert.binarize(model)
+    o = net.irconvert_origin
+    assert (o["name"], o["source"], o["kwargs"]) == origin
+    loaded = irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
+    chans = origin[2].get("in_chans", 3)
+    assert max_abs_diff(net, loaded, torch.randn(1, chans, 32, 32)) == 0
+
+
+def test_user_model_has_no_origin_and_says_so(tmp_path):
+    net = irconvert.binarize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 2, 1)))
+    assert net.irconvert_origin is None
+    with pytest.raises(irconvert.IRConvertError, match="model=MyNet"):
+        irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
