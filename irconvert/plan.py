@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -107,6 +107,7 @@ class Plan:
     hardtanh: tuple[str, ...]
     warnings: tuple[str, ...]
     shortcuts: tuple[tuple[str, str], ...] = ()  # (binary conv, the BatchNorm after it)
+    live: dict[str, float] = field(default_factory=dict)  # W1A1 layer -> share of +1 input bits (calibrate.py)
 
     @property
     def binary(self) -> list[str]:

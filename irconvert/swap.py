@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
+
+import torch
 
 from torch import nn
 
 from .analyze import analyze
+from .calibrate import Batch
+from .calibrate import calibrate as fix_one_signed
 from .ede import ede_k
 from .layers import BinaryMixin, make_binary
 from .methods import get_method
@@ -33,11 +37,15 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
     return model
 
 
-def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = False, **policy_fields) -> nn.Module:
+def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = False,
+             calibrate: Union[Batch, bool, None] = None, **policy_fields) -> nn.Module:
     """Return `model` with its conv/linear layers binarized by `policy` (IR-Net W1A1 by default).
 
-    analyze (fx graph) -> plan (policy) -> swap. With inplace=False the caller's model is untouched.
-    Keyword arguments are Policy fields, a shortcut for `policy=Policy(...)`.
+    analyze (fx graph) -> plan (policy) -> swap -> calibrate. With inplace=False the caller's model is
+    untouched. `calibrate` is the batch (a tensor or a tuple of the forward's arguments) on which the
+    W1A1 inputs are checked for one-signed bits (calibrate.py); None: random normal input at the
+    model's input size; False: no check. Keyword arguments are Policy fields, a shortcut for
+    `policy=Policy(...)`.
     """
     if policy is None:
         policy = Policy(**policy_fields)
@@ -53,7 +61,27 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
     for w in the_plan.warnings:
         warnings.warn(w, stacklevel=2)
-    return swap(model, the_plan)
+    swap(model, the_plan)
+    if calibrate is False or not any(lp.mode == "W1A1" for lp in the_plan.layers.values()):
+        return model
+    model.irconvert_plan, notes = _calibrate(model, analysis, calibrate)
+    for w in notes:
+        warnings.warn(w, stacklevel=2)
+    return model
+
+
+def _calibrate(model: nn.Module, analysis, calibrate) -> tuple[Plan, list[str]]:
+    """Run calibrate.py's check on the given batch, or on random normal input at the model's input size."""
+    if calibrate is not None and calibrate is not True:
+        return fix_one_signed(model, analysis, calibrate)
+    from .summary import default_input_size
+
+    size = (2,) + tuple(default_input_size(model))
+    try:
+        return fix_one_signed(model, analysis, torch.randn(size, generator=torch.Generator().manual_seed(0)))
+    except Exception as exc:  # the model wants other input: say how to give it
+        return model.irconvert_plan, [f"calibration skipped: the model does not run on random input of shape "
+                                      f"{size} ({type(exc).__name__}); pass binarize(..., calibrate=batch)"]
 
 
 def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
