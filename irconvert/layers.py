@@ -54,6 +54,7 @@ class BinaryMixin:
 
     binary_gain = 0
     binary_params: tuple[str, ...] = ()
+    input_grad_scale = 1.0  # W1A1: the input's gradient is multiplied by it (see calibrate.py)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -72,6 +73,8 @@ class BinaryMixin:
         if self.bireal_keep_input:  # the Bi-Real shortcut (shortcut.py) adds it after the BatchNorm
             self.bireal_input = input
         if self.binary_mode == "W1A1":
+            if self.input_grad_scale != 1.0 and not self.binary_frozen and torch.is_grad_enabled():
+                input = GradScale.apply(input, self.input_grad_scale)
             input = self._frozen_sign(input) if self.binary_frozen else self.binarizer.activation(input, self)
         return super().forward(input, *args, **kwargs)
 
@@ -94,6 +97,19 @@ class BinaryMixin:
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_mode}, method={self.binarizer.name}"
+
+
+class GradScale(torch.autograd.Function):
+    """Identity forward, gradient times c backward: EDE on the normalized input a / std(a)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: float) -> torch.Tensor:
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.c, None
 
 
 class BinaryConv2d(BinaryMixin, nn.Conv2d):
@@ -139,8 +155,10 @@ def can_binarize(module: nn.Module) -> bool:
     return w.dim() == want_dim and w.shape[0] == out
 
 
-def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gain: int = 0) -> nn.Module:
-    """Turn `module` into a binary layer in place (its class gains BinaryMixin), its weight times 2^gain; return it."""
+def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gain: int = 0,
+                grad_scale: float = 1.0) -> nn.Module:
+    """Turn `module` into a binary layer in place (its class gains BinaryMixin), its weight times 2^gain,
+    its input's gradient times grad_scale; return it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     module.__class__ = binary_class(type(module))
@@ -148,6 +166,7 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
     module.binary_mode = mode
     module.binary_frozen = False
     module.binary_gain = int(gain)
+    module.input_grad_scale = float(grad_scale)
     module.bireal_keep_input = False
     module.bireal_input = None
     module.ede_t = T_MIN

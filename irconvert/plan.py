@@ -96,6 +96,7 @@ class LayerPlan:
     mode: Optional[str]
     reason: str
     gain: int = 0  # the binary weight is 2^gain * s * B
+    grad_scale: float = 1.0  # W1A1: dL/da = grad_scale * EDE'(a) * dL/dB, 1 / std(a) at calibration
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
     method = get_method(the_plan.policy.method)
     for name, lp in the_plan.layers.items():
         if lp.mode is not None:
-            make_binary(model.get_submodule(name), method, lp.mode, lp.gain)
+            make_binary(model.get_submodule(name), method, lp.mode, lp.gain, lp.grad_scale)
     for conv, norm in the_plan.shortcuts:
         add_shortcut(model.get_submodule(conv), model.get_submodule(norm), the_plan.policy.shortcut == "gated")
     for name in the_plan.hardtanh:
