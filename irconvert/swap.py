@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .analyze import analyze
+from .attention import prepare_attention
 from .calibrate import Batch
 from .calibrate import calibrate as fix_one_signed
 from .ede import ede_k
@@ -23,6 +24,7 @@ from .shortcut import add_shortcut
 
 def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
     """Make the planned layers binary and replace the planned activations, in place; return model."""
+    prepare_attention(model)  # the plan names nn.MultiheadAttention's projections as layers
     method = get_method(the_plan.policy.method)
     for name, lp in the_plan.layers.items():
         if lp.mode is not None:
@@ -57,6 +59,7 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     if not inplace:
         model = copy.deepcopy(model)
     model.irconvert_origin = origin
+    prepare_attention(model)
     analysis = analyze(model)
     the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
     for w in the_plan.warnings:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .attention import prepare_attention
 from .errors import IRConvertError
 from .layers import BinaryMixin
 from .plan import LayerPlan, Plan, Policy
@@ -48,6 +49,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
     try:
         layers = {n: LayerPlan(n, mode, "from file", int(gains.get(n, 0)), float(scales.get(n, 1.0)))
                   for n, mode in decisions.items()}
+        prepare_attention(model)  # nn.MultiheadAttention's projections are layers of the plan
         for n in layers:
             model.get_submodule(n)
         return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts))
