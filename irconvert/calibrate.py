@@ -109,9 +109,9 @@ def calibrate(model: nn.Module, analysis: Analysis, batch: Batch) -> tuple[Plan,
     for name, st in list(stats.items()):
         why = dead(st)
         if why is not None:
-            how = ("" if st.varying <= LIVE else "; no ReLU reaches it that a Hardtanh could replace (a sigmoid or "
-                   "softmax gate, a functional relu)" if not analysis.layers[name].sources
-                   else "; it stays so with Hardtanh in place of its ReLUs")
+            how = ("" if name not in signed else "; it stays so with Hardtanh in place of its ReLUs"
+                   if analysis.layers[name].sources else
+                   "; no ReLU reaches it that a Hardtanh could replace (a sigmoid or softmax gate, a functional relu)")
             model.get_submodule(name).binary_mode = "W1A32"
             lp = layers[name]
             layers[name] = dataclasses.replace(lp, mode="W1A32", reason=f"{lp.reason}; W1A32 as its input bits were dead")
