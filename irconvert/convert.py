@@ -217,7 +217,7 @@ def convert(
     t = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        student = binarize(fp, recipe.binarize)
+        student = binarize(fp, recipe.binarize, calibrate=calibration_batch(data))
     for w in caught:
         log(f"warning: {w.message}")
     times["binarize"] = time.time() - t
@@ -347,6 +347,14 @@ def convert_only(
     return report
 
 
+def calibration_batch(data: Data, n: int = 64) -> torch.Tensor:
+    """Return the first n training images, the same on every run, resume and export (augmentation seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        items = [data.train[i] for i in range(min(n, len(data.train)))]
+        return (data.val_collate or torch.utils.data.default_collate)(items)[0]
+
+
 def export_run(path: Union[str, os.PathLike], overwrite: bool = False, log=print) -> dict[str, str]:
     """Write model.safetensors and packed.safetensors from a run folder (its checkpoint) or a model.safetensors."""
     from .verify import load
@@ -371,7 +379,7 @@ def export_run(path: Union[str, os.PathLike], overwrite: bool = False, log=print
         fp = create_model(origin["name"], origin["source"], adapt=origin.get("adapt"), **origin.get("kwargs", {}))
         # binarize the same FP weights the run binarized: the per-layer gains come from them
         fp.load_state_dict(state["teacher"])
-        student = binarize(fp, recipe.binarize)
+        student = binarize(fp, recipe.binarize, calibrate=calibration_batch(build_data(recipe.data)))
         student.load_state_dict(state["model"])
         student.irconvert_input_size = tuple(json.loads(state.get("input_size") or "[]")) or None
         out, digest = run, state["recipe_hash"]

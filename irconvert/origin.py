@@ -15,11 +15,13 @@ the architecture passed in.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
+_SIDES = (32, 64, 96, 112, 128, 160, 192, 224, 256, 288, 320, 384, 448, 512)
 Origin = dict[str, Any]  # {"name", "source", "kwargs", "adapt"}: the arguments of create_model
 
 
@@ -44,12 +46,34 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _on_meta(build: Callable[[], nn.Module]) -> Optional[nn.Module]:
+    """Return build() with its parameters on the meta device (no memory), or None if it fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                return build()
+        except Exception:
+            pass
+        try:  # builders that compute with tensors (torchvision's RegNet widths) need real ones
+            with _parameters_on_meta():
+                return build()
+        except Exception:
+            return None
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Move every parameter to the meta device as it is registered: one layer's memory at a time."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param if param is None else nn.Parameter(param.detach().to("meta"), param.requires_grad))
+
+    nn.Module.register_parameter = on_meta
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return build()
-    except Exception:
-        return None
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _timm_settings(model: nn.Module) -> dict[str, Any]:
@@ -86,10 +110,17 @@ def _timm_origin(model: nn.Module, arch: str) -> Optional[Origin]:
         return None
     base = _timm_settings(default)
     kwargs = {k: v for k, v in _timm_settings(model).items() if base.get(k) != v}
-    rebuilt = default if not kwargs else _on_meta(lambda: timm.create_model(arch, **kwargs))
-    if rebuilt is None or _shapes(rebuilt) != _shapes(model):
-        return None
-    return {"name": arch, "source": "timm", "kwargs": kwargs, "adapt": {}}
+    want = _shapes(model)
+    # a model built for another image size that keeps no img_size attribute (LeViT's attention
+    # biases, ...) shows it only in its shapes: try the usual sizes
+    trials = [kwargs] + ([dict(kwargs, img_size=side) for side in _SIDES] if "img_size" not in kwargs else [])
+    for kw in trials:
+        rebuilt = default if not kw else _on_meta(lambda: timm.create_model(arch, **kw))
+        if rebuilt is not None and _shapes(rebuilt) == want:
+            return {"name": arch, "source": "timm", "kwargs": kw, "adapt": {}}
+        if rebuilt is None and kw is not kwargs:
+            return None  # the architecture takes no img_size
+    return None
 
 
 def _torchvision_origin(model: nn.Module) -> Optional[Origin]:

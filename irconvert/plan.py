@@ -40,7 +40,9 @@ class Policy(BaseModel):
     always kept; a W1A1 layer whose weight other code reads directly (F.linear(x, self.qkv.weight),
     nn.MultiheadAttention's out_proj) becomes W1A32, since its input never passes through it.
     `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by Hardtanh(-1, 1)
-    (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1.
+    (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1. What the graph
+    alone cannot tell (a ReLU behind a product or a softmax-weighted sum, a sigmoid gate, a pooled
+    input) `binarize` measures on a calibration batch after the swap and fixes (calibrate.py).
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
