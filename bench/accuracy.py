@@ -44,13 +44,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
-
-from irconvert.convert import build_model, convert  # noqa: E402
-from irconvert.data import build_data  # noqa: E402
-from irconvert.recipe import load_recipe  # noqa: E402
-from irconvert.train import Stage, evaluate, fit  # noqa: E402
+from bench.common import RESULTS, write_results
+from irconvert.run import build_model, run
+from irconvert.data import build_data
+from irconvert.recipe import load_recipe
+from irconvert.train import Stage, evaluate, fit
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion-mnist.yaml"
 
@@ -107,7 +105,7 @@ def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Pa
     over = binary + extra + ["teacher.finetune=null", "model.pretrained=false", "output.plot=false",
                              "output.checkpoint=false", "output.export=false", f"train.device={device}"]
     t0 = time.time()
-    report = convert("resnet18", RECIPE, out=out, weights=str(fp_file), overrides=tuple(over), seed=seed,
+    report = run("resnet18", RECIPE, out=out, weights=str(fp_file), overrides=tuple(over), seed=seed,
                      log=lambda *a: None)
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"top1": report["binary"]["top1"], "curve": curve, "minutes": (time.time() - t0) / 60}
@@ -129,7 +127,7 @@ def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work:
     def worker(job: tuple[str, int]) -> dict:
         name, seed = job
         res = work / f"result-{runs.index(job)}.json"
-        cmd = [sys.executable, __file__, "--worker", name, "--seed", str(seed), "--fp-weights", str(fp_file),
+        cmd = [sys.executable, "-m", "bench.accuracy", "--worker", name, "--seed", str(seed), "--fp-weights", str(fp_file),
                "--result", str(res), "--device", device, "--work", str(work), "--binary", json.dumps(binary)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

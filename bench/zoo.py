@@ -4,9 +4,9 @@ binary inputs, a gradient norm within 100x the FP model's and a loss that 20 Ada
 exported to packed.safetensors, rebuilt from that file alone and compared with the trained model in
 eval mode. The per-model check is bench/zoo_check.py.
 
-    python bench/zoo.py                       # all lists, 2 workers
-    python bench/zoo.py --list fast --jobs 1  # the 40 deployment models
-    python bench/zoo.py --list timm --only 'vit*' --limit 5
+    python -m bench.zoo                       # all lists, 2 workers
+    python -m bench.zoo --list fast --jobs 1  # the 40 deployment models
+    python -m bench.zoo --list timm --only 'vit*' --limit 5
 
 Each model runs in a worker process with a per-model timeout; a crash or hang costs that model only
 (the worker is restarted). Writes bench/results/zoo.json (one object per model) and zoo.md.
@@ -25,13 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from bench import zoo_lists
+from bench.zoo_check import ADAMW_STEPS, BATCH, MAX_GRAD_RATIO, MIN_LOSS_DROP, TOLERANCE, _record, check_model
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import zoo_lists  # noqa: E402
-
-from zoo_check import (ADAMW_STEPS, BATCH, MAX_GRAD_RATIO, MIN_LOSS_DROP, TOLERANCE,  # noqa: E402
-                       _record, check_model)
 
 def worker_main() -> None:
     """Read model specs from stdin, write stage and result lines (JSON) to the original stdout."""
@@ -62,7 +60,7 @@ class Worker:
         # the checkout this script is in, not whichever irconvert is installed
         path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.zoo", "--worker"], cwd=str(HERE.parent),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1, env=env)
         self.lines: queue.Queue = queue.Queue()

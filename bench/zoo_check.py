@@ -1,4 +1,4 @@
-"""One model of the zoo sweep (bench/zoo.py runs this in its worker processes): create it (random init,
+"""One model of the zoo sweep (`python -m bench.zoo` runs this in its worker processes): create it (random init,
 10 classes), binarize it with the default policy, and check that it
 
     has live binary inputs   every W1A1 layer's input bits have both signs (calibrate.py), at least

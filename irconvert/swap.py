@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -14,8 +14,7 @@ from .analyze import analyze
 from .attention import prepare_attention
 from .calibrate import Batch
 from .calibrate import calibrate as fix_one_signed
-from .ede import ede_k
-from .layers import BinaryMixin, make_binary
+from .layers import BinaryMixin, binary_layers, make_binary, method_penalty, set_ede  # noqa: F401  (public here)
 from .methods import get_method
 from .origin import infer_origin
 from .plan import Plan, Policy, plan
@@ -77,7 +76,7 @@ def _calibrate(model: nn.Module, analysis, calibrate) -> tuple[Plan, list[str]]:
     """Run calibrate.py's check on the given batch, or on random normal input at the model's input size."""
     if calibrate is not None and calibrate is not True:
         return fix_one_signed(model, analysis, calibrate)
-    from .summary import default_input_size
+    from .layer_summary import default_input_size
 
     size = (2,) + tuple(default_input_size(model))
     try:
@@ -85,23 +84,3 @@ def _calibrate(model: nn.Module, analysis, calibrate) -> tuple[Plan, list[str]]:
     except Exception as exc:  # the model wants other input: say how to give it
         return model.irconvert_plan, [f"calibration skipped: the model does not run on random input of shape "
                                       f"{size} ({type(exc).__name__}); pass binarize(..., calibrate=batch)"]
-
-
-def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Yield (name, module) for every binarized layer of `model`."""
-    for name, m in model.named_modules():
-        if isinstance(m, BinaryMixin):
-            yield name, m
-
-
-def set_ede(model: nn.Module, t: float) -> None:
-    """Set EDE's t, and k = max(1/t, 1), on every binary layer of `model`."""
-    k = ede_k(t)
-    for _, m in binary_layers(model):
-        m.ede_t, m.ede_k = float(t), k
-
-
-def method_penalty(model: nn.Module):
-    """Return the sum of the binary layers' method loss terms (trained-scale L2, ...), or None if none has one."""
-    terms = [t for _, m in binary_layers(model) if (t := m.binarizer.penalty(m)) is not None]
-    return sum(terms) if terms else None

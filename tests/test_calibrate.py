@@ -46,7 +46,7 @@ def _loss_drop(net, x, y, steps=20):
     first = None
     for _ in range(steps):
         loss = F.cross_entropy(net(x), y)
-        first = float(loss) if first is None else first
+        first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
