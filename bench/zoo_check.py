@@ -97,25 +97,23 @@ def grad_norm(net, x, labels) -> float:
 
 
 def loss_drop(net, x, labels, steps: int = ADAMW_STEPS) -> tuple[float, float]:
-    """Run `steps` AdamW steps (lr 1e-3) on the batch; return (first loss, loss after the steps)."""
+    """Run `steps` AdamW steps (lr 1e-3) on the batch; return (loss before, loss after them)."""
     import torch
 
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    first = None
-    for _ in range(steps + 1):
+    losses = []
+    for step in range(steps + 1):
         loss = loss_of(net(x), labels)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {float(loss)}")
-        if first is None:
-            first = float(loss)
-        if _ == steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            raise RuntimeError(f"loss became {float(loss)} at step {step}")
+        losses.append(float(loss))
+        if step < steps:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     opt.zero_grad(set_to_none=True)
-    return first, float(loss)
+    return losses[0], losses[-1]
 
 
 def _record(name: str, source: str) -> dict:
