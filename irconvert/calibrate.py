@@ -98,9 +98,9 @@ def calibrate(model: nn.Module, analysis: Analysis, batch: Batch) -> tuple[Plan,
     stats = input_stats(model, batch)
     hardtanh = set(the_plan.hardtanh)
     signed = [n for n, st in stats.items() if st.share <= LIVE or st.share >= 1 - LIVE]
-    # a policy with hardtanh off keeps its ReLUs: its one-signed layers go straight to W1A32
-    new = sorted({r for n in signed for r in analysis.layers[n].sources} - hardtanh)
-    new = new if the_plan.policy.replace_relu else []
+    # a policy that says hardtanh: false keeps its ReLUs: its one-signed layers go straight to W1A32
+    keep_relus = the_plan.policy.hardtanh is False
+    new = [] if keep_relus else sorted({r for n in signed for r in analysis.layers[n].sources} - hardtanh)
     for name in new:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, nn.Hardtanh(-1.0, 1.0))
@@ -112,7 +112,7 @@ def calibrate(model: nn.Module, analysis: Analysis, batch: Batch) -> tuple[Plan,
         why = dead(st)
         if why is not None:
             how = ("" if name not in signed else "; the policy keeps its ReLUs (hardtanh: false)"
-                   if not the_plan.policy.replace_relu else "; it stays so with Hardtanh in place of its ReLUs"
+                   if keep_relus else "; it stays so with Hardtanh in place of its ReLUs"
                    if analysis.layers[name].sources else
                    "; no ReLU reaches it that a Hardtanh could replace (a sigmoid or softmax gate, a functional relu)")
             model.get_submodule(name).binary_mode = "W1A32"
