@@ -1,10 +1,12 @@
 """Model-zoo sweep: every timm family and every torchvision classifier is created (random init,
-10 classes), binarized with the default policy, trained one SGD step, exported to packed.safetensors,
-rebuilt from that file alone and compared with the trained model in eval mode.
+10 classes), binarized with the default policy (calibrated on the sweep's batch), checked for live
+binary inputs, a gradient norm within 100x the FP model's and a loss that 20 AdamW steps lower by 10%,
+exported to packed.safetensors, rebuilt from that file alone and compared with the trained model in
+eval mode. The per-model check is bench/zoo_check.py.
 
-    python bench/zoo.py                       # all lists, 2 workers
-    python bench/zoo.py --list fast --jobs 1  # the 40 deployment models
-    python bench/zoo.py --list timm --only 'vit*' --limit 5
+    python -m bench.zoo                       # all lists, 2 workers
+    python -m bench.zoo --list fast --jobs 1  # the 40 deployment models
+    python -m bench.zoo --list timm --only 'vit*' --limit 5
 
 Each model runs in a worker process with a per-model timeout; a crash or hang costs that model only
 (the worker is restarted). Writes bench/results/zoo.json (one object per model) and zoo.md.
@@ -15,165 +17,18 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import math
 import os
 import queue
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from bench import zoo_lists
+from bench.zoo_check import ADAMW_STEPS, BATCH, MAX_GRAD_RATIO, MIN_LOSS_DROP, TOLERANCE, _record, check_model
+
 HERE = Path(__file__).resolve().parent
-
-from bench import zoo_lists  # noqa: E402
-
-STAGES = ("create", "binarize", "train", "export", "reload", "compare")
-TOLERANCE = 1e-5
-SMALL = 64
-
-
-# ---------------------------------------------------------------- one model (runs in a worker)
-
-
-def _tensors(out) -> list:
-    """Flatten a model output (tensor, tuple, list, dict, namedtuple) into its tensors."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
-
-
-def _input_size(model) -> tuple[int, ...]:
-    """Return (C, H, W): the smallest of 64, 96, ..., 224 below its own input size on which the
-    unconverted model runs in training mode (auxiliary heads and all), else its own input size."""
-    import torch
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    native = tuple(cfg.get("input_size", (3, 224, 224)))
-    c = native[0]
-    tried = []
-    # the small sizes first; models with a patch grid or a fixed pooling need a multiple of it
-    sides = [SMALL, 96, 112, 128, 160, 192, 224]
-    for size in [(c, h, h) for h in sides if h < native[1]] + [native, (c, 224, 224), (c, 299, 299)]:
-        if size in tried:
-            continue
-        tried.append(size)
-        try:
-            with torch.no_grad():
-                model.train()(torch.randn(2, *size))
-            return size
-        except Exception:
-            continue
-    raise RuntimeError(f"the unconverted model runs on none of the input sizes {tried}")
-
-
-def _train_step(net, size: tuple[int, ...], rec: dict) -> None:
-    """One SGD step (lr 1e-3) on random data, the gradient norm clipped to 1 (timm's --clip-grad);
-    records the gradient norm, computed in float64 so that a huge one shows as a number."""
-    import torch
-
-    import irconvert
-
-    net.train()
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    floats = [t for t in _tensors(net(torch.randn(2, *size))) if t.is_floating_point() and t.requires_grad]
-    if not floats:
-        raise RuntimeError("the model output holds no tensor that depends on the parameters")
-    loss = sum(t.float().pow(2).mean() for t in floats)
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"loss is {float(loss)}")
-    loss.backward()
-    if rec["binary_layers"] and all(m.latent_weight.grad is None for _, m in irconvert.binary_layers(net)):
-        raise RuntimeError("no binary layer received a gradient")
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
-    rec["grad_norm"] = norm
-    if not math.isfinite(norm):
-        raise RuntimeError(f"gradient norm is {norm} (float32 overflow in the backward)")
-    for g in grads:
-        g.mul_(min(1.0, 1.0 / (norm + 1e-6)))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def check_model(spec: str, report=lambda stage: None) -> dict:
-    """Run every stage on model `spec` ('name' or 'torchvision:name'); return the result record."""
-    import warnings
-
-    import torch
-
-    import irconvert
-    from irconvert.models import create_model, split_name
-    from irconvert.verify import max_abs_diff
-
-    source, name = split_name(spec)
-    rec = {"model": name, "source": source, "status": "fail", "stage": "create", "reason": "",
-           "binary_layers": None, "kept_layers": None, "w1a32_layers": None, "binary_mac_share": None,
-           "size_ratio": None, "input_size": None, "traced": None, "grad_norm": None, "bypassed": None, "max_abs_diff": None,
-           "seconds": None}
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    stage = "create"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report(stage)
-            model = create_model(spec, num_classes=10)
-            size = _input_size(model)
-            rec["input_size"] = list(size)
-
-            stage = "binarize"
-            report(stage)
-            net = irconvert.binarize(model, inplace=True)  # a copy would double the peak memory
-            del model
-            the_plan = net.irconvert_plan
-            rec["binary_layers"] = len(the_plan.binary)
-            rec["kept_layers"] = len(the_plan.layers) - len(the_plan.binary)
-            rec["w1a32_layers"] = sum(p.mode == "W1A32" for p in the_plan.layers.values())
-            rec["traced"] = not any("could not trace" in w for w in the_plan.warnings)
-            rec["binary_mac_share"] = round(irconvert.summary(net, size).binary_mac_share, 4)
-
-            stage = "train"
-            report(stage)
-            called: set[str] = set()
-            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: called.add(n))
-                     for n, m in irconvert.binary_layers(net)]
-            _train_step(net, size, rec)
-            for h in hooks:
-                h.remove()
-            rec["bypassed"] = sorted(set(dict(irconvert.binary_layers(net))) - called)
-            net.eval()
-
-            stage = "export"
-            report(stage)
-            with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
-                packed = irconvert.save_packed(net, Path(tmp) / "packed.safetensors")
-                latent = irconvert.save_latent(net, Path(tmp) / "model.safetensors")
-                rec["size_ratio"] = round(packed.stat().st_size / latent.stat().st_size, 4)
-
-                stage = "reload"
-                report(stage)
-                loaded = irconvert.load_packed(packed)
-
-            stage = "compare"
-            report(stage)
-            diff = max_abs_diff(net, loaded, torch.randn(1, *size))
-            rec["max_abs_diff"] = diff
-            if not diff <= TOLERANCE:
-                raise RuntimeError(f"reloaded model differs from the trained one by {diff:.3g} > {TOLERANCE:g}")
-        rec.update(status="ok", stage="", reason="")
-    except Exception as exc:
-        text = " ".join(str(exc).split()) or ""
-        rec.update(stage=stage, reason=f"{type(exc).__name__}: {text}"[:300])
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
-    return rec
 
 
 def worker_main() -> None:
@@ -202,8 +57,10 @@ class Worker:
         self.proc = None
 
     def _start(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.zoo", "--worker"],
+        # the checkout this script is in, not whichever irconvert is installed
+        path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.zoo", "--worker"], cwd=str(HERE.parent),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1, env=env)
         self.lines: queue.Queue = queue.Queue()
@@ -264,10 +121,7 @@ class Worker:
                 stage = msg["stage"]
                 continue
             self.stop()
-            return {"model": name, "source": source, "status": "fail", "stage": stage, "reason": reason,
-                    "binary_layers": None, "kept_layers": None, "binary_mac_share": None,
-                    "size_ratio": None, "input_size": None, "traced": None, "max_abs_diff": None,
-                    "seconds": round(time.perf_counter() - t0, 2)}
+            return dict(_record(name, source), stage=stage, reason=reason, seconds=round(time.perf_counter() - t0, 2))
 
 
 def select(which: str, only: str | None, limit: int | None) -> tuple[list[tuple[str, list[str]]], dict]:
@@ -394,8 +248,12 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
 
     lines = ["# Model-zoo sweep", "",
              f"timm {timm.__version__}, torchvision {torchvision.__version__}, torch {torch.__version__}; "
-             f"random init, 10 classes, default policy (W1A1 IR-Net, first/last/depthwise kept); "
-             f"one SGD step, export to packed.safetensors, rebuild from it, eval outputs within {TOLERANCE:g}. "
+             f"random init, 10 classes, default policy (W1A1 IR-Net, first/last/depthwise kept), calibrated on the "
+             f"sweep's batch ({BATCH} random normal images, fixed random labels). A model passes if every W1A1 input "
+             f"has live bits, its gradient norm is at most {MAX_GRAD_RATIO:g}x the FP model's on the same batch, "
+             f"{ADAMW_STEPS} AdamW steps (lr 1e-3) on that batch lower the loss by at least {100 * MIN_LOSS_DROP:g}%, "
+             f"and packed.safetensors, rebuilt without the architecture passed in, gives eval outputs within "
+             f"{TOLERANCE:g}. "
              f"Sweep wall time {wall / 60:.1f} min with {jobs} worker(s) on {os.cpu_count()} CPU cores.", "",
              "| list | models | pass | fail | pass rate |", "|---|---:|---:|---:|---:|"]
     names = sorted({lst for r in results for lst in r["lists"]}, key=["timm", "torchvision", "fast"].index)
@@ -440,7 +298,7 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
         share = sorted(r["binary_mac_share"] for r in ok)[len(ok) // 2]
         untraced = [r["model"] for r in ok if r["traced"] is False]
         w1a32 = [r["model"] for r in ok if r.get("w1a32_layers")]
-        norms = sorted((r["grad_norm"], r["model"]) for r in ok if r.get("grad_norm") is not None)
+        norms = sorted((r["grad_ratio"], r["model"]) for r in ok if r.get("grad_ratio") is not None)
         slow = sorted(ok, key=lambda r: -r["seconds"])[:5]
         lines += ["", "## Passing models", "",
                   f"Median packed/latent size ratio {med:.3f}; median binary share of MACs {100 * share:.1f}%. "
@@ -448,9 +306,18 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
                   f"them: {', '.join(untraced) or 'none'}. "
                   f"{len(w1a32)} have W1A32 layers under the W1A1 policy (a weight read outside its layer's forward, "
                   f"as in BEiT's and nn.MultiheadAttention's projections, or a layer fed by a functional relu). "
-                  + (f"Gradient norm of the step before clipping: median {norms[len(norms) // 2][0]:.3g}, largest "
+                  + (f"Gradient norm over the FP model's: median {norms[len(norms) // 2][0]:.3g}, largest "
                      + ", ".join(f"{n:.3g} ({m})" for n, m in norms[:-4:-1]) + ". " if norms else "")
                   + "Slowest: " + ", ".join(f"{r['model']} {r['seconds']:.0f} s" for r in slow) + "."]
+    lines += ["", "## Every model", "",
+              "live: the smallest share of the minority sign among the W1A1 inputs (calibrated); grad: gradient "
+              "norm / the FP model's; drop: loss decrease over the AdamW steps; W1A32: layers made W1A32 "
+              "(weight read outside the layer, functional relu, dead input bits).", "",
+              "| model | source | pass | live | grad | drop | W1A32 | s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["source"], r["model"])):
+        lines.append(f"| {r['model']} | {r['source']} | {'yes' if r['status'] == 'ok' else r['stage']} | "
+                     f"{_num(r.get('live_min'), '.3f')} | {_num(r.get('grad_ratio'), '.3g')} | "
+                     f"{_num(r.get('loss_drop'), '.0%')} | {_num(r.get('w1a32_layers'), 'd')} | {_num(r.get('seconds'), '.0f')} |")
     if families:
         swapped = {f: v for f, v in families.items() if v["model"] != v["first"]}
         missing = {f: v for f, v in families.items() if not v["model"]}
@@ -462,6 +329,10 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
         lines += ["", "Families excluded (no member can be built on this machine): "
                   + (", ".join(f"{f} ({v['why']})" for f, v in missing.items()) or "none") + "."]
     return "\n".join(lines) + "\n"
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def _by_stage(fails: list[dict]) -> str:

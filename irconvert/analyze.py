@@ -46,6 +46,16 @@ _TRANSPARENT_METHODS = {
     "unbind", "squeeze", "unsqueeze", "expand", "repeat", "narrow", "roll", "clone", "to", "type_as",
 }
 _RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.relu_, torch.relu_}
+# Nodes that keep "never negative" when all their inputs are: products, sums and attention-style
+# reweighting (SE's x * sigmoid(.), SK's (x * softmax(.)).sum(1), ECA, gating, attn @ v). A layer fed
+# through them is not always one-signed (a residual add of a signed branch is not), so they only
+# name the ReLUs to replace once calibration has measured the layer's input one-signed.
+_COMBINING_FUNCTIONS = {
+    operator.mul, operator.imul, operator.add, operator.iadd, operator.truediv, operator.matmul, torch.mul,
+    torch.add, torch.div, torch.matmul, torch.bmm, torch.einsum, torch.sum, torch.mean, torch.amax, torch.max,
+    F.scaled_dot_product_attention,
+}
+_COMBINING_METHODS = {"mul", "mul_", "add", "add_", "div", "div_", "matmul", "bmm", "sum", "expand_as", "amax", "max"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ class LayerFacts:
     # its own forward runs; False when other code only reads its weight (F.linear(x, self.qkv.weight),
     # nn.MultiheadAttention's out_proj), so that its input never passes through it to be binarized
     called: bool = True
+    # ReLU-family modules reaching the input through products, sums and concatenations as well
+    sources: tuple[str, ...] = ()
     magnitude: int = 0  # round(log2 std(weight)): the gain that keeps the layer's output scale
 
 
@@ -92,7 +104,8 @@ def analyze(model: nn.Module) -> Analysis:
     return _analyze_graph(model, graph)
 
 
-def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True) -> LayerFacts:
+def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True,
+           sources=()) -> LayerFacts:
     ok = can_binarize(m)
     return LayerFacts(
         name=name,
@@ -107,6 +120,7 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
         feeders=tuple(feeders),
         functional_relu=functional,
         called=called,
+        sources=tuple(sources) or tuple(feeders),
         magnitude=magnitude(m) if ok else 0,
     )
 
@@ -119,25 +133,37 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     first, last, called = ends(model, graph, weighted)
 
     feeders: dict[str, tuple[set, bool]] = {}
+    sources: dict[str, set] = {}
     norm_after: dict[str, str] = {}
     for n in nodes:
         if n.op == "call_module" and n.target in weighted and n.args:
             found, functional = _find_relus(n.args[0], modules)
             feeders[n.target] = (found, functional)
+            sources[n.target] = _find_relus(n.args[0], modules, combining=True)[0] | found
             if len(n.users) == 1:
                 (u,) = n.users
                 if u.op == "call_module" and isinstance(modules.get(u.target), nn.modules.batchnorm._BatchNorm):
                     norm_after[n.target] = u.target
 
+    # a layer inside a leaf module (timm's notrace attention) has no node of its own: the ReLU
+    # registered just before it in that module is its candidate source, for calibration to confirm
+    inner = _module_order_relus(model)
+    for name in weighted:
+        if name not in sources and inner.get(name) and name.startswith(inner[name].rpartition(".")[0]):
+            sources[name] = {inner[name]}
     layers = {}
     for name, m in weighted.items():
         found, functional = feeders.get(name, (set(), False))
-        layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called)
+        layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called,
+                              sorted(sources.get(name, ())))
     return Analysis(layers=layers, traced=True, norm_after=norm_after)
 
 
-def _find_relus(start, modules: dict[str, nn.Module]) -> tuple[set[str], bool]:
-    """Walk back from a layer's input through transparent nodes; return ReLU modules met, functional?"""
+def _find_relus(start, modules: dict[str, nn.Module], combining: bool = False) -> tuple[set[str], bool]:
+    """Walk back from a layer's input through transparent nodes (and, with `combining`, products, sums
+    and attention-style reweighting); return the ReLU modules met, and whether a functional relu was."""
+    functions = _TRANSPARENT_FUNCTIONS | _COMBINING_FUNCTIONS if combining else _TRANSPARENT_FUNCTIONS
+    methods = _TRANSPARENT_METHODS | _COMBINING_METHODS if combining else _TRANSPARENT_METHODS
     found: set[str] = set()
     functional = False
     stack, seen = [start], set()
@@ -160,14 +186,25 @@ def _find_relus(start, modules: dict[str, nn.Module]) -> tuple[set[str], bool]:
         elif n.op == "call_function":
             if n.target in _RELU_FUNCTIONS:
                 functional = True
-            elif n.target in _TRANSPARENT_FUNCTIONS:
+            elif n.target in functions:
                 stack.extend(n.all_input_nodes)
         elif n.op == "call_method":
             if n.target in ("relu", "relu_"):
                 functional = True
-            elif n.target in _TRANSPARENT_METHODS:
+            elif n.target in methods:
                 stack.extend(n.all_input_nodes)
     return found, functional
+
+
+def _module_order_relus(model: nn.Module) -> dict[str, str]:
+    """Return {conv/linear name: the ReLU-family module registered last before it}."""
+    out, last = {}, None
+    for name, m in model.named_modules():
+        if isinstance(m, RELU_FAMILY):
+            last = name
+        elif isinstance(m, SUPPORTED) and last:
+            out[name] = last
+    return out
 
 
 def _analyze_module_order(model: nn.Module, warning: str) -> Analysis:

@@ -224,3 +224,12 @@ def _imagefolder(cfg: DataSection) -> Data:
     if subset_v is not None:
         val = torch.utils.data.Subset(val, subset_v.tolist())
     return Data(train, val, DataInfo(len(splits["train"].classes), 3, cfg.image_size or 224))
+
+
+def calibration_batch(data: Data, n: int = 64) -> torch.Tensor:
+    """Return the first n training images, the same on every run, resume and export (augmentation seeded):
+    the batch on which binarize checks the binary inputs (calibrate.py)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        items = [data.train[i] for i in range(min(n, len(data.train)))]
+        return (data.val_collate or torch.utils.data.default_collate)(items)[0]

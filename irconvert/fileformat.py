@@ -83,6 +83,7 @@ def describe(model: nn.Module, recipe_hash: Optional[str] = None) -> dict[str, s
         "policy": the_plan.policy.model_dump_json(),
         "plan": json.dumps({n: p.mode for n, p in the_plan.layers.items()}),
         "gain": json.dumps({n: p.gain for n, p in the_plan.layers.items() if p.gain}),
+        "grad_scale": json.dumps({n: p.grad_scale for n, p in the_plan.layers.items() if p.grad_scale != 1.0}),
         "hardtanh": json.dumps(list(the_plan.hardtanh)),
         "shortcuts": json.dumps([list(p) for p in the_plan.shortcuts]),
         "recipe_hash": recipe_hash or "",

@@ -23,6 +23,7 @@ class LayerRow:
     bits_per_weight: float
     bytes: int
     macs: int
+    plus_share: float | None = None  # W1A1: share of +1 bits of its input on the calibration batch (calibrate.py)
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,17 @@ class Summary:
         return d
 
     def __str__(self) -> str:
-        head = f"{'layer':<40} {'type':<16} {'binary':<6} {'params':>10} {'bits/w':>6} {'memory':>10} {'MACs':>12}"
+        head = (f"{'layer':<40} {'type':<16} {'binary':<6} {'params':>10} {'bits/w':>6} {'memory':>10} {'MACs':>12} "
+                f"{'+1 in':>6}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
                 f"{r.name[:40]:<40} {r.type_name[:16]:<16} {r.binary:<6} {r.params:>10,} "
-                f"{r.bits_per_weight:>6.2f} {_kib(r.bytes):>10} {r.macs:>12,}"
+                f"{r.bits_per_weight:>6.2f} {_kib(r.bytes):>10} {r.macs:>12,} "
+                + (f"{100 * r.plus_share:>5.1f}%" if r.plus_share is not None else f"{'':>6}")
             )
         lines.append("-" * len(head))
+        lines.append("+1 in: share of +1 bits of a W1A1 layer's input on the calibration batch")
         lines.append(f"parameters: {self.params:,}   MACs at input {self.input_size}: {self.macs:,}")
         lines.append(
             f"fp32 size: {_kib(self.fp32_bytes)}   with 1-bit weights: {_kib(self.binary_bytes)}   "
@@ -106,6 +110,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Summ
         for h in handles:
             h.remove()
 
+    live = getattr(getattr(model, "irconvert_plan", None), "live", None) or {}
     rows, counted = [], set()
     for name, m in model.named_modules():
         if not isinstance(m, SUPPORTED):
@@ -120,7 +125,8 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Summ
             kind = m.binary_mode
         else:
             nbytes, kind = 4 * (w.numel() + nb), "fp32"
-        rows.append(LayerRow(name, type(m).__name__, kind, w.numel() + nb, 8 * nbytes / (w.numel() + nb), nbytes, macs.get(name, 0)))
+        rows.append(LayerRow(name, type(m).__name__, kind, w.numel() + nb, 8 * nbytes / (w.numel() + nb), nbytes,
+                             macs.get(name, 0), live.get(name) if kind == "W1A1" else None))
 
     other = sum(t.numel() for t in list(model.parameters()) + list(model.buffers())
                 if id(t) not in counted and t.is_floating_point())

@@ -56,6 +56,7 @@ class BinaryState:
     ede_k: float = field(default_factory=lambda: ede_k(T_MIN))
     keep_input: bool = False  # a Bi-Real shortcut (shortcut.py) adds this layer's input after its BatchNorm
     input: Optional[torch.Tensor] = None  # that input, between the forward of the layer and of its BatchNorm
+    grad_scale: float = 1.0  # W1A1: the input's gradient is multiplied by it (calibrate.py)
 
 
 def _state(name: str, doc: str) -> property:
@@ -79,6 +80,7 @@ class BinaryMixin:
     ede_k = _state("ede_k", "EDE's k")
     bireal_keep_input = _state("keep_input", "a Bi-Real shortcut reads the input")
     bireal_input = _state("input", "the input a Bi-Real shortcut reads")
+    input_grad_scale = _state("grad_scale", "W1A1: the input's gradient is multiplied by it (see calibrate.py)")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -99,6 +101,8 @@ class BinaryMixin:
         if self.binary_mode == "W1A1":
             if self.binary_frozen:
                 return super().forward(self._frozen_sign(input), *args, **kwargs)
+            if self.input_grad_scale != 1.0 and torch.is_grad_enabled():
+                input = GradScale.apply(input, self.input_grad_scale)
             input = self.binarizer.activation(input, self)
             with int8_signs(input):  # the signs the weight gradient needs, kept as int8
                 return super().forward(input, *args, **kwargs)
@@ -123,6 +127,19 @@ class BinaryMixin:
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_mode}, method={self.binarizer.name}"
+
+
+class GradScale(torch.autograd.Function):
+    """Identity forward, gradient times c backward: EDE on the normalized input a / std(a)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: float) -> torch.Tensor:
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.c, None
 
 
 class BinaryConv2d(BinaryMixin, nn.Conv2d):
@@ -167,8 +184,10 @@ def can_binarize(module: nn.Module) -> bool:
     return w.dim() == want_dim and w.shape[0] == out
 
 
-def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gain: int = 0) -> nn.Module:
-    """Turn `module` into a binary layer in place (its class gains BinaryMixin), its weight times 2^gain; return it."""
+def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gain: int = 0,
+                grad_scale: float = 1.0) -> nn.Module:
+    """Turn `module` into a binary layer in place (its class gains BinaryMixin), its weight times 2^gain,
+    its input's gradient times grad_scale; return it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     module.__class__ = binary_class(type(module))
@@ -176,6 +195,7 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
     w = module._parameters["weight"]
     # EDE's t and k as data for the fused sign: a compiled graph reads the buffer, not a constant
     module.register_buffer("ede_tk", torch.tensor([T_MIN, ede_k(T_MIN)], device=w.device), persistent=False)
+    module.binary.grad_scale = float(grad_scale)
     module.binary.params = binarizer.init(module)
     return module
 

@@ -111,7 +111,7 @@ def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
     for name, m in model.named_modules():
         if not isinstance(m, BinaryMixin):
             continue
-        del state[f"{name}.weight"]
+        del state[_weight_key(state, name, m.latent_weight)]
         for extra in m.binary_params:  # folded into the bits, scale and threshold
             del state[f"{name}.{extra}"]
         p = pack_layer(m)
@@ -124,6 +124,17 @@ def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
         shape = list(m.latent_weight.shape)
         layers[name] = {"mode": m.binary_mode, "shape": shape, "fan_in": math.prod(shape[1:])}
     return state, layers
+
+
+def _weight_key(state: dict[str, torch.Tensor], name: str, latent: torch.Tensor) -> str:
+    """The state_dict key of a binary layer's latent weight: NAME.weight, or the parent's own name for
+    it (irconvert.attention keeps nn.MultiheadAttention's `in_proj_weight`)."""
+    if f"{name}.weight" in state:
+        return f"{name}.weight"
+    parent = name.rpartition(".")[0]
+    prefix = f"{parent}." if parent else ""
+    return next(k for k, v in state.items() if k.startswith(prefix) and "." not in k[len(prefix):]
+                and v.data_ptr() == latent.data_ptr() and v.shape == latent.shape)
 
 
 def binary_weight(bits: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,7 +44,9 @@ class Policy(BaseModel):
     always kept; a W1A1 layer whose weight other code reads directly (F.linear(x, self.qkv.weight),
     nn.MultiheadAttention's out_proj) becomes W1A32, since its input never passes through it.
     `hardtanh` replaces the ReLU/ReLU6 modules whose output reaches a W1A1 layer by Hardtanh(-1, 1)
-    (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1.
+    (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1. What the graph
+    alone cannot tell (a ReLU behind a product or a softmax-weighted sum, a sigmoid gate, a pooled
+    input) `binarize` measures on a calibration batch after the swap and fixes (calibrate.py).
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
@@ -107,6 +109,7 @@ class LayerPlan:
     mode: Optional[str]
     reason: str
     gain: int = 0  # the binary weight is 2^gain * s * B
+    grad_scale: float = 1.0  # W1A1: dL/da = grad_scale * EDE'(a) * dL/dB, 1 / std(a) at calibration
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class Plan:
     hardtanh: tuple[str, ...]
     warnings: tuple[str, ...]
     shortcuts: tuple[tuple[str, str], ...] = ()  # (binary conv, the BatchNorm after it)
+    live: dict[str, float] = field(default_factory=dict)  # W1A1 layer -> share of +1 input bits (calibrate.py)
 
     @property
     def binary(self) -> list[str]:

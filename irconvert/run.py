@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import DataInfo, build_data, data_info
+from .data import DataInfo, build_data, calibration_batch, data_info
 from .errors import IRConvertError, logged_warnings
 from .fileformat import write_text
 from .models import create_model, split_name
@@ -59,7 +59,7 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
         finetune_teacher(fp, folder, loaders, dev, log)
     # -- binarize: analyze -> plan -> swap
     with clock("binarize"), logged_warnings(log):
-        student = binarize(fp, recipe.binarize)
+        student = binarize(fp, recipe.binarize, calibrate=calibration_batch(data))
     # -- binary fine-tune with distillation and EDE's schedule
     with clock("train"):
         train_binary(student, fp, folder, loaders, dev, log)

@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from . import distributed
+from .data import build_data, calibration_batch
 from .errors import IRConvertError
 from .fileformat import atomic_path, write_text
 from .models import from_origin
@@ -439,7 +440,8 @@ def _student_from_checkpoint(path: Path, recipe: Union[str, os.PathLike, None] =
     fp = from_origin(origin)
     # binarize the same FP weights the run binarized: the per-layer gains come from them
     fp.load_state_dict(state["teacher"])
-    student = binarize(fp, found.binarize)
+    # the same calibration batch as the run, so that the same layers are W1A32 and Hardtanh
+    student = binarize(fp, found.binarize, calibrate=calibration_batch(build_data(found.data)))
     student.load_state_dict(state["model"])
     student.irconvert_input_size = tuple(json.loads(state.get("input_size") or "[]")) or None
     return student, run, state["recipe_hash"]

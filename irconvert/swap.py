@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 from torch import nn
 
 from .analyze import analyze
+from .attention import prepare_attention
+from .calibrate import Batch
+from .calibrate import calibrate as fix_one_signed
 from .layers import BinaryMixin, binary_layers, make_binary, method_penalty, set_ede  # noqa: F401  (public here)
 from .methods import get_method
+from .origin import infer_origin
 from .plan import Plan, Policy, plan
 from .shortcut import add_shortcut
 
 
 def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
     """Make the planned layers binary and replace the planned activations, in place; return model."""
+    prepare_attention(model)  # the plan names nn.MultiheadAttention's projections as layers
     method = get_method(the_plan.policy.method)
     for name, lp in the_plan.layers.items():
         if lp.mode is not None:
-            make_binary(model.get_submodule(name), method, lp.mode, lp.gain)
+            make_binary(model.get_submodule(name), method, lp.mode, lp.gain, lp.grad_scale)
     for conv, norm in the_plan.shortcuts:
         add_shortcut(model.get_submodule(conv), model.get_submodule(norm), the_plan.policy.shortcut == "gated")
     for name in the_plan.hardtanh:
@@ -31,11 +38,15 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
     return model
 
 
-def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = False, **policy_fields) -> nn.Module:
+def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = False,
+             calibrate: Union[Batch, bool, None] = None, **policy_fields) -> nn.Module:
     """Return `model` with its conv/linear layers binarized by `policy` (IR-Net W1A1 by default).
 
-    analyze (fx graph) -> plan (policy) -> swap. With inplace=False the caller's model is untouched.
-    Keyword arguments are Policy fields, a shortcut for `policy=Policy(...)`.
+    analyze (fx graph) -> plan (policy) -> swap -> calibrate. With inplace=False the caller's model is
+    untouched. `calibrate` is the batch (a tensor or a tuple of the forward's arguments) on which the
+    W1A1 inputs are checked for one-signed bits (calibrate.py); None: random normal input at the
+    model's input size; False: no check. Keyword arguments are Policy fields, a shortcut for
+    `policy=Policy(...)`.
     """
     if policy is None:
         policy = Policy(**policy_fields)
@@ -43,10 +54,33 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
         policy = policy.model_copy(update=policy_fields)
     if any(isinstance(m, BinaryMixin) for m in model.modules()):
         raise ValueError("model is already binarized")
+    origin = infer_origin(model)  # before any change: it compares the model with a rebuilt architecture
     if not inplace:
         model = copy.deepcopy(model)
+    model.irconvert_origin = origin
+    prepare_attention(model)
     analysis = analyze(model)
     the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
     for w in the_plan.warnings:
         warnings.warn(w, stacklevel=2)
-    return swap(model, the_plan)
+    swap(model, the_plan)
+    if calibrate is False or not any(lp.mode == "W1A1" for lp in the_plan.layers.values()):
+        return model
+    model.irconvert_plan, notes = _calibrate(model, analysis, calibrate)
+    for w in notes:
+        warnings.warn(w, stacklevel=2)
+    return model
+
+
+def _calibrate(model: nn.Module, analysis, calibrate) -> tuple[Plan, list[str]]:
+    """Run calibrate.py's check on the given batch, or on random normal input at the model's input size."""
+    if calibrate is not None and calibrate is not True:
+        return fix_one_signed(model, analysis, calibrate)
+    from .layer_summary import default_input_size
+
+    size = (2,) + tuple(default_input_size(model))
+    try:
+        return fix_one_signed(model, analysis, torch.randn(size, generator=torch.Generator().manual_seed(0)))
+    except Exception as exc:  # the model wants other input: say how to give it
+        return model.irconvert_plan, [f"calibration skipped: the model does not run on random input of shape "
+                                      f"{size} ({type(exc).__name__}); pass binarize(..., calibrate=batch)"]

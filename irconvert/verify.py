@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .attention import prepare_attention
 from .errors import IRConvertError
 from .fileformat import LATENT_FORMAT, PACKED_FORMAT, read
 from .layer_summary import default_input_size, summary
@@ -35,6 +36,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         policy = Policy.model_validate_json(meta["policy"])
         decisions = json.loads(meta["plan"])
         gains = json.loads(meta.get("gain") or "{}")  # absent in files written before the gain existed
+        scales = json.loads(meta.get("grad_scale") or "{}")  # absent before calibration existed
         hardtanh = tuple(json.loads(meta["hardtanh"]))
         shortcuts = tuple(tuple(p) for p in json.loads(meta.get("shortcuts") or "[]"))
     except (KeyError, ValueError) as exc:
@@ -47,7 +49,9 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
     elif any(isinstance(m, BinaryMixin) for m in model.modules()):
         raise IRConvertError("load: pass the unconverted architecture as model=, not a binarized one")
     try:
-        layers = {n: LayerPlan(n, mode, "from file", int(gains.get(n, 0))) for n, mode in decisions.items()}
+        layers = {n: LayerPlan(n, mode, "from file", int(gains.get(n, 0)), float(scales.get(n, 1.0)))
+                  for n, mode in decisions.items()}
+        prepare_attention(model)  # nn.MultiheadAttention's projections are layers of the plan
         for n in layers:
             model.get_submodule(n)
         return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts))

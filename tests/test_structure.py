@@ -15,10 +15,10 @@ ORDER = [
     "version", "errors", "ops", "fileformat", "graph", "native",
     "fused",  # the fused training ops: the binary sign with its surrogate gradients, saved int8 signs
     "methods",  # the papers' parts and the method registry (its own modules import one another freely)
-    "layers", "shortcut",
-    "models",  # load
-    "analyze", "plan", "recipe", "data",
-    "swap", "layer_summary", "distributed",
+    "layers", "shortcut", "attention",
+    "origin", "models",  # load
+    "analyze", "plan", "calibrate", "recipe", "data",
+    "layer_summary", "swap", "distributed",
     "train", "pack", "write", "verify",
     "runtime",  # bitwise inference on a verified model (its own modules import one another freely)
     "runfolder", "run", "batch", "commands", "cli",

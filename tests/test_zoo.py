@@ -65,9 +65,11 @@ def outputs(out) -> list[torch.Tensor]:
 @pytest.mark.parametrize("spec", FAST)
 def test_zoo_model_converts_trains_and_reloads_exactly(spec, tmp_path):
     model, side = build_small(spec)
+    del model.irconvert_origin  # as if built by timm / torchvision itself: the file must name it alone
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = irconvert.binarize(model, inplace=True)
+        net = irconvert.binarize(model, inplace=True, calibrate=torch.randn(4, 3, side, side))
+    assert net.irconvert_origin["name"] == split_name(spec)[1]
     layers = dict(irconvert.binary_layers(net))
     assert layers, "nothing was binarized"
 
@@ -169,9 +171,11 @@ class FunctionalQKV(nn.Module):
 def test_layers_whose_weight_is_read_directly_are_w1a32():
     a = analyze(FunctionalQKV())
     assert not a.layers["qkv"].called and not a.layers["mha.out_proj"].called and a.layers["mlp"].called
-    net = irconvert.binarize(FunctionalQKV())
+    net = irconvert.binarize(FunctionalQKV(), calibrate=torch.randn(4, 5, 8))
     modes = {n: p.mode for n, p in net.irconvert_plan.layers.items()}
-    assert modes == {"stem": None, "qkv": "W1A32", "mha.out_proj": "W1A32", "mlp": "W1A1", "head": None}
+    # nn.MultiheadAttention's projections become called layers (irconvert.attention): binary like the rest
+    assert modes == {"stem": None, "qkv": "W1A32", "mha.out_proj": "W1A1", "mha.in_proj": "W1A1", "mlp": "W1A1",
+                     "head": None}
     net(torch.randn(2, 5, 8)).sum().backward()
     assert net.qkv.latent_weight.grad is not None
 
@@ -190,3 +194,36 @@ def test_modules_that_check_their_state_dict_version_reload(tmp_path):
     net = irconvert.binarize(create_model("torchvision:mnasnet0_5", num_classes=10))  # MNASNet refuses a missing version
     loaded = irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
     assert max_abs_diff(net, loaded, torch.randn(2, 3, 64, 64)) == 0
+
+
+# ---------------------------------------------------------------- self-contained packed files
+
+
+@pytest.mark.parametrize("build, origin", [
+    (lambda: timm.create_model("resnet18"), ("resnet18", "timm", {})),
+    (lambda: timm.create_model("resnet18", num_classes=3, in_chans=1, global_pool="max"),
+     ("resnet18", "timm", {"num_classes": 3, "in_chans": 1, "global_pool": "max"})),
+    (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32),
+     ("vit_tiny_patch16_224", "timm", {"num_classes": 7, "img_size": 32})),
+    (lambda: torchvision.models.resnet18(num_classes=5), ("resnet18", "torchvision", {"num_classes": 5})),
+    (lambda: torchvision.models.googlenet(num_classes=4, aux_logits=False, init_weights=True),
+     ("googlenet", "torchvision", {"num_classes": 4, "aux_logits": False})),
+])
+def test_models_built_outside_irconvert_reload_without_the_architecture(build, origin, tmp_path):
+    torch.manual_seed(0)
+    model = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = irconvert.binarize(model)
+    o = net.irconvert_origin
+    assert (o["name"], o["source"], o["kwargs"]) == origin
+    loaded = irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
+    chans = origin[2].get("in_chans", 3)
+    assert max_abs_diff(net, loaded, torch.randn(1, chans, 32, 32)) == 0
+
+
+def test_user_model_has_no_origin_and_says_so(tmp_path):
+    net = irconvert.binarize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 2, 1)))
+    assert net.irconvert_origin is None
+    with pytest.raises(irconvert.IRConvertError, match="model=MyNet"):
+        irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))

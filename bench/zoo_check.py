@@ -1,0 +1,248 @@
+"""One model of the zoo sweep (`python -m bench.zoo` runs this in its worker processes): create it (random init,
+10 classes), binarize it with the default policy, and check that it
+
+    has live binary inputs   every W1A1 layer's input bits have both signs (calibrate.py), at least
+                             LIVE of the minority sign on the sweep's batch;
+    keeps a sane gradient    the gradient norm on a batch is at most MAX_GRAD_RATIO times the FP
+                             model's on the same batch and loss;
+    learns                   AdamW_STEPS AdamW steps (lr 1e-3) on one fixed batch lower the loss by at
+                             least MIN_LOSS_DROP;
+    reloads exactly          packed.safetensors, rebuilt from the file alone (no model=), gives the
+                             trained model's eval outputs within TOLERANCE.
+
+The loss is cross-entropy on fixed random labels for every (batch, 10) output (the classifier and
+auxiliary heads) and the mean square of any other output.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+STAGES = ("create", "binarize", "gradient", "learn", "export", "reload", "compare")
+TOLERANCE = 1e-5
+SMALL = 64
+BATCH = 4  # a BatchNorm over 2 samples of a 1x1 map divides by their difference: binary outputs make it ~0
+CLASSES = 10
+MAX_GRAD_RATIO = 100.0
+ADAMW_STEPS = 20
+MIN_LOSS_DROP = 0.10
+LIVE = 1e-3  # the same bound as irconvert.calibrate.LIVE
+
+
+def _tensors(out) -> list:
+    """Flatten a model output (tensor, tuple, list, dict, namedtuple) into its tensors."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def input_size(model) -> tuple[int, ...]:
+    """Return (C, H, W): the smallest of 64, 96, ..., 224 below its own input size on which the
+    unconverted model runs in training mode (auxiliary heads and all), else its own input size."""
+    import torch
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    native = tuple(cfg.get("input_size", (3, 224, 224)))
+    c = native[0]
+    tried = []
+    # the small sizes first; models with a patch grid or a fixed pooling need a multiple of it
+    sides = [SMALL, 96, 112, 128, 160, 192, 224]
+    for size in [(c, h, h) for h in sides if h < native[1]] + [native, (c, 224, 224), (c, 299, 299)]:
+        if size in tried:
+            continue
+        tried.append(size)
+        try:
+            with torch.no_grad():
+                model.train()(torch.randn(BATCH, *size))
+            return size
+        except Exception:
+            continue
+    raise RuntimeError(f"the unconverted model runs on none of the input sizes {tried}")
+
+
+def loss_of(out, labels):
+    """Cross-entropy on `labels` for each (batch, classes) output, mean square for the others."""
+    import torch.nn.functional as F
+
+    floats = [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
+    if not floats:
+        raise RuntimeError("the model output holds no tensor that depends on the parameters")
+    return sum(F.cross_entropy(t.float(), labels) if tuple(t.shape) == (len(labels), CLASSES) else t.float().pow(2).mean()
+               for t in floats)
+
+
+def grad_norm(net, x, labels) -> float:
+    """Return the gradient norm (float64, so that a huge one shows as a number) of one training batch."""
+    import torch
+
+    net.train()
+    net.zero_grad(set_to_none=True)
+    loss = loss_of(net(x), labels)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {float(loss)}")
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
+    net.zero_grad(set_to_none=True)
+    return norm
+
+
+def loss_drop(net, x, labels, steps: int = ADAMW_STEPS) -> tuple[float, float]:
+    """Run `steps` AdamW steps (lr 1e-3) on the batch; return (loss before, loss after them)."""
+    import torch
+
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(steps + 1):
+        loss = loss_of(net(x), labels)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {float(loss)} at step {step}")
+        losses.append(float(loss))
+        if step < steps:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return losses[0], losses[-1]
+
+
+def _record(name: str, source: str) -> dict:
+    return {"model": name, "source": source, "status": "fail", "stage": "create", "reason": "",
+            "binary_layers": None, "kept_layers": None, "w1a32_layers": None, "hardtanh": None,
+            "binary_mac_share": None, "size_ratio": None, "input_size": None, "traced": None,
+            "live_min": None, "grad_norm": None, "grad_norm_fp": None, "grad_ratio": None,
+            "loss_first": None, "loss_last": None, "loss_drop": None, "bypassed": None,
+            "max_abs_diff": None, "seconds": None}
+
+
+def _binarize(model, x, rec: dict):
+    """Binarize with calibration on the sweep's own batch; record the plan's figures."""
+    import irconvert
+
+    net = irconvert.binarize(model, inplace=True, calibrate=x)  # a copy would double the peak memory
+    the_plan = net.irconvert_plan
+    rec["binary_layers"] = len(the_plan.binary)
+    rec["kept_layers"] = len(the_plan.layers) - len(the_plan.binary)
+    rec["w1a32_layers"] = sum(p.mode == "W1A32" for p in the_plan.layers.values())
+    rec["hardtanh"] = len(the_plan.hardtanh)
+    rec["traced"] = not any("could not trace" in w for w in the_plan.warnings)
+    rec["binary_mac_share"] = round(irconvert.summary(net, tuple(x.shape[1:])).binary_mac_share, 4)
+    shares = [min(s, 1 - s) for s in the_plan.live.values()]
+    rec["live_min"] = round(min(shares), 5) if shares else None
+    return net
+
+
+def _gradient(net, x, labels, rec: dict) -> None:
+    """Record the binary model's gradient norm and its ratio to the FP model's; check every binary layer is called."""
+    import irconvert
+
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: called.add(n))
+             for n, m in irconvert.binary_layers(net)]
+    try:
+        rec["grad_norm"] = grad_norm(net, x, labels)
+    finally:
+        for h in hooks:
+            h.remove()
+    rec["bypassed"] = sorted(set(dict(irconvert.binary_layers(net))) - called)
+    if not math.isfinite(rec["grad_norm"]):
+        raise RuntimeError(f"gradient norm is {rec['grad_norm']} (float32 overflow in the backward)")
+    rec["grad_ratio"] = rec["grad_norm"] / max(rec["grad_norm_fp"], 1e-30)
+
+
+def criteria_failure(rec: dict) -> str | None:
+    """Return why a record that passed every stage still fails the 'learns' criterion, or None."""
+    if rec["live_min"] is not None and rec["live_min"] < LIVE:
+        return f"a W1A1 input is one-signed ({100 * rec['live_min']:.2f}% of its bits of the minority sign)"
+    if rec["grad_ratio"] is not None and rec["grad_ratio"] > MAX_GRAD_RATIO:
+        return f"gradient norm {rec['grad_ratio']:.3g}x the FP model's (> {MAX_GRAD_RATIO:g})"
+    if rec["loss_drop"] is not None and rec["loss_drop"] < MIN_LOSS_DROP:
+        return f"{ADAMW_STEPS} AdamW steps lowered the loss by {100 * rec['loss_drop']:.1f}% (< {100 * MIN_LOSS_DROP:g}%)"
+    return None
+
+
+def check_model(spec: str, report=lambda stage: None) -> dict:
+    """Run every stage on model `spec` ('name' or 'torchvision:name'); return the result record."""
+    import warnings
+
+    import torch
+
+    import irconvert
+    from irconvert.models import create_model, split_name
+    from irconvert.verify import max_abs_diff
+
+    source, name = split_name(spec)
+    rec = _record(name, source)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    stage = "create"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report(stage)
+            model = create_model(spec, num_classes=CLASSES)
+            del model.irconvert_origin  # the file must name the architecture as for a model built by timm itself
+            size = input_size(model)
+            rec["input_size"] = list(size)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn((BATCH, *size), generator=g)
+            labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
+            rec["grad_norm_fp"] = grad_norm(model, x, labels)
+
+            stage = "binarize"
+            report(stage)
+            net = _binarize(model, x, rec)
+            del model
+
+            stage = "gradient"
+            report(stage)
+            _gradient(net, x, labels, rec)
+
+            stage = "learn"
+            report(stage)
+            rec["loss_first"], rec["loss_last"] = loss_drop(net, x, labels)
+            rec["loss_drop"] = round(1 - rec["loss_last"] / rec["loss_first"], 4) if rec["loss_first"] > 0 else 0.0
+            net.eval()
+
+            stage = "export"
+            report(stage)
+            with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
+                packed = irconvert.save_packed(net, Path(tmp) / "packed.safetensors")
+                latent = irconvert.save_latent(net, Path(tmp) / "model.safetensors")
+                rec["size_ratio"] = round(packed.stat().st_size / latent.stat().st_size, 4)
+
+                stage = "reload"
+                report(stage)
+                loaded = irconvert.load_packed(packed)
+
+            stage = "compare"
+            report(stage)
+            diff = max_abs_diff(net, loaded, torch.randn(1, *size))
+            rec["max_abs_diff"] = diff
+            if not diff <= TOLERANCE:
+                raise RuntimeError(f"reloaded model differs from the trained one by {diff:.3g} > {TOLERANCE:g}")
+        why = criteria_failure(rec)
+        rec.update(status="ok" if why is None else "fail", stage="" if why is None else "criteria", reason=why or "")
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or ""
+        rec.update(stage=stage, reason=f"{type(exc).__name__}: {text}"[:300])
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    for spec in sys.argv[1:]:
+        print(json.dumps(check_model(spec)), flush=True)
