@@ -55,11 +55,11 @@ class Summary:
                 f"{'+1 in':>6}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            lines.append(
+            lines.append((
                 f"{r.name[:40]:<40} {r.type_name[:16]:<16} {r.binary:<6} {r.params:>10,} "
                 f"{r.bits_per_weight:>6.2f} {_kib(r.bytes):>10} {r.macs:>12,} "
                 + (f"{100 * r.plus_share:>5.1f}%" if r.plus_share is not None else "")
-            ).rstrip()
+            ).rstrip())
         lines.append("-" * len(head))
         lines.append("+1 in: share of +1 bits of a W1A1 layer's input on the calibration batch")
         lines.append(f"parameters: {self.params:,}   MACs at input {self.input_size}: {self.macs:,}")
