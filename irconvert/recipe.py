@@ -121,11 +121,21 @@ class TrainSection(Schedule):
 
     ede: EDESection = Field(default_factory=EDESection)
     distill: DistillSection = Field(default_factory=DistillSection)
+    # a two-stage schedule: the W1A1 layers train as W1A32 (binary weights, real activations) for
+    # the first this-many epochs, then as W1A1 from there; one LR and EDE schedule over all epochs
+    w1a32_epochs: int = Field(0, ge=0)
     amp: Literal["off", "bf16", "fp16"] = "off"
     seed: int = 0
     device: str = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun jobs: NCCL on GPUs, gloo on CPUs
     sync_bn: bool = False  # torchrun jobs on GPUs: BatchNorm statistics over all processes
+
+    @model_validator(mode="after")
+    def _second_stage(self):
+        if self.w1a32_epochs and self.w1a32_epochs >= self.epochs:
+            raise ValueError(f"w1a32_epochs ({self.w1a32_epochs}) must be below epochs ({self.epochs}), "
+                             "so that the last epochs train the binary activations")
+        return self
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -213,7 +223,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
-            if not isinstance(node.setdefault(p, {}), dict):
+            if node.get(p) is None:  # an absent or null section (teacher.finetune: null) starts empty
+                node[p] = {}
+            if not isinstance(node[p], dict):
                 raise IRConvertError(f"--set {item!r}: {p} is not a section")
             node = node[p]
         node[parts[-1]] = value

@@ -3,7 +3,8 @@
 The binary stage distills from the teacher (KL at temperature T, weighted with the label loss, and
 optionally attention transfer between matching stages, `distill.py`) and moves EDE's t from t_min
 to t_max over its steps. Optimizer and LR schedule come from timm's factories; the latent weights of
-binary layers may get their own weight decay. After the last epoch BatchNorm statistics may be
+binary layers may get their own weight decay. A two-stage schedule (`w1a32_epochs`) trains the W1A1
+layers with real activations first. After the last epoch BatchNorm statistics may be
 re-estimated on training batches (`reestimate_bn`), before the final evaluation. Every epoch starts from a seed derived from (seed, stage, epoch), so a run resumed from
 an epoch's checkpoint continues exactly as one that was never stopped.
 """
@@ -170,6 +171,9 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     first_binary = next(binary_layers(model), (None, None))[1]  # where the progress bar reads EDE's t
     binary = first_binary is not None
     penalized = binary and method_penalty(model) is not None  # once, not a module walk per step for no term
+    # two-stage schedule: the layers that end W1A1 run W1A32 for the first w1a32_epochs epochs
+    warm = getattr(s, "w1a32_epochs", 0)
+    two_stage = [m for _, m in binary_layers(model) if m.binary_mode == "W1A1"] if binary and warm else []
     taps = None
     if distill and stage.distill.attention > 0:
         names = stage.distill.attention_layers or default_layers(model)
@@ -179,6 +183,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
         train_loader.generator.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
+        for m in two_stage:
+            m.binary_mode = "W1A32" if epoch < warm else "W1A1"
         model.train()
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
         main = not dist.is_initialized() or dist.get_rank() == 0
@@ -236,6 +242,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                "val_loss": val["loss"], "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
         if binary and stage.ede is not None:
             row["ede_t"] = first_binary.ede_t
+        if two_stage:
+            row["mode"] = two_stage[0].binary_mode
         stage.history.append(row)
         if main:
             tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "

@@ -120,3 +120,20 @@ def test_fit_reestimates_bn_after_the_last_epoch():
     fit(stage, loader, _loader(8), torch.device("cpu"))
     # lr ~0: the weights did not move, so the statistics are those of the conv output over 2 batches
     assert model[1].num_batches_tracked == 2  # reset, then 2 batches (training saw 4)
+
+
+def test_two_stage_schedule_trains_w1a32_first_then_w1a1():
+    from irconvert.recipe import TrainSection
+
+    torch.manual_seed(0)
+    teacher = small_net().eval()
+    student = irconvert.binarize(teacher)
+    layer = dict(irconvert.binary_layers(student))["3.0"]
+    seen = []
+    layer.register_forward_hook(lambda m, i, o: seen.append(m.binary_mode) if m.training else None)
+    schedule = TrainSection(epochs=3, w1a32_epochs=1, lr=0.01)
+    stage = fit(Stage("binary", student, schedule, 0), _loader(), _loader(8), torch.device("cpu"))
+    assert seen == ["W1A32"] * 4 + ["W1A1"] * 8  # 4 steps an epoch
+    assert [r["mode"] for r in stage.history] == ["W1A32", "W1A1", "W1A1"] and layer.binary_mode == "W1A1"
+    with pytest.raises(ValueError, match="w1a32_epochs \\(3\\) must be below epochs \\(3\\)"):
+        TrainSection(epochs=3, w1a32_epochs=3)
