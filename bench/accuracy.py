@@ -88,7 +88,17 @@ VARIANTS = [  # (name, mode, overrides)
     ("IR-Net + KD + linear lr", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true", "train.scheduler=linear"]),
     ("IR-Net + KD + FP downsample", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
                                              'binarize.patterns={"*.downsample.0": keep}']),
+    ("IR-Net + KD, two-stage", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true"]),  # see halves()
 ]
+TWO_STAGE = "IR-Net + KD, two-stage"
+
+
+def halves(binary: list[str]) -> list[str]:
+    """Overrides that spend `binary`'s steps as twice the epochs of half the steps, W1A32 in the first half."""
+    recipe = load_recipe(RECIPE, binary)
+    steps = recipe.train.max_steps_per_epoch or -(-(recipe.data.subset or 60000) // recipe.data.batch_size)
+    return [f"train.epochs={2 * recipe.train.epochs}", f"train.w1a32_epochs={recipe.train.epochs}",
+            f"train.max_steps_per_epoch={max(1, steps // 2)}"]
 PROBE = "IR-Net + KD + structure"  # the slowest variant: times the binary epochs under --minutes
 
 
@@ -122,7 +132,7 @@ def converged_fp(width: int, epochs: int, extra: list[str], device: torch.device
 
 def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Path, device: str) -> dict:
     """Convert the FP model with one variant and seed; return its top-1, training curve and minutes."""
-    extra = dict((v[0], v[2]) for v in VARIANTS)[name]
+    extra = dict((v[0], v[2]) for v in VARIANTS)[name] + (halves(binary) if name == TWO_STAGE else [])
     out = work / f"{name.replace(' ', '_').replace('+', 'p')}-{seed}"
     over = binary + extra + ["teacher.finetune=null", "model.pretrained=false", "output.plot=false",
                              "output.checkpoint=false", "output.export=false", f"train.device={device}"]
