@@ -139,7 +139,7 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     wrong = {k: v for k, v in timm.create_model("resnet34").state_dict().items()}
     save_file(wrong, tmp_path / "w.safetensors")
     res = run_cli("torchvision:resnet18", "--weights", tmp_path / "w.safetensors", "--recipe",
-                  RECIPES / "quickstart.yaml", "--out", tmp_path / "o")
+                  RECIPES / "fashion-mnist.yaml", "--out", tmp_path / "o")
     assert res.returncode == 2 and "weights do not fit the model" in res.stderr and "unexpected: layer1.2" in res.stderr
 
 
