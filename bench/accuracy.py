@@ -2,7 +2,7 @@
 
 One full-precision timm ResNet-18 (1-channel 28x28 input: stride-2 stem without max-pool, from
 recipes/fashion-mnist.yaml) is trained once, to convergence (a cosine schedule to zero, `--fp-epochs`,
-the curve checked for a plateau), and cached by its recipe hash (bench/cache/, or the shipped
+the curve checked for a plateau), and cached by a hash of its recipe's model, data and teacher sections (bench/cache/, or the shipped
 irconvert/pretrained/ file when the hash is the same: the default 16-32-64-128 network for 12
 epochs is exactly that model); every binary variant starts from those same FP weights (conversion
 of a trained model is the product) and gets the same budget:
@@ -49,20 +49,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
-
-from irconvert.convert import convert  # noqa: E402
-from irconvert.recipe import load_recipe  # noqa: E402
-
-try:  # python -m bench.accuracy (bench as a package) or python bench/accuracy.py
-    from bench.pretrain import OUT as SHIPPED, plateaued, save_weights, teacher_recipe, train_teacher, widths
-except ImportError:
-    from pretrain import OUT as SHIPPED, plateaued, save_weights, teacher_recipe, train_teacher, widths  # noqa: E402
+from bench.common import RESULTS, write_results
+from bench.pretrain import (OUT as SHIPPED, plateaued, save_weights, teacher_key, teacher_recipe, train_teacher,
+                            widths)
+from irconvert.recipe import load_recipe
+from irconvert.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fashion-mnist.yaml"
-CACHE = Path(__file__).resolve().parent / "cache"  # converged FP models by recipe hash (not in git)
+CACHE = Path(__file__).resolve().parent / "cache"  # converged FP models by teacher_key (not in git)
 
 VARIANTS = [  # (name, mode, overrides)
     ("vanilla W1A1", "W1A1", ["binarize.method=vanilla", "train.distill.enabled=false"]),
@@ -99,6 +94,8 @@ def halves(binary: list[str]) -> list[str]:
     steps = recipe.train.max_steps_per_epoch or -(-(recipe.data.subset or 60000) // recipe.data.batch_size)
     return [f"train.epochs={2 * recipe.train.epochs}", f"train.w1a32_epochs={recipe.train.epochs}",
             f"train.max_steps_per_epoch={max(1, steps // 2)}"]
+
+
 PROBE = "IR-Net + KD + structure"  # the slowest variant: times the binary epochs under --minutes
 
 
@@ -112,18 +109,18 @@ def budget(reduced: bool, width: int, binary_epochs: int, binary_steps: int | No
 
 
 def converged_fp(width: int, epochs: int, extra: list[str], device: torch.device) -> tuple[Path, dict]:
-    """Return the converged FP model's weights file and record, trained once per recipe hash and cached."""
+    """Return the converged FP model's weights file and record, trained once per teacher_key and cached."""
     recipe = teacher_recipe(width, epochs, 0.002, tuple(extra))
-    digest = recipe.digest()
+    digest = teacher_key(recipe)
     for path in [CACHE / f"fp-{digest}.safetensors", *sorted(SHIPPED.glob("*.safetensors"))]:
         meta_file = path.with_suffix(".json")
-        if meta_file.is_file() and (meta := json.loads(meta_file.read_text())).get("recipe_hash") == digest:
+        if meta_file.is_file() and (meta := json.loads(meta_file.read_text())).get("teacher_key") == digest:
             print(f"FP model of recipe {digest}: {path} (cached)", flush=True)
             return path, {**meta, "cached": True}
     t0 = time.time()
     model, acc, history = train_teacher(recipe, device)
     meta = {"test_top1": round(acc["top1"], 2), "epochs": epochs, "converged": plateaued(history),
-            "minutes": round((time.time() - t0) / 60, 2), "recipe_hash": digest, "channels": widths(width),
+            "minutes": round((time.time() - t0) / 60, 2), "teacher_key": digest, "channels": widths(width),
             "curve": [{k: r[k] for k in ("epoch", "train_loss", "val_top1", "seconds")} for r in history]}
     path = CACHE / f"fp-{digest}.safetensors"
     save_weights(model.cpu(), path, meta)
@@ -137,7 +134,7 @@ def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Pa
     over = binary + extra + ["teacher.finetune=null", "model.pretrained=false", "output.plot=false",
                              "output.checkpoint=false", "output.export=false", f"train.device={device}"]
     t0 = time.time()
-    report = convert("resnet18", RECIPE, out=out, weights=str(fp_file), overrides=tuple(over), seed=seed,
+    report = run("resnet18", RECIPE, out=out, weights=str(fp_file), overrides=tuple(over), seed=seed,
                      log=lambda *a: None)
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"top1": report["binary"]["top1"], "curve": curve, "minutes": (time.time() - t0) / 60}
@@ -159,7 +156,6 @@ def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work:
     def worker(job: tuple[str, int]) -> dict:
         name, seed = job
         res = work / f"result-{runs.index(job)}.json"
-        # -m from the repository root: the worker imports this checkout's irconvert, as the parent does
         cmd = [sys.executable, "-m", "bench.accuracy", "--worker", name, "--seed", str(seed), "--fp-weights", str(fp_file),
                "--result", str(res), "--device", device, "--work", str(work), "--binary", json.dumps(binary)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}

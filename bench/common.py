@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from irconvert.fileformat import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -23,9 +25,9 @@ def median_time(fn: Callable[[], object], repeat: int = 10, warmup: int = 2) -> 
     return statistics.median(times)
 
 
-def write_results(name: str, rows: list[dict], table: str) -> None:
-    """Write bench/results/<name>.json and <name>.md and print the table."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(table + "\n")
-    print(table)
+def write_results(name: str, rows, table: str, results: Path = RESULTS, quiet: bool = False) -> None:
+    """Write <results>/<name>.json and <name>.md atomically (bench/results by default) and print the table."""
+    write_text(results / f"{name}.json", json.dumps(rows, indent=2) + "\n")
+    write_text(results / f"{name}.md", table + "\n")
+    if not quiet:
+        print(table)

@@ -7,16 +7,13 @@ vs full-precision timm resnet18 (forward + backward + SGD step, batch 32, 64x64)
 from __future__ import annotations
 
 import platform
-import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import irconvert  # noqa: E402
-from common import median_time, write_results  # noqa: E402
+import irconvert
+from bench.common import median_time, write_results
 
 
 def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

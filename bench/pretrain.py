@@ -11,12 +11,13 @@ command that made it:
     python -m bench.pretrain                       # irconvert/pretrained/fashion-mnist-resnet18-w16.*
     python -m bench.pretrain --width 32 --epochs 10  # the 32-64-128-256 network
 
-`train_teacher` is also the converged teacher of bench/accuracy.py, cached there by recipe hash.
+`train_teacher` is also the converged teacher of bench/accuracy.py, cached there by `teacher_key`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from irconvert.convert import build_model
+from irconvert.run import build_model
 from irconvert.data import build_data
 from irconvert.recipe import Recipe, load_recipe
 from irconvert.train import Stage, evaluate, fit
@@ -47,6 +48,13 @@ def teacher_recipe(width: int, epochs: int, lr: float, extra: tuple[str, ...] = 
     """Return recipes/fashion-mnist.yaml on the whole training set with this width and FP schedule."""
     return load_recipe(RECIPE, [f"model.kwargs.channels={widths(width)}", "data.subset=null", "data.val_subset=null",
                                 f"teacher.finetune.epochs={epochs}", f"teacher.finetune.lr={lr}", *extra])
+
+
+def teacher_key(recipe: Recipe) -> str:
+    """Return a hash of what shapes the FP model (the model, data and teacher sections, defaults left out,
+    so that a new recipe field elsewhere or a new default does not orphan a cached model)."""
+    body = recipe.model_dump(mode="json", include={"model", "data", "teacher"}, exclude_defaults=True)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plateaued(history: list[dict], window: int = 1, tol: float = 0.3) -> bool:
@@ -103,7 +111,7 @@ def main() -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "minutes": round((time.time() - t0) / 60, 1), "device": f"{args.device} ({torch.get_num_threads()} threads, "
         f"{platform.machine()}, shared machine)",
-        "command": "python -m bench.pretrain " + " ".join(sys.argv[1:]), "recipe_hash": recipe.digest(),
+        "command": "python -m bench.pretrain " + " ".join(sys.argv[1:]), "teacher_key": teacher_key(recipe),
         "curve": [{k: r[k] for k in ("epoch", "train_loss", "val_top1", "seconds")} for r in history],
     }
     save_weights(model, out, meta)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import irconvert  # noqa: E402
-from common import write_results  # noqa: E402
+import irconvert
+from bench.common import write_results
 
 MODELS = ["resnet18", "resnet34", "mobilenetv2_100", "vit_tiny_patch16_224"]
 

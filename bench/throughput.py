@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import irconvert
 from irconvert import distributed
-from irconvert.convert import build_model
+from irconvert.run import build_model
 from irconvert.data import build_data
 from irconvert.recipe import load_recipe
 from irconvert.train import _autocast, logits_of

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import zoo_lists  # noqa: E402
+from bench import zoo_lists  # noqa: E402
 
 STAGES = ("create", "binarize", "train", "export", "reload", "compare")
 TOLERANCE = 1e-5
@@ -204,7 +203,7 @@ class Worker:
 
     def _start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.zoo", "--worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1, env=env)
         self.lines: queue.Queue = queue.Queue()

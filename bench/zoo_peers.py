@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from zoo_lists import FAST  # noqa: E402
+from bench.zoo_lists import FAST  # noqa: E402
 
 SIDE = 64
 

@@ -1,24 +1,48 @@
 """irconvert: pretrained timm / torchvision models to IR-Net binary networks.
 
 The package is the data's walk, one module per stage:
-    load -> analyze -> plan -> swap -> train -> pack -> verify -> write
-with the paper's parts in `libra` (Libra-PB) and `ede` (EDE), the binary layers in `layers`.
+    load (models) -> analyze -> plan -> swap -> train -> pack -> write -> verify
+with `run` (one whole recipe) and `cli` on top, the paper's parts in `libra` (Libra-PB) and `ede`
+(EDE), the binary layers in `layers`. The public names below load on first use, so that
+`import irconvert` (and `irconvert --help`) does not import torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .ede import ede_k, ede_t
-from .errors import IRConvertError
-from .layers import BinaryConv2d, BinaryLinear, BinaryMixin
-from .methods import METHODS, Binarizer
-from .plan import Policy
-from .summary import summary
-from .swap import binarize, binary_layers, set_ede
-from .verify import load, load_packed
-from .write import save_latent, save_packed
-from . import runtime  # noqa: E402  (bitwise inference; its kernel builds on first use)
+import importlib
 
-__all__ = [
-    "BinaryConv2d", "BinaryLinear", "BinaryMixin", "Binarizer", "IRConvertError", "METHODS", "Policy",
-    "binarize", "binary_layers", "load", "load_packed", "save_latent", "save_packed", "ede_k", "ede_t", "set_ede", "summary", "__version__",
-]
+from .version import __version__
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "ede_k": "ede", "ede_t": "ede",
+    "IRConvertError": "errors",
+    "BinaryConv2d": "layers", "BinaryLinear": "layers", "BinaryMixin": "layers",
+    "binary_layers": "layers", "set_ede": "layers",
+    "METHODS": "methods", "Binarizer": "methods",
+    "Policy": "plan",
+    "summary": "layer_summary",
+    "binarize": "swap",
+    "load": "verify", "load_packed": "verify",
+    "save_latent": "write", "save_packed": "write",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):  # a submodule: irconvert.verify.verify_file, irconvert.runtime.load
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module 'irconvert' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

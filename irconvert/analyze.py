@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layers import SUPPORTED, can_binarize, fan_in, is_depthwise, magnitude
+from .graph import ends, trace, weighted_layers
+from .layers import can_binarize
+from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
 # Activations whose output is never negative: sign() of it is always +1, so a binary layer fed by
 # one sees no information. These are the ones the policy may replace by Hardtanh.
@@ -77,32 +79,6 @@ class Analysis:
     norm_after: dict[str, str] = field(default_factory=dict)  # conv name -> norm module right after it
 
 
-class _Tracer(fx.Tracer):
-    """fx tracer with timm's leaf modules/functions registered and every conv/linear a leaf."""
-
-    def __init__(self):
-        self._timm_leaves: tuple[type, ...] = ()
-        functions: tuple = ()
-        try:
-            from timm.layers import _fx as timm_fx
-
-            self._timm_leaves = tuple(timm_fx.get_notrace_modules())
-            functions = tuple(timm_fx.get_notrace_functions())
-        except ImportError:  # timm is optional for user models
-            pass
-        super().__init__(autowrap_functions=functions)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, SUPPORTED) or (self._timm_leaves and isinstance(m, self._timm_leaves)):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.Graph:
-    """Return the fx graph of `model` (raises whatever fx raises when it cannot trace)."""
-    return _Tracer().trace(model)
-
-
 def analyze(model: nn.Module) -> Analysis:
     """Return the per-layer facts of `model`, from its fx graph or, if tracing fails, module order."""
     try:
@@ -114,10 +90,6 @@ def analyze(model: nn.Module) -> Analysis:
             "first/last layers and activations were found from module order instead"
         )
     return _analyze_graph(model, graph)
-
-
-def _weighted(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
 
 
 def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True) -> LayerFacts:
@@ -141,42 +113,10 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
 
 def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     modules = dict(model.named_modules())
-    weighted = _weighted(model)
+    weighted = weighted_layers(model)
     nodes = list(graph.nodes)
 
-    def owner_names(node: fx.Node) -> list[str]:
-        """The conv/linear layers a call_module node runs (itself, or those inside a leaf)."""
-        if node.op != "call_module":
-            return []
-        if node.target in weighted:
-            return [node.target]
-        prefix = node.target + "."
-        return [n for n in weighted if n.startswith(prefix)]
-
-    is_w = {n: bool(owner_names(n)) for n in nodes}
-
-    # first: no weighted node upstream; last: a weighted-free path to the output downstream.
-    upstream = {}
-    for n in nodes:
-        upstream[n] = any(upstream[a] or is_w[a] for a in n.all_input_nodes)
-    free_to_out = {}
-    for n in reversed(nodes):
-        free_to_out[n] = n.op == "output" or any((not is_w[u]) and free_to_out[u] for u in n.users)
-
-    first, last, used, called = set(), set(), set(), set()
-    for n in nodes:
-        names = owner_names(n)
-        if not names:
-            continue
-        used.update(names)
-        # a torch.nn leaf (MultiheadAttention, TransformerEncoderLayer) may read its children's
-        # weights directly; timm's leaves and plain modules call their children
-        if n.target in weighted or not type(modules[n.target]).__module__.startswith("torch.nn"):
-            called.update(names)
-        if not upstream[n]:
-            first.add(names[0])
-        if any(u.op == "output" or ((not is_w[u]) and free_to_out[u]) for u in n.users):
-            last.add(names[-1])
+    first, last, called = ends(model, graph, weighted)
 
     feeders: dict[str, tuple[set, bool]] = {}
     norm_after: dict[str, str] = {}
@@ -231,7 +171,7 @@ def _find_relus(start, modules: dict[str, nn.Module]) -> tuple[set[str], bool]:
 
 
 def _analyze_module_order(model: nn.Module, warning: str) -> Analysis:
-    weighted = _weighted(model)
+    weighted = weighted_layers(model)
     names = list(weighted)
     layers = {}
     last_relu: str | None = None

@@ -16,7 +16,7 @@ from typing import Optional
 import yaml
 
 from .errors import IRConvertError
-from .write import atomic_path, write_text
+from .fileformat import atomic_path, write_text
 
 
 def read_model_list(path: os.PathLike | str) -> list[dict]:
@@ -38,8 +38,19 @@ def read_model_list(path: os.PathLike | str) -> list[dict]:
     return out
 
 
-def _model_dir(out: Path, name: str) -> Path:
+def model_dir(out: Path, name: str) -> Path:
+    """Return the run folder of model `name` under `out` (':' and '/' made '_')."""
     return out / name.replace(":", "_").replace("/", "_")
+
+
+def child_argv(recipe_path: Optional[str] = None, overrides: tuple[str, ...] = (), resume: bool = False,
+               overwrite: bool = False, convert_only: bool = False, seed: Optional[int] = None,
+               device: Optional[str] = None) -> list[str]:
+    """Return the command-line options every model's process of a batch gets (the one place they are built)."""
+    argv = ["--recipe", str(recipe_path)] if recipe_path else []
+    argv += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--convert-only", convert_only)) if on]
+    argv += [a for flag, v in (("--seed", seed), ("--device", device)) if v is not None for a in (flag, str(v))]
+    return argv + [a for s in overrides for a in ("--set", s)]
 
 
 def run_batch(models: list[dict], out: Path, common_args: list[str], timeout: Optional[float] = None,
@@ -47,7 +58,7 @@ def run_batch(models: list[dict], out: Path, common_args: list[str], timeout: Op
     """Convert each model in a subprocess (`python -m irconvert NAME ... --out OUT/NAME`); return results."""
     results = []
     for m in models:
-        target = _model_dir(out, m["name"])
+        target = model_dir(out, m["name"])
         cmd = [sys.executable, "-m", "irconvert", m["name"], *common_args, "--out", str(target)]
         for s in m["set"]:
             cmd += ["--set", s]

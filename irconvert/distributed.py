@@ -1,8 +1,9 @@
 """Data-parallel training under torchrun: one process per GPU (or CPU worker), on one or many machines.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; `setup` joins the process group
-(NCCL on GPUs, gloo on CPUs, unless the recipe names one) and every other part asks `world()` and
-`is_main()`. Without torchrun there is one process and nothing here does anything.
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; `start` picks the device and
+`setup` joins the process group (NCCL on GPUs, gloo on CPUs, unless the recipe names one). The run
+asks the returned `World` (`rank`, `size`, `main`); training sums validation counts with `sum_all`.
+Without torchrun there is one process and nothing here does anything.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import IRConvertError
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,28 @@ def setup(backend: str, device: torch.device) -> World:
             torch.cuda.set_device(w.local_rank)
         dist.init_process_group(chosen)
     return w
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for 'auto', 'cpu', 'cuda', 'cuda:1', ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise IRConvertError(f"train.device: {name!r} is not a device; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IRConvertError(f"train.device: {name} asked for, but no CUDA GPU is available; use cpu")
+    return dev
+
+
+def start(device: str, backend: str) -> tuple[torch.device, World]:
+    """Return this process's device (its own GPU under torchrun) and place, the group joined."""
+    dev = resolve_device(device)
+    world = setup(backend, dev)
+    if world.size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", world.local_rank)
+    return dev, world
 
 
 def barrier() -> None:

@@ -14,13 +14,10 @@ import math
 
 import torch
 
+from .ops import sign
+
 T_MIN = 1e-3
 T_MAX = 10.0
-
-
-def sign(x: torch.Tensor) -> torch.Tensor:
-    """Return sign(x) in {-1, +1} with sign(0) = +1 (torch.sign would give 0, a third value)."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
 class EDESign(torch.autograd.Function):

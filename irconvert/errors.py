@@ -1,4 +1,10 @@
-"""The one exception type for problems a user can fix."""
+"""The one exception type for problems a user can fix, and how warnings reach the user's log."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 class IRConvertError(Exception):
@@ -6,3 +12,13 @@ class IRConvertError(Exception):
 
     The CLI prints it as one line on stderr and exits with code 2; anything else is a bug.
     """
+
+
+@contextmanager
+def logged_warnings(log: Callable[..., None]) -> Iterator[None]:
+    """Catch every warning raised inside the block and pass each to `log` as 'warning: ...' at its end."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        log(f"warning: {w.message}")

@@ -29,15 +29,14 @@ makes the others on demand.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from .ede import T_MIN, ede_k, sign
+from .ede import T_MIN, ede_k
 from .methods import Binarizer
-from .sdbnn import per_input_channel
+from .ops import SUPPORTED, fan_in, is_depthwise, magnitude, per_input_channel, sign  # noqa: F401  (re-exported)
 
 MODES = ("W1A1", "W1A32")
 
@@ -113,7 +112,6 @@ class BinaryConv3d(BinaryMixin, nn.Conv3d):
 
 
 _STATIC = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear, nn.Conv1d: BinaryConv1d, nn.Conv3d: BinaryConv3d}
-SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,20 +154,21 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
     return module
 
 
-def fan_in(module: nn.Module) -> int:
-    """Return the number of weights per output channel."""
-    w = module._parameters["weight"]
-    return int(w[0].numel())
+def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield (name, module) for every binarized layer of `model`."""
+    for name, m in model.named_modules():
+        if isinstance(m, BinaryMixin):
+            yield name, m
 
 
-def magnitude(module: nn.Module) -> int:
-    """Return g = round(log2 std(weight)), the power of two nearest the weight's spread (0 if it has none)."""
-    w = module._parameters["weight"].detach()
-    std = float(w.float().std()) if w.numel() > 1 else 0.0
-    return round(math.log2(std)) if math.isfinite(std) and std > 0 else 0
+def set_ede(model: nn.Module, t: float) -> None:
+    """Set EDE's t, and k = max(1/t, 1), on every binary layer of `model`."""
+    k = ede_k(t)
+    for _, m in binary_layers(model):
+        m.ede_t, m.ede_k = float(t), k
 
 
-def is_depthwise(module: nn.Module) -> bool:
-    """True for a conv with one input channel per group and more than one group."""
-    groups = getattr(module, "groups", 1)
-    return isinstance(module, nn.modules.conv._ConvNd) and groups > 1 and groups == module.in_channels
+def method_penalty(model: nn.Module):
+    """Return the sum of the binary layers' method loss terms (trained-scale L2, ...), or None if none has one."""
+    terms = [t for _, m in binary_layers(model) if (t := m.binarizer.penalty(m)) is not None]
+    return sum(terms) if terms else None

@@ -34,7 +34,8 @@ from typing import Literal, Mapping, Optional
 import torch
 
 from . import libra, scaled, sdbnn
-from .ede import ede_sign, sign
+from .ede import ede_sign
+from .ops import sign
 from .errors import IRConvertError
 from .quantizers import approx_sign, ste_sign
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import IRConvertError
+from .graph import last_layers, trace
 
 SOURCES = ("timm", "torchvision")
 
@@ -121,6 +122,12 @@ def create_model(
     return model
 
 
+def from_origin(origin: dict) -> nn.Module:
+    """Return the architecture (random weights) that a file's or checkpoint's recorded origin names."""
+    return create_model(origin["name"], origin["source"], pretrained=False, adapt=origin.get("adapt"),
+                        **origin.get("kwargs", {}))
+
+
 def adapt_input(model: nn.Module, in_chans: Optional[int] = None, first_stride: Optional[int] = None,
                 stem_pool: bool = True) -> nn.Module:
     """Fit the stem to other images, in place: input channels (pretrained filters summed or repeated,
@@ -128,8 +135,6 @@ def adapt_input(model: nn.Module, in_chans: Optional[int] = None, first_stride: 
     The state_dict keys stay the same, so pretrained weights still load."""
     if in_chans is None and first_stride is None and stem_pool:
         return model
-    from .analyze import trace
-
     graph = trace(model)
     convs = [n for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Conv2d)]
     if not convs:
@@ -224,6 +229,4 @@ def _create_torchvision(name: str, where, kwargs: dict) -> nn.Module:
 
 def _head_names(model: nn.Module) -> tuple[str, ...]:
     """Names of the classifier layers (the last conv/linear by graph), whose shape num_classes may change."""
-    from .analyze import analyze
-
-    return tuple(n for n, f in analyze(model).layers.items() if f.last)
+    return last_layers(model)

@@ -36,9 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fileformat import WORD_BITS  # noqa: F401  (re-exported)
 from .layers import BinaryMixin
-
-WORD_BITS = 32
 
 
 def fan_in_order(w: torch.Tensor) -> torch.Tensor:

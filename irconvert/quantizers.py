@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .ede import sign
+from .ops import sign
 
 
 class SurrogateSign(torch.autograd.Function):

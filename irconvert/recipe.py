@@ -220,16 +220,35 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if node.get(p) is None:  # an absent or null section (teacher.finetune: null) starts empty
-                node[p] = {}
-            if not isinstance(node[p], dict):
-                raise IRConvertError(f"--set {item!r}: {p} is not a section")
-            node = node[p]
-        node[parts[-1]] = value
+        _set(raw, key, value, f"--set {item!r}")
     return raw
+
+
+def _set(raw: dict, key: str, value: Any, what: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if node.get(p) is None:  # an absent or null section (teacher.finetune: null) starts empty
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise IRConvertError(f"{what}: {p} is not a section")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def resolve_recipe(recipe: Union[Recipe, str, os.PathLike], overrides: list[str] = (),
+                   fields: Optional[dict[str, Any]] = None) -> Recipe:
+    """Return `recipe` (a Recipe or a path) with the --set `overrides` and then the typed `fields`
+    ({'train.seed': 3, ...}; None values skipped) applied, validated."""
+    if isinstance(recipe, Recipe):
+        raw, origin = recipe.model_dump(mode="json"), "recipe"
+    else:
+        raw, origin = _read_yaml(Path(recipe)), str(recipe)
+    raw = apply_overrides(raw, list(overrides))
+    for key, value in (fields or {}).items():
+        if value is not None:
+            _set(raw, key, value, key)
+    return validate(raw, origin)
 
 
 def validate(raw: dict, origin: str = "recipe") -> Recipe:

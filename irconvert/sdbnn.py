@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops import per_input_channel
+
 
 def add_shifts(layer: nn.Module, weight: torch.Tensor, w1a1: bool) -> tuple[str, ...]:
     """Register d_w [out] (and d_a [in channels] for W1A1) on `layer`, zero; return their names."""
@@ -34,12 +36,6 @@ def add_shifts(layer: nn.Module, weight: torch.Tensor, w1a1: bool) -> tuple[str,
 def shift_weight(w: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """Return w + d_w, one shift per output channel (WSD)."""
     return w + layer.weight_shift.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
-
-
-def per_input_channel(v: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """Return vector v [in channels] shaped to broadcast over layer input x (channels last for Linear)."""
-    shape = (-1,) if isinstance(layer, nn.Linear) else (-1,) + (1,) * len(layer.kernel_size)
-    return v.to(x.dtype).reshape(shape)
 
 
 def shift_input(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterator, Optional
+from typing import Optional
 
 from torch import nn
 
 from .analyze import analyze
-from .ede import ede_k
-from .layers import BinaryMixin, make_binary
+from .layers import BinaryMixin, binary_layers, make_binary, method_penalty, set_ede  # noqa: F401  (public here)
 from .methods import get_method
 from .plan import Plan, Policy, plan
 from .shortcut import add_shortcut
@@ -51,23 +50,3 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     for w in the_plan.warnings:
         warnings.warn(w, stacklevel=2)
     return swap(model, the_plan)
-
-
-def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Yield (name, module) for every binarized layer of `model`."""
-    for name, m in model.named_modules():
-        if isinstance(m, BinaryMixin):
-            yield name, m
-
-
-def set_ede(model: nn.Module, t: float) -> None:
-    """Set EDE's t, and k = max(1/t, 1), on every binary layer of `model`."""
-    k = ede_k(t)
-    for _, m in binary_layers(model):
-        m.ede_t, m.ede_k = float(t), k
-
-
-def method_penalty(model: nn.Module):
-    """Return the sum of the binary layers' method loss terms (trained-scale L2, ...), or None if none has one."""
-    terms = [t for _, m in binary_layers(model) if (t := m.binarizer.penalty(m)) is not None]
-    return sum(terms) if terms else None

@@ -29,7 +29,7 @@ from .distributed import sum_all
 from .ede import ede_t
 from .errors import IRConvertError
 from .recipe import DistillSection, EDESection, Schedule
-from .swap import binary_layers, method_penalty, set_ede
+from .layers import binary_layers, method_penalty, set_ede
 
 
 class Diverged(IRConvertError):
@@ -153,6 +153,55 @@ def epoch_seed(seed: int, stage: str, epoch: int) -> int:
     return seed * 1_000_003 + (0 if stage == "teacher" else 500_000) + epoch
 
 
+def _restore(opt, sched, resume: Optional[dict]) -> None:
+    """Load the optimizer's and the schedule's state from a checkpoint (nothing without one)."""
+    if resume:
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler"):
+            sched.load_state_dict(resume["scheduler"])
+
+
+def _seed_epoch(stage: Stage, train_loader, epoch: int) -> None:
+    """Seed dropout, augmentation and the shuffle of `epoch` from the epoch alone, so a resumed run repeats it."""
+    torch.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
+    train_loader.generator.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
+    if hasattr(train_loader.sampler, "set_epoch"):
+        train_loader.sampler.set_epoch(epoch)
+
+
+def _loss(stage: Stage, net: nn.Module, x: torch.Tensor, y: torch.Tensor, distill: bool,
+          penalized: bool, taps=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logits, loss): cross-entropy, blended with KD from the teacher (and attention transfer
+    when `taps` holds the student's and the teacher's FeatureTap), plus the method's own term."""
+    out = logits_of(net(x))
+    loss = F.cross_entropy(out, y, label_smoothing=stage.schedule.label_smoothing)
+    if distill:
+        with torch.no_grad():
+            t_out = logits_of(stage.teacher(x))
+        a = stage.distill.alpha
+        loss = a * kd_loss(out.float(), t_out.float(), stage.distill.temperature) + (1 - a) * loss
+        if taps is not None:
+            loss = loss + stage.distill.attention * attention_loss(taps[0].out, taps[1].out)
+    if penalized and (extra := method_penalty(stage.model)) is not None:
+        loss = loss + extra  # the binarization method's own term (e.g. L2 on trained scales)
+    return out, loss
+
+
+def _step(model: nn.Module, loss: torch.Tensor, opt, scaler, grad_clip: Optional[float]) -> None:
+    """Backward, clip and one optimizer step (through the fp16 gradient scaler when there is one)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt) if scaler is not None else opt.step()
+    if scaler is not None:
+        scaler.update()
+
+
 def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoch: int = 0,
         resume: Optional[dict] = None, on_epoch: Optional[Callable[[Stage, int, dict], None]] = None) -> Stage:
     """Train `stage.model` for its schedule's epochs; `on_epoch(stage, epoch, state)` checkpoints."""
@@ -161,10 +210,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     net = DistributedDataParallel(model) if dist.is_initialized() else model
     steps = min(len(train_loader), s.max_steps_per_epoch or len(train_loader))
     opt, sched = make_optimizer(model, s, steps)
-    if resume:
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None and resume.get("scheduler"):
-            sched.load_state_dict(resume["scheduler"])
+    _restore(opt, sched, resume)
     scaler = torch.amp.GradScaler(device.type) if stage.amp == "fp16" else None
     total = s.epochs * steps
     distill = stage.teacher is not None and stage.distill is not None and stage.distill.enabled
@@ -179,10 +225,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
         names = stage.distill.attention_layers or default_layers(model)
         taps = (FeatureTap(model, names), FeatureTap(stage.teacher, names))
     for epoch in range(start_epoch, s.epochs):
-        torch.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
-        train_loader.generator.manual_seed(epoch_seed(stage.seed, stage.name, epoch))
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        _seed_epoch(stage, train_loader, epoch)
         for m in two_stage:
             m.binary_mode = "W1A32" if epoch < warm else "W1A1"
         model.train()
@@ -198,31 +241,11 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                 set_ede(model, ede_t(progress, stage.ede.t_min, stage.ede.t_max))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, stage.amp):
-                out = logits_of(net(x))
-                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
-                if distill:
-                    with torch.no_grad():
-                        t_out = logits_of(stage.teacher(x))
-                    a = stage.distill.alpha
-                    loss = a * kd_loss(out.float(), t_out.float(), stage.distill.temperature) + (1 - a) * loss
-                    if taps is not None:
-                        loss = loss + stage.distill.attention * attention_loss(taps[0].out, taps[1].out)
-                if penalized and (extra := method_penalty(model)) is not None:
-                    loss = loss + extra  # the binarization method's own term (e.g. L2 on trained scales)
+                out, loss = _loss(stage, net, x, y, distill, penalized, taps)
             if not torch.isfinite(loss):
                 raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
                                f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if s.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            scaler.step(opt) if scaler is not None else opt.step()
-            if scaler is not None:
-                scaler.update()
+            _step(model, loss, opt, scaler, s.grad_clip)
             if sched is not None:
                 sched.step_update(step + 1)
             seen += len(y)
@@ -238,8 +261,8 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
             reestimate_bn(model, train_loader, s.bn_reestimate, device)
         val = evaluate(model, val_loader, device, stage.amp)
         row = {"stage": stage.name, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-               "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val["top1"], "val_top5": val["top5"],
-               "val_loss": val["loss"], "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+               "train_top1": 100.0 * correct / max(seen, 1), **{f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
+               "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
         if binary and stage.ede is not None:
             row["ede_t"] = first_binary.ede_t
         if two_stage:

@@ -1,4 +1,4 @@
-"""Stage 7, verify: rebuild a model from a written file and check it reproduces the trained one.
+"""Stage 8, verify: rebuild a model from a written file and check it reproduces the trained one.
 
 `load_packed(path)` rebuilds from packed.safetensors alone: the architecture from the metadata
 (model name, source, kwargs), the binary layers from the stored plan, their weights s * B from the
@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .errors import IRConvertError
+from .fileformat import LATENT_FORMAT, PACKED_FORMAT, read
+from .layer_summary import default_input_size, summary
 from .layers import BinaryMixin
+from .models import from_origin
+from .pack import binary_weight
 from .plan import LayerPlan, Plan, Policy
 from .swap import swap
-from .write import LATENT_FORMAT, PACKED_FORMAT, read
+
 
 
 def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Module:
@@ -38,10 +43,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         if not origin:
             raise IRConvertError(f"{path}: made from a user model with no registered name; "
                                  "pass the unconverted architecture: load_packed(path, model=MyNet())")
-        from .models import create_model
-
-        model = create_model(origin["name"], origin["source"], pretrained=False, adapt=origin.get("adapt"),
-                             **origin.get("kwargs", {}))
+        model = from_origin(origin)
     elif any(isinstance(m, BinaryMixin) for m in model.modules()):
         raise IRConvertError("load: pass the unconverted architecture as model=, not a binarized one")
     try:
@@ -63,8 +65,6 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
 
 def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
     """Return the deployment model rebuilt from packed.safetensors alone (binary weights frozen to s*B)."""
-    from .pack import binary_weight
-
     tensors, meta = read(path, PACKED_FORMAT)
     net = _skeleton(meta, path, model)
     try:
@@ -124,10 +124,6 @@ def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 def verify_file(packed: os.PathLike | str, latent: Optional[os.PathLike | str] = None, batch: int = 2) -> dict:
     """Rebuild `packed`, compare it with the latent model (model.safetensors beside it by default)
     on random input, and return the size figures and the max abs difference (None without a latent file)."""
-    from pathlib import Path
-
-    from .summary import default_input_size, summary
-
     packed = Path(packed)
     net = load_packed(packed)
     _, meta = read(packed, PACKED_FORMAT)

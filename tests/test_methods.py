@@ -216,14 +216,14 @@ def test_method_penalty_sums_l2_over_layers_and_is_none_without_it():
 def test_end_to_end_conversion_trains_exports_and_reloads(method, moved, tmp_path, fashion_root):
     from pathlib import Path
 
-    from irconvert.convert import convert
+    from irconvert.run import run
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     quick = ["data.subset=256", "data.val_subset=128", "data.batch_size=32", "teacher.finetune.epochs=1",
              "teacher.finetune.max_steps_per_epoch=2", "train.epochs=1", "train.max_steps_per_epoch=3",
              f"binarize.method={method}"]
     out = tmp_path / method
-    report = convert("resnet18", recipe, out=out, overrides=tuple(quick), log=lambda *a: None)
+    report = run("resnet18", recipe, out=out, overrides=tuple(quick), log=lambda *a: None)
     assert report["method"] == method and report["packed_max_abs_diff"] == 0.0
     latent = irconvert.load(out / "model.safetensors")
     start = 0.0 if method == "sdbnn" else 1.0  # d_a starts at 0, beta at 1: training moved them

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from irconvert.convert import build_model
+from irconvert.run import build_model
 from irconvert.data import build_data
 from irconvert.recipe import load_recipe
 from irconvert.train import evaluate

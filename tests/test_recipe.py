@@ -92,27 +92,27 @@ def test_existing_run_is_refused_and_left_untouched(quick_run):
 
 
 def test_resume_ends_with_the_same_weights(tmp_path, fashion_root, monkeypatch):
-    import irconvert.convert as conv
+    from irconvert.run import run
+    from irconvert.runfolder import RunFolder
 
     args = dict(overrides=tuple(QUICK), log=lambda *a: None)
     full = tmp_path / "full"
-    conv.convert("resnet18", RECIPES / "quickstart.yaml", out=full, **args)
+    run("resnet18", RECIPES / "quickstart.yaml", out=full, **args)
 
-    calls = {"n": 0}
-    real = conv._write_metrics
+    real = RunFolder.write_metrics
 
-    def crash_after_first_binary_epoch(out, stages):
-        real(out, stages)
-        if stages[-1].name == "binary" and len(stages[-1].history) == 1:
+    def crash_after_first_binary_epoch(folder):
+        real(folder)
+        if folder.stages[-1].name == "binary" and len(folder.stages[-1].history) == 1:
             raise KeyboardInterrupt  # the process dies right after the checkpoint of binary epoch 1
 
     part = tmp_path / "part"
-    monkeypatch.setattr(conv, "_write_metrics", crash_after_first_binary_epoch)
+    monkeypatch.setattr(RunFolder, "write_metrics", crash_after_first_binary_epoch)
     with pytest.raises(KeyboardInterrupt):
-        conv.convert("resnet18", RECIPES / "quickstart.yaml", out=part, **args)
-    monkeypatch.setattr(conv, "_write_metrics", real)
+        run("resnet18", RECIPES / "quickstart.yaml", out=part, **args)
+    monkeypatch.setattr(RunFolder, "write_metrics", real)
     assert not (part / "model.safetensors").exists()
-    conv.convert("resnet18", RECIPES / "quickstart.yaml", out=part, resume=True, **args)
+    run("resnet18", RECIPES / "quickstart.yaml", out=part, resume=True, **args)
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -6,9 +6,7 @@ sweep over every timm family and torchvision classifier is `python bench/zoo.py`
 """
 
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import timm
@@ -22,8 +20,7 @@ from irconvert.analyze import analyze
 from irconvert.models import create_model, split_name
 from irconvert.verify import max_abs_diff
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from zoo_lists import FAST  # noqa: E402
+from bench.zoo_lists import FAST
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

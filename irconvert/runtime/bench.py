@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ede import sign
+from ..ops import sign
 from ..pack import binary_weight, fan_in_order, pack_signs
 from . import kernels
 from .convert import load

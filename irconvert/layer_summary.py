@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .fileformat import WORD_BITS
 from .layers import SUPPORTED, BinaryMixin
-
-WORD_BITS = 32  # packed words (see pack.py): a binary row takes ceil(fan_in / 32) words
 
 
 @dataclass(frozen=True)

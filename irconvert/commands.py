@@ -1,0 +1,108 @@
+"""What each `irconvert` command does (cli.py holds only their options): one function per command,
+called with the parsed options. The run modes are `run_one`, `batch` and `check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .batch import model_dir, child_argv, read_model_list, run_batch, write_reports
+from .errors import IRConvertError, logged_warnings
+from .layer_summary import summary as layer_summary
+from .models import create_model
+from .plan import Policy
+from .recipe import load_recipe
+from .run import convert_only, run
+from .runtime.bench import bench_packed
+from .runfolder import export_run
+from .swap import binarize
+from .verify import verify_file
+
+
+def run_one(model: str, recipe_path: Optional[str], **options) -> None:
+    """`irconvert MODEL --recipe R`: one run (run.py)."""
+    run(model, recipe_path, log=click.echo, **options)
+
+
+def check(model: str, recipe_path: Optional[str], out: Optional[str], overrides: tuple[str, ...],
+          overwrite: bool, weights: Optional[str]) -> None:
+    """`irconvert MODEL --convert-only`: binarize, export, verify; the recipe's policy if one is given."""
+    policy, kwargs = Policy(), {}
+    if recipe_path:
+        recipe = load_recipe(recipe_path, list(overrides))
+        policy, kwargs = recipe.binarize, dict(recipe.model.kwargs)
+    out = Path(out) if out else model_dir(Path("runs"), model)
+    convert_only(model, out, policy, weights=weights, overwrite=overwrite, log=click.echo, **kwargs)
+
+
+def batch(models: tuple[str, ...], models_file: Optional[str], report_path: Optional[str],
+          junit_path: Optional[str], timeout: Optional[float], **options) -> None:
+    """`irconvert M1 M2 ... | --models FILE`: each model in its own process, JSON and JUnit reports."""
+    names = [{"name": m, "set": []} for m in models] + (read_model_list(models_file) if models_file else [])
+    if not names:
+        raise IRConvertError("no model given: name one (e.g. resnet18) or pass --models FILE")
+    out = Path(options.pop("out") or "runs/batch")
+    results = run_batch(names, out, child_argv(**options), timeout, log=click.echo)
+    report, junit = Path(report_path or out / "batch.json"), Path(junit_path or out / "junit.xml")
+    write_reports(results, report, junit)
+    failed = [r["model"] for r in results if r["status"] != "ok"]
+    click.echo(f"{len(results) - len(failed)}/{len(results)} converted; report {report}, junit {junit}")
+    if failed:
+        click.echo(f"irconvert: failed: {', '.join(failed)}", err=True)
+        raise SystemExit(1)
+
+
+def summary(model: str, weights: Optional[str], mode: str, method: str, input_size: Optional[str],
+            num_classes: Optional[int]) -> None:
+    """`irconvert summary MODEL`: the per-layer table of MODEL binarized with the default policy."""
+    try:
+        policy = Policy(mode=mode, method=method)
+    except ValueError as exc:
+        raise IRConvertError(f"--method: {exc.errors()[0]['msg']}") from None
+    net = create_model(model, weights=weights, **({"num_classes": num_classes} if num_classes else {}))
+    with logged_warnings(lambda line: click.echo(line, err=True)):
+        b = binarize(net, policy, inplace=True)
+    click.echo(str(layer_summary(b, parse_size(input_size))))
+
+
+def export(path: str, overwrite: bool) -> None:
+    """`irconvert export RUN|CHECKPOINT|model.safetensors`."""
+    export_run(path, overwrite=overwrite, log=click.echo)
+
+
+def verify(packed: str, latent: Optional[str], tolerance: float) -> None:
+    """`irconvert verify packed.safetensors`: rebuild, compare with the latent model, sizes; exit 1 on a mismatch."""
+    r = verify_file(packed, latent)
+    click.echo(str(r["summary"]))
+    line = f"packed file: {r['packed_bytes'] / 2**20:.2f} MiB"
+    if r["latent_bytes"]:
+        line += f"   latent file: {r['latent_bytes'] / 2**20:.2f} MiB   ratio: {r['packed_bytes'] / r['latent_bytes']:.3f}"
+    click.echo(line)
+    if r["max_abs_diff"] is None:
+        click.echo("no latent model at hand: rebuilt, outputs not compared")
+        return
+    ok = r["max_abs_diff"] <= tolerance
+    click.echo(f"max |packed - latent| = {r['max_abs_diff']:.3g} ({'ok' if ok else 'MISMATCH'}, tolerance {tolerance:g})")
+    if not ok:
+        raise SystemExit(1)
+
+
+def bench_runtime(packed: str, batches: tuple[int, ...], input_size: Optional[str], repeat: int,
+                  json_path: Optional[str]) -> None:
+    """`irconvert bench-runtime packed.safetensors`: bitwise runtime against fp32."""
+    click.echo(bench_packed(packed, batches or (1, 8), parse_size(input_size) or (3, 224, 224), max(1, repeat), json_path))
+
+
+def parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """Return (C, H, W) from 'C,H,W', or None for no text."""
+    if not text:
+        return None
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) <= 0:
+        raise IRConvertError(f"--input-size: {text!r} is not C,H,W (e.g. 3,224,224)")
+    return size

@@ -1,0 +1,93 @@
+"""The model's dataflow graph, shared by load (models.py: the stem to adapt, the head to resize)
+and analyze (the facts per layer): torch.fx with timm's leaf modules and functions registered, every
+conv/linear one leaf node, and the layers at the graph's two ends.
+
+    first(L) = no conv/linear upstream of L        last(L) = a conv/linear-free path from L to the output
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .ops import SUPPORTED
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer with timm's leaf modules/functions registered and every conv/linear a leaf."""
+
+    def __init__(self):
+        self._timm_leaves: tuple[type, ...] = ()
+        functions: tuple = ()
+        try:
+            from timm.layers import _fx as timm_fx
+
+            self._timm_leaves = tuple(timm_fx.get_notrace_modules())
+            functions = tuple(timm_fx.get_notrace_functions())
+        except ImportError:  # timm is optional for user models
+            pass
+        super().__init__(autowrap_functions=functions)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, SUPPORTED) or (self._timm_leaves and isinstance(m, self._timm_leaves)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """Return the fx graph of `model` (raises whatever fx raises when it cannot trace)."""
+    return _Tracer().trace(model)
+
+
+def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Return {name: module} of every conv/linear of `model`, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
+
+
+def ends(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> tuple[set, set, set]:
+    """Return (first, last, called): the conv/linear layers with none upstream, those with a
+    conv/linear-free path to the output, and those whose own forward the graph runs."""
+    modules = dict(model.named_modules())
+    nodes = list(graph.nodes)
+    owners = {n: _owner_names(n, weighted) for n in nodes}
+    is_w = {n: bool(owners[n]) for n in nodes}
+    upstream = {}
+    for n in nodes:
+        upstream[n] = any(upstream[a] or is_w[a] for a in n.all_input_nodes)
+    free_to_out = {}
+    for n in reversed(nodes):
+        free_to_out[n] = n.op == "output" or any((not is_w[u]) and free_to_out[u] for u in n.users)
+    first, last, called = set(), set(), set()
+    for n in nodes:
+        names = owners[n]
+        if not names:
+            continue
+        # a torch.nn leaf (MultiheadAttention, TransformerEncoderLayer) may read its children's
+        # weights directly; timm's leaves and plain modules call their children
+        if n.target in weighted or not type(modules[n.target]).__module__.startswith("torch.nn"):
+            called.update(names)
+        if not upstream[n]:
+            first.add(names[0])
+        if any(u.op == "output" or ((not is_w[u]) and free_to_out[u]) for u in n.users):
+            last.add(names[-1])
+    return first, last, called
+
+
+def _owner_names(node: fx.Node, weighted: dict[str, nn.Module]) -> list[str]:
+    """The conv/linear layers a call_module node runs (itself, or those inside a leaf)."""
+    if node.op != "call_module":
+        return []
+    if node.target in weighted:
+        return [node.target]
+    prefix = node.target + "."
+    return [n for n in weighted if n.startswith(prefix)]
+
+
+def last_layers(model: nn.Module) -> tuple[str, ...]:
+    """Return the names of the classifier layers (last by graph; the last registered one if fx cannot trace)."""
+    weighted = weighted_layers(model)
+    try:
+        graph = trace(model)
+    except Exception:  # the same fallback as analyze's: module order
+        return tuple(list(weighted)[-1:])
+    _, last, _ = ends(model, graph, weighted)
+    return tuple(n for n in weighted if n in last)
