@@ -1,8 +1,11 @@
 """IR-Net's ablation on real Fashion-MNIST, through irconvert's own pipeline.
 
 One full-precision timm ResNet-18 (1-channel 28x28 input: stride-2 stem without max-pool, from
-recipes/fashion-mnist.yaml) is trained once; every binary variant starts from those same FP
-weights (conversion of a trained model is the product) and gets the same budget:
+recipes/fashion-mnist.yaml) is trained once, to convergence (a cosine schedule to zero, `--fp-epochs`,
+the curve checked for a plateau), and cached by a hash of its recipe's model, data and teacher sections (bench/cache/, or the shipped
+irconvert/pretrained/ file when the hash is the same: the default 16-32-64-128 network for 12
+epochs is exactly that model); every binary variant starts from those same FP weights (conversion
+of a trained model is the product) and gets the same budget:
 
     vanilla W1A1        plain sign + clipped STE, no Libra-PB, no EDE
     + Libra-PB          balanced, standardized weights with the 2^n scale (STE)
@@ -23,9 +26,11 @@ and the other binarizers of the same line of work, with the same budget and no K
 All W1A1 variants have the converter's default Hardtanh in front of binary convs (without it a
 binary conv behind a ReLU sees only +1). Results: bench/results/accuracy.{json,md,png}.
 
-    python bench/accuracy.py                 # the full benchmark (55 minutes on 2 quiet cores, 2 runs at a time)
-    python bench/accuracy.py --reduced       # one seed, fewer steps (13.6 minutes on 2 cores)
-    python bench/accuracy.py --device cuda --jobs 8 --fp-epochs 15 --minutes 8 --name accuracy-gpu
+    python -m bench.accuracy                 # the full benchmark
+    python -m bench.accuracy --reduced       # one seed, fewer steps
+    python -m bench.accuracy --variants "IR-Net + KD" "IR-Net + KD + BN re-estimation" --binary-steps 150
+                                             # the training levers against the default
+    python -m bench.accuracy --device cuda --jobs 8 --width 32 --fp-epochs 15 --minutes 8 --name accuracy-gpu
                                              # a GPU: runs in parallel processes, and the binary epochs
                                              # are chosen from a timed probe to fit the minutes
 """
@@ -45,12 +50,14 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS, write_results
-from irconvert.run import build_model, run
-from irconvert.data import build_data
+from bench.pretrain import (OUT as SHIPPED, plateaued, save_weights, teacher_key, teacher_recipe, train_teacher,
+                            widths)
 from irconvert.recipe import load_recipe
-from irconvert.train import Stage, evaluate, fit
+from irconvert.run import run
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion-mnist.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "fashion-mnist.yaml"
+CACHE = Path(__file__).resolve().parent / "cache"  # converged FP models by teacher_key (not in git)
 
 VARIANTS = [  # (name, mode, overrides)
     ("vanilla W1A1", "W1A1", ["binarize.method=vanilla", "train.distill.enabled=false"]),
@@ -66,41 +73,63 @@ VARIANTS = [  # (name, mode, overrides)
     ("SD-BNN + IR-Net", "W1A1", ["binarize.method=irnet_sd", "train.distill.enabled=false"]),
     ("trained scales", "W1A1", ["binarize.method=scaled", "train.distill.enabled=false"]),
     ("trained scales + IR-Net", "W1A1", ["binarize.method=irnet_scaled", "train.distill.enabled=false"]),
+    # the training levers (recipe options), each on IR-Net + KD
+    ("IR-Net + KD (distribution, a=1 T=1)", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
+                                                     "train.distill.alpha=1.0", "train.distill.temperature=1.0"]),
+    ("IR-Net + KD + attention", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
+                                         "train.distill.attention=1000"]),
+    ("IR-Net + KD + BN re-estimation", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
+                                                "train.bn_reestimate=100"]),
+    ("IR-Net + KD + linear lr", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true", "train.scheduler=linear"]),
+    ("IR-Net + KD + FP downsample", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
+                                             'binarize.patterns={"*.downsample.0": keep}']),
+    ("IR-Net + KD, two-stage", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true"]),  # see halves()
 ]
+TWO_STAGE = "IR-Net + KD, two-stage"
+
+
+def halves(binary: list[str]) -> list[str]:
+    """Overrides that spend `binary`'s steps as twice the epochs of half the steps, W1A32 in the first half."""
+    recipe = load_recipe(RECIPE, binary)
+    steps = recipe.train.max_steps_per_epoch or -(-(recipe.data.subset or 60000) // recipe.data.batch_size)
+    return [f"train.epochs={2 * recipe.train.epochs}", f"train.w1a32_epochs={recipe.train.epochs}",
+            f"train.max_steps_per_epoch={max(1, steps // 2)}"]
+
+
 PROBE = "IR-Net + KD + structure"  # the slowest variant: times the binary epochs under --minutes
 
 
-def budget(reduced: bool, width: str, fp_epochs: int, binary_epochs: int, binary_steps: int | None) -> dict:
-    """The training budget: the same for every binary variant."""
-    common = [f"model.kwargs.channels={width}", "data.subset=null"]
+def budget(reduced: bool, width: int, binary_epochs: int, binary_steps: int | None) -> dict:
+    """The binary training budget: the same for every variant."""
+    common = [f"model.kwargs.channels={widths(width)}", "data.subset=null"]
     if reduced:
-        return {"seeds": [0], "fp": common + ["teacher.finetune.epochs=1", "teacher.finetune.max_steps_per_epoch=300"],
-                "binary": common + ["train.epochs=1", "train.max_steps_per_epoch=150"]}
+        return {"seeds": [0], "binary": common + ["train.epochs=1", "train.max_steps_per_epoch=150"]}
     steps = [f"train.max_steps_per_epoch={binary_steps}"] if binary_steps else []
-    return {"seeds": [0, 1], "fp": common + [f"teacher.finetune.epochs={fp_epochs}"],
-            "binary": common + [f"train.epochs={binary_epochs}"] + steps}
+    return {"seeds": [0, 1], "binary": common + [f"train.epochs={binary_epochs}"] + steps}
 
 
-def train_fp(overrides: list[str], out: Path, device: torch.device) -> tuple[Path, dict, list[dict], float]:
-    """Train the FP model once with the recipe's teacher schedule; return its weights file and accuracy."""
-    from safetensors.torch import save_file
-
-    recipe = load_recipe(RECIPE, overrides)
+def converged_fp(width: int, epochs: int, extra: list[str], device: torch.device) -> tuple[Path, dict]:
+    """Return the converged FP model's weights file and record, trained once per teacher_key and cached."""
+    recipe = teacher_recipe(width, epochs, 0.002, tuple(extra))
+    digest = teacher_key(recipe)
+    for path in [CACHE / f"fp-{digest}.safetensors", *sorted(SHIPPED.glob("*.safetensors"))]:
+        meta_file = path.with_suffix(".json")
+        if meta_file.is_file() and (meta := json.loads(meta_file.read_text())).get("teacher_key") == digest:
+            print(f"FP model of recipe {digest}: {path} (cached)", flush=True)
+            return path, {**meta, "cached": True}
     t0 = time.time()
-    data = build_data(recipe.data)
-    torch.manual_seed(0)
-    model = build_model(recipe, data.info).to(device)
-    train_loader, val_loader = data.loaders(recipe.data, torch.Generator())
-    stage = fit(Stage("teacher", model, recipe.teacher.finetune, 0), train_loader, val_loader, device)
-    acc = evaluate(model, val_loader, device)
-    path = out / "fp.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path, acc, stage.history, (time.time() - t0) / 60
+    model, acc, history = train_teacher(recipe, device)
+    meta = {"test_top1": round(acc["top1"], 2), "epochs": epochs, "converged": plateaued(history),
+            "minutes": round((time.time() - t0) / 60, 2), "teacher_key": digest, "channels": widths(width),
+            "curve": [{k: r[k] for k in ("epoch", "train_loss", "val_top1", "seconds")} for r in history]}
+    path = CACHE / f"fp-{digest}.safetensors"
+    save_weights(model.cpu(), path, meta)
+    return path, {**meta, "cached": False}
 
 
 def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Path, device: str) -> dict:
     """Convert the FP model with one variant and seed; return its top-1, training curve and minutes."""
-    extra = dict((v[0], v[2]) for v in VARIANTS)[name]
+    extra = dict((v[0], v[2]) for v in VARIANTS)[name] + (halves(binary) if name == TWO_STAGE else [])
     out = work / f"{name.replace(' ', '_').replace('+', 'p')}-{seed}"
     over = binary + extra + ["teacher.finetune=null", "model.pretrained=false", "output.plot=false",
                              "output.checkpoint=false", "output.export=false", f"train.device={device}"]
@@ -130,7 +159,7 @@ def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work:
         cmd = [sys.executable, "-m", "bench.accuracy", "--worker", name, "--seed", str(seed), "--fp-weights", str(fp_file),
                "--result", str(res), "--device", device, "--work", str(work), "--binary", json.dumps(binary)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             raise RuntimeError(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
         out = json.loads(res.read_text())
@@ -167,9 +196,9 @@ def probe_epochs(minutes: float, n_runs: int, fp_file: Path, binary: list[str], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reduced", action="store_true", help="one seed, fewer steps (about 15 minutes)")
-    ap.add_argument("--width", default="[32,64,128,256]", help="ResNet-18 stage widths (timm 'channels' kwarg)")
+    ap.add_argument("--width", type=int, default=16, help="ResNet-18's first stage width (16: 16-32-64-128)")
     ap.add_argument("--variants", nargs="*", help="only these variant names")
-    ap.add_argument("--fp-epochs", type=int, default=3, help="epochs of the FP model (full form)")
+    ap.add_argument("--fp-epochs", type=int, default=12, help="epochs of the converged FP model (cached)")
     ap.add_argument("--binary-epochs", type=int, default=1, help="epochs of each binary run (full form)")
     ap.add_argument("--binary-steps", type=int, help="steps per epoch of each binary run (default: whole epochs)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -192,25 +221,22 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(out))
         return
     t_start = time.time()
-    b = budget(args.reduced, args.width, args.fp_epochs, args.binary_epochs, args.binary_steps)
-    b["fp"] += args.set
+    b = budget(args.reduced, args.width, args.binary_epochs, args.binary_steps)
     b["binary"] += args.set
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="irconvert-acc-"))
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"training the FP model on {card} ({' '.join(b['fp'])})", flush=True)
-    fp_file, fp_acc, fp_hist, fp_min = train_fp(b["fp"], work, device)
-    print(f"FP: top-1 {fp_acc['top1']:.2f}% in {fp_min:.1f} min", flush=True)
-    fp_epochs = load_recipe(RECIPE, b["fp"]).teacher.finetune.epochs
-    rows = [{"variant": "FP", "mode": "FP", "top1": [fp_acc["top1"]], "top1_mean": fp_acc["top1"], "top1_std": 0.0,
-             "epochs": fp_epochs, "minutes": round(fp_min, 2)}]
-    curves = {"FP": fp_hist}
+    fp_file, fp = converged_fp(args.width, args.fp_epochs, args.set, device)
+    print(f"FP: top-1 {fp['test_top1']:.2f}% after {fp['epochs']} epochs (converged: {fp['converged']})", flush=True)
+    rows = [{"variant": "FP", "mode": "FP", "top1": [fp["test_top1"]], "top1_mean": fp["test_top1"], "top1_std": 0.0,
+             "epochs": fp["epochs"], "converged": fp["converged"], "minutes": fp["minutes"], "cached": fp["cached"]}]
+    curves = {"FP": fp["curve"]}
     chosen = [v for v in VARIANTS if not args.variants or v[0] in args.variants]
     runs = [(name, seed) for seed in b["seeds"] for name, _, _ in chosen]
     if args.minutes and not args.reduced:
         epochs = probe_epochs(args.minutes, len(runs), fp_file, b["binary"], work, args.device, args.jobs, t_start)
-        b["binary"] = budget(False, args.width, args.fp_epochs, epochs, args.binary_steps)["binary"] + args.set
+        b["binary"] = budget(False, args.width, epochs, args.binary_steps)["binary"] + args.set
     results = run_all(runs, fp_file, b["binary"], work, args.device, args.jobs)
     recipe = load_recipe(RECIPE, b["binary"])
     for name, mode, _ in chosen:
@@ -223,10 +249,12 @@ def main() -> None:
                      "device": card})
     rows[0]["device"] = card
     fp_top = rows[0]["top1_mean"]
-    label = "reduced" if args.reduced else (f"--fp-epochs {args.fp_epochs}, binary epochs {recipe.train.epochs}"
+    label = "reduced" if args.reduced else (f"binary epochs {recipe.train.epochs}"
                                             + (f" of {args.binary_steps} steps" if args.binary_steps else ""))
     par = f", {args.jobs} runs in parallel (minutes are each run's own, sharing the device)" if args.jobs > 1 else ""
-    lines = [f"Budget ({label}) on {card}{par}; FP: {' '.join(b['fp'])}; every binary variant: "
+    fp_how = (f"ResNet-18 {widths(args.width)}, {fp['epochs']} epochs, converged: {fp['converged']}"
+              f"{' (cached)' if fp['cached'] else ''}")
+    lines = [f"Budget ({label}) on {card}{par}; FP: {fp_how}; every binary variant: "
              f"{' '.join(b['binary'])}; seeds {b['seeds']}; batch {recipe.data.batch_size}; total {(time.time() - t_start) / 60:.1f} min.", "",
              "| variant | mode | top-1 mean (%) | spread (std) | per seed | gap to FP | minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:

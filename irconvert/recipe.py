@@ -2,7 +2,8 @@
 
 Sections: model, data, teacher, binarize (the Policy), train, output. Unknown keys are errors.
 A recipe may start with `extends: other.yaml` (a path relative to the recipe's folder): the other
-recipe is loaded first and this one's keys are merged over it, section by section.
+recipe is loaded first and this one's keys are merged over it, section by section. A relative
+`model.pretrained` weights path in a recipe file is relative to that file's folder too.
 `--set key.path=value` overrides are applied after merging, with YAML typing of the value.
 """
 
@@ -32,7 +33,7 @@ class ModelSection(_Section):
 
     name: str
     source: Literal["timm", "torchvision"] = "timm"
-    pretrained: Union[bool, str] = False  # true: the hub; a path: a local .safetensors / .pth
+    pretrained: Union[bool, str] = False  # true: the hub; a path: a local .safetensors / .pth (in a file: relative to it)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # constructor kwargs: num_classes, in_chans, ...
     first_stride: Optional[int] = Field(None, ge=1)  # small images: stride of the first conv
     stem_pool: bool = True  # small images: false drops the max-pool right after the stem
@@ -63,12 +64,18 @@ class Schedule(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    scheduler: Literal["cosine", "none"] = "cosine"
+    scheduler: Literal["cosine", "linear", "none"] = "cosine"  # linear: to min_lr at the last step
     warmup_epochs: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)  # quick runs and tests
+    # the latent weights of binary layers: their sign is what counts, and decay pulls them towards 0,
+    # where the sign flips on every step; None: the same weight_decay as the other weights
+    latent_weight_decay: Optional[float] = Field(None, ge=0)
+    # after the last epoch: BatchNorm running statistics recomputed over this many training batches
+    # (plain average, train-mode forward, no gradient); 0: keep the running averages of training
+    bn_reestimate: int = Field(0, ge=0)
 
 
 class TeacherSection(_Section):
@@ -92,11 +99,21 @@ class EDESection(_Section):
 
 
 class DistillSection(_Section):
-    """Knowledge distillation from the teacher: loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE."""
+    """Knowledge distillation from the teacher:
+
+        loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE + attention * sum_l mean((Q_s^l - Q_t^l)^2)
+
+    alpha=1, T=1 is ReActNet's distributional loss (the teacher's soft labels only). Q^l is the
+    attention map of Zagoruyko & Komodakis (ICLR 2017), the channel mean of the squared feature map
+    of layer l, flattened and L2-normalized per image (`distill.py`); the layers are
+    `attention_layers`, by default the model's top-level nn.Sequential children (ResNet's layer1-4).
+    """
 
     enabled: bool = True
     alpha: float = Field(0.9, ge=0, le=1)
     temperature: float = Field(4.0, gt=0)
+    attention: float = Field(0.0, ge=0)  # beta of attention transfer; 0: off (Zagoruyko & Komodakis used 1000)
+    attention_layers: tuple[str, ...] = ()
 
 
 class TrainSection(Schedule):
@@ -104,12 +121,22 @@ class TrainSection(Schedule):
 
     ede: EDESection = Field(default_factory=EDESection)
     distill: DistillSection = Field(default_factory=DistillSection)
+    # a two-stage schedule: the W1A1 layers train as W1A32 (binary weights, real activations) for
+    # the first this-many epochs, then as W1A1 from there; one LR and EDE schedule over all epochs
+    w1a32_epochs: int = Field(0, ge=0)
     amp: Literal["off", "bf16", "fp16"] = "off"
     seed: int = Field(0, ge=0, lt=2**32)  # epoch seeds are derived from it and must fit torch's 64 bits
     device: str = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun jobs: NCCL on GPUs, gloo on CPUs
     sync_bn: bool = False  # torchrun jobs on GPUs: BatchNorm statistics over all processes
     compile: Union[Literal["auto"], bool] = "auto"  # torch.compile the model for training; auto: on CUDA
+
+    @model_validator(mode="after")
+    def _second_stage(self):
+        if self.w1a32_epochs and self.w1a32_epochs >= self.epochs:
+            raise ValueError(f"w1a32_epochs ({self.w1a32_epochs}) must be below epochs ({self.epochs}), "
+                             "so that the last epochs train the binary activations")
+        return self
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -226,6 +253,14 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _relative_to(raw: dict, folder: Path) -> None:
+    """Make a relative `model.pretrained` path relative to the recipe's folder (as `extends` is), in place."""
+    model = raw.get("model")
+    weights = model.get("pretrained") if isinstance(model, dict) else None
+    if isinstance(weights, str) and weights and not Path(weights).expanduser().is_absolute():
+        model["pretrained"] = str(folder / weights)
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise IRConvertError(f"{path}: recipe not found; pass an existing YAML file (see recipes/)")
@@ -236,6 +271,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise IRConvertError(f"{path}: the recipe is empty; it needs at least model: and data: sections")
     if not isinstance(raw, dict):
         raise IRConvertError(f"{path}: a recipe is a YAML mapping of sections (model, data, ...)")
+    _relative_to(raw, path.parent)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -262,7 +298,9 @@ def _set(raw: dict, key: str, value: Any, what: str) -> None:
     node = raw
     parts = key.split(".")
     for p in parts[:-1]:
-        if not isinstance(node.setdefault(p, {}), dict):
+        if node.get(p) is None:  # an absent or null section (teacher.finetune: null) starts empty
+            node[p] = {}
+        if not isinstance(node[p], dict):
             raise IRConvertError(f"{what}: {p} is not a section")
         node = node[p]
     node[parts[-1]] = value

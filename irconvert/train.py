@@ -1,8 +1,11 @@
 """Stage 5, train: one fine-tuning loop for both stages (the FP teacher, then the binary student).
 
-The binary stage distills from the teacher (KL at temperature T, weighted with the label loss) and
-moves EDE's t from t_min to t_max over its steps. Optimizer and LR schedule come from timm's
-factories. Every epoch starts from a seed derived from (seed, stage, epoch), so a run resumed from
+The binary stage distills from the teacher (KL at temperature T, weighted with the label loss, and
+optionally attention transfer between matching stages, `distill.py`) and moves EDE's t from t_min
+to t_max over its steps. Optimizer and LR schedule come from timm's factories; the latent weights of
+binary layers may get their own weight decay. A two-stage schedule (`w1a32_epochs`) trains the W1A1
+layers with real activations first. After the last epoch BatchNorm statistics may be
+re-estimated on training batches (`reestimate_bn`), before the final evaluation. Every epoch starts from a seed derived from (seed, stage, epoch), so a run resumed from
 an epoch's checkpoint continues exactly as one that was never stopped.
 """
 
@@ -22,8 +25,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .distill import FeatureTap, attention_loss, default_layers
 from .distributed import sum_all
-
 from .methods.ede import ede_t
 from .errors import IRConvertError
 from .recipe import DistillSection, EDESection, Schedule
@@ -62,14 +65,28 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
                     reduction="batchmean", log_target=True) * (t * t)
 
 
+def param_groups(model: nn.Module, weight_decay: float, latent_weight_decay: float) -> list[dict]:
+    """Return optimizer groups: `latent_weight_decay` on binary layers' latent weights, none on biases and
+    1-d tensors (norms, scales; timm's rule), `weight_decay` on the other weights."""
+    latent = {id(m._parameters["weight"]) for _, m in binary_layers(model) if m._parameters.get("weight") is not None}
+    groups: dict[str, list] = {"decay": [], "none": [], "latent": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = "latent" if id(p) in latent else "none" if p.ndim <= 1 or name.endswith(".bias") else "decay"
+            groups[key].append(p)
+    decay = {"decay": weight_decay, "none": 0.0, "latent": latent_weight_decay}
+    return [{"params": ps, "weight_decay": decay[k]} for k, ps in groups.items() if ps]
+
+
 def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int, where: str = "train"):
     """Return (optimizer, scheduler or None) from timm's factories; the scheduler steps per update."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     kw = {"momentum": s.momentum} if s.optimizer.lower() in ("sgd", "momentum", "nesterov") else {}
+    params = model if s.latent_weight_decay is None else param_groups(model, s.weight_decay, s.latent_weight_decay)
     try:
-        opt = create_optimizer_v2(model, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, **kw)
+        opt = create_optimizer_v2(params, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, **kw)
     except (ValueError, AssertionError, TypeError, ImportError) as exc:
         from timm.optim import list_optimizers
 
@@ -82,7 +99,9 @@ def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int, where: s
                              f"({str(exc).splitlines()[0][:100]}){hint}") from None
     if s.scheduler == "none":
         return opt, None
-    sched, _ = create_scheduler_v2(opt, sched=s.scheduler, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
+    # timm's poly schedule with power 1 is a linear decay from lr to min_lr
+    sched, _ = create_scheduler_v2(opt, sched="poly" if s.scheduler == "linear" else s.scheduler,
+                                   num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, decay_rate=1.0,
                                    min_lr=s.min_lr, warmup_lr=s.lr * 0.01, step_on_epochs=False,
                                    updates_per_epoch=steps_per_epoch)
     return opt, sched
@@ -91,6 +110,32 @@ def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int, where: s
 def check_schedule(s: Schedule, where: str) -> None:
     """Raise IRConvertError if timm cannot build the schedule's optimizer (found before any file is written)."""
     make_optimizer(nn.Linear(1, 1), s, 1, where)
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, loader, batches: int, device: torch.device) -> int:
+    """Recompute every BatchNorm's running mean and variance as the plain average over `batches` batches
+    of `loader` (train-mode forward, no gradient); return the batches used. The running averages kept
+    during binary training mix statistics of weights that have since flipped sign."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches <= 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: cumulative average over the batches seen since the reset
+    was_training = model.training
+    model.train()
+    n = 0
+    for x, _ in loader:
+        if n >= batches:
+            break
+        model(x.to(device))
+        n += 1
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+    model.train(was_training)
+    return n
 
 
 @torch.no_grad()
@@ -140,8 +185,9 @@ def _seed_epoch(stage: Stage, train_loader, epoch: int) -> None:
 
 
 def _loss(stage: Stage, net: nn.Module, x: torch.Tensor, y: torch.Tensor, distill: bool,
-          penalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (logits, loss): cross-entropy, blended with KD from the teacher, plus the method's own term."""
+          penalized: bool, taps=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logits, loss): cross-entropy, blended with KD from the teacher (and attention transfer
+    when `taps` holds the student's and the teacher's FeatureTap), plus the method's own term."""
     out = logits_of(net(x))
     loss = F.cross_entropy(out, y, label_smoothing=stage.schedule.label_smoothing)
     if distill:
@@ -149,6 +195,8 @@ def _loss(stage: Stage, net: nn.Module, x: torch.Tensor, y: torch.Tensor, distil
             t_out = logits_of(stage.teacher(x))
         a = stage.distill.alpha
         loss = a * kd_loss(out.float(), t_out.float(), stage.distill.temperature) + (1 - a) * loss
+        if taps is not None:
+            loss = loss + stage.distill.attention * attention_loss(taps[0].out, taps[1].out)
     if penalized and (extra := method_penalty(stage.model)) is not None:
         loss = loss + extra  # the binarization method's own term (e.g. L2 on trained scales)
     return out, loss
@@ -200,8 +248,17 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     first_binary = next(binary_layers(model), (None, None))[1]  # where the progress bar reads EDE's t
     binary = first_binary is not None
     penalized = binary and method_penalty(model) is not None  # once, not a module walk per step for no term
+    # two-stage schedule: the layers that end W1A1 run W1A32 for the first w1a32_epochs epochs
+    warm = getattr(s, "w1a32_epochs", 0)
+    two_stage = [m for _, m in binary_layers(model) if m.binary_mode == "W1A1"] if binary and warm else []
+    taps = None
+    if distill and stage.distill.attention > 0:
+        names = stage.distill.attention_layers or default_layers(model)
+        taps = (FeatureTap(model, names), FeatureTap(stage.teacher, names))
     for epoch in range(start_epoch, s.epochs):
         _seed_epoch(stage, train_loader, epoch)
+        for m in two_stage:
+            m.binary_mode = "W1A32" if epoch < warm else "W1A1"
         model.train()
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
         main = not dist.is_initialized() or dist.get_rank() == 0
@@ -216,7 +273,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                 set_ede(model, ede_t(progress, stage.ede.t_min, stage.ede.t_max))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, stage.amp):
-                out, loss = _loss(stage, net, x, y, distill, penalized)
+                out, loss = _loss(stage, net, x, y, distill, penalized, taps)
             if not torch.isfinite(loss):
                 raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
                                f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")
@@ -231,12 +288,16 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                       **({"t": f"{first_binary.ede_t:.3g}"} if binary and stage.ede else {}))
         bar.close()
         seen, correct, loss_sum = sum_all([seen, correct, loss_sum])
+        if epoch + 1 == s.epochs and s.bn_reestimate:
+            reestimate_bn(model, train_loader, s.bn_reestimate, device)
         val = evaluate(model, val_loader, device, stage.amp)
         row = {"stage": stage.name, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_top1": 100.0 * correct / max(seen, 1), **{f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
         if binary and stage.ede is not None:
             row["ede_t"] = first_binary.ede_t
+        if two_stage:
+            row["mode"] = two_stage[0].binary_mode
         stage.history.append(row)
         if main:
             tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
@@ -244,4 +305,6 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
         if on_epoch is not None:
             on_epoch(stage, epoch + 1, {"optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict() if sched is not None else None})
+    for tap in taps or ():
+        tap.close()
     return stage

@@ -20,9 +20,9 @@ from irconvert.methods import METHODS
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 # GroupNorm (no batch statistics) and no augmentation: 2 processes x 16 images must equal 1 x 32
-COMMON = ["model.kwargs.norm_layer=groupnorm1", "model.kwargs.channels=[16,32,64,128]", "data.subset=192",
+COMMON = ["model.pretrained=false", "model.kwargs.norm_layer=groupnorm1", "model.kwargs.channels=[16,32,64,128]", "data.subset=192",
           "data.val_subset=100", "data.hflip=0", "data.crop_padding=0", "teacher.finetune.epochs=1",
-          "teacher.finetune.optimizer=sgd", "teacher.finetune.lr=0.05", "train.optimizer=sgd", "train.lr=0.05",
+          "teacher.finetune.optimizer=sgd", "teacher.finetune.lr=0.05", "teacher.finetune.weight_decay=0.0001", "train.optimizer=sgd", "train.lr=0.05",
           "train.epochs=2", "output.plot=false"]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -77,7 +77,8 @@ def test_end_to_end_cli_run_writes_everything(quick_run):
     assert not (out / "checkpoint.pt").exists()  # output.keep_checkpoint is false: removed after the export
     report = json.loads((out / "report.json").read_text())
     assert report["packed_max_abs_diff"] <= 1e-5
-    assert 0 <= report["binary"]["top1"] <= 100 and report["binary_layers"] == 19
+    # the quickstart's 16-32-64-128 network: layer1.0 has a downsample too (the stem stays 64 wide)
+    assert 0 <= report["binary"]["top1"] <= 100 and report["binary_layers"] == 20
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [("teacher", 1), ("binary", 1), ("binary", 2)]
     assert rows[-1]["ede_t"] == pytest.approx(10.0)  # EDE reaches t_max on the last step
@@ -144,7 +145,7 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     wrong = {k: v for k, v in timm.create_model("resnet34").state_dict().items()}
     save_file(wrong, tmp_path / "w.safetensors")
     res = run_cli("torchvision:resnet18", "--weights", tmp_path / "w.safetensors", "--recipe",
-                  RECIPES / "quickstart.yaml", "--out", tmp_path / "o")
+                  RECIPES / "fashion-mnist.yaml", "--out", tmp_path / "o")
     assert res.returncode == 2 and "weights do not fit the model" in res.stderr and "unexpected: layer1.2" in res.stderr
 
 

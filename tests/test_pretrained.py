@@ -1,0 +1,46 @@
+"""The shipped pretrained Fashion-MNIST model (bench/pretrain.py) and the quickstart recipe that converts it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from irconvert.run import build_model
+from irconvert.data import build_data
+from irconvert.recipe import load_recipe
+from irconvert.train import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "irconvert" / "pretrained" / "fashion-mnist-resnet18-w16.safetensors"
+
+
+def test_weights_path_in_a_recipe_is_relative_to_that_recipe(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "base.yaml").write_text("model: {name: resnet18, pretrained: w/x.safetensors}\n"
+                                                "data: {dataset: mnist}\n")
+    (tmp_path / "child.yaml").write_text("extends: sub/base.yaml\n")
+    assert load_recipe(tmp_path / "child.yaml").model.pretrained == str(tmp_path / "sub" / "w" / "x.safetensors")
+    # a --set value is the user's own path (relative to the working directory), and true stays the hub
+    assert load_recipe(tmp_path / "child.yaml", ["model.pretrained=y.pth"]).model.pretrained == "y.pth"
+    assert load_recipe(tmp_path / "child.yaml", ["model.pretrained=true"]).model.pretrained is True
+
+
+def test_set_on_a_null_section_creates_it():
+    r = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["teacher.finetune.epochs=2"])
+    assert r.teacher.finetune.epochs == 2 and r.teacher.finetune.lr == 1e-3  # the Schedule defaults
+    assert load_recipe(ROOT / "recipes" / "quickstart.yaml").teacher.finetune is None
+
+
+def test_quickstart_converts_the_shipped_model_and_it_scores_what_its_record_says(fashion_root):
+    meta = json.loads(WEIGHTS.with_suffix(".json").read_text())
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.val_subset=null"])
+    assert Path(recipe.model.pretrained).resolve() == WEIGHTS and recipe.teacher.finetune is None
+    assert meta["test_top1"] >= 90.0 and meta["converged"] and WEIGHTS.stat().st_size < 5 * 2**20
+    data = build_data(recipe.data)
+    model = build_model(recipe, data)
+    stored = load_file(str(WEIGHTS))
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    _, val = data.loaders(recipe.data, torch.Generator())
+    assert evaluate(model, val, torch.device("cpu"))["top1"] == pytest.approx(meta["test_top1"], abs=0.05)
