@@ -71,7 +71,7 @@ def train_teacher(recipe: Recipe, device: torch.device, seed: int = 0,
     """Train the recipe's FP model with its teacher schedule; return (model, test accuracy, per-epoch curve)."""
     data = build_data(recipe.data)
     torch.manual_seed(seed)
-    model = build_model(recipe, data).to(device)
+    model = build_model(recipe, data.info).to(device)
     train_loader, val_loader = data.loaders(recipe.data, torch.Generator(), seed)
     stage = Stage("teacher", model, recipe.teacher.finetune, seed)
     fit(stage, train_loader, val_loader, device,

@@ -247,7 +247,7 @@ def main() -> None:
     data = build_data(recipe.data)
     train, _ = data.loaders(recipe.data, torch.Generator(), 0, world.rank, world.size)
     torch.manual_seed(0)
-    fp = build_model(recipe, data).to(device)
+    fp = build_model(recipe, data.info).to(device)
     binary = irconvert.binarize(fp, recipe.binarize).to(device)
     result = {"processes": world.size, "threads_per_process": torch.get_num_threads(), "device": str(device),
               "amp": args.amp, "global_batch": args.batch, "steps": args.steps,

@@ -234,6 +234,31 @@ def training_net(model: nn.Module, compile: "str | bool", device: torch.device) 
     return net
 
 
+def _attention_taps(stage: Stage):
+    """Return (student tap, teacher tap) for attention transfer (train.distill.attention > 0), else None."""
+    if stage.distill.attention <= 0:
+        return None
+    names = stage.distill.attention_layers or default_layers(stage.model)
+    return FeatureTap(stage.model, names), FeatureTap(stage.teacher, names)
+
+
+def _schedule_ede(stage: Stage, step: int, steps: int, epoch: int) -> None:
+    """Set EDE's t on the binary layers for this step (or epoch, with ede.update: epoch) of the stage."""
+    e, epochs = stage.ede, stage.schedule.epochs
+    progress = step / max(epochs * steps - 1, 1) if e.update == "step" else epoch / max(epochs - 1, 1)
+    set_ede(stage.model, ede_t(progress, e.t_min, e.t_max))
+
+
+def _epoch_row(stage: Stage, epoch: int, counts, val: dict, lr: float, t0: float, first_binary, two_stage) -> dict:
+    """Return the metrics row of a finished epoch; counts = (samples, correct, summed loss) over all processes."""
+    seen, correct, loss_sum = counts
+    return {"stage": stage.name, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+            "train_top1": 100.0 * correct / max(seen, 1), **{f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
+            "lr": lr, "seconds": round(time.time() - t0, 2),
+            **({"ede_t": first_binary.ede_t} if first_binary is not None and stage.ede is not None else {}),
+            **({"mode": two_stage[0].binary_mode} if two_stage else {})}
+
+
 def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoch: int = 0,
         resume: Optional[dict] = None, on_epoch: Optional[Callable[[Stage, int, dict], None]] = None) -> Stage:
     """Train `stage.model` for its schedule's epochs; `on_epoch(stage, epoch, state)` checkpoints."""
@@ -243,21 +268,16 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     opt, sched = make_optimizer(model, s, steps)
     _restore(opt, sched, resume)
     scaler = torch.amp.GradScaler(device.type) if stage.amp == "fp16" else None
-    total = s.epochs * steps
     distill = stage.teacher is not None and stage.distill is not None and stage.distill.enabled
     first_binary = next(binary_layers(model), (None, None))[1]  # where the progress bar reads EDE's t
     binary = first_binary is not None
     penalized = binary and method_penalty(model) is not None  # once, not a module walk per step for no term
-    # two-stage schedule: the layers that end W1A1 run W1A32 for the first w1a32_epochs epochs
     warm = getattr(s, "w1a32_epochs", 0)
     two_stage = [m for _, m in binary_layers(model) if m.binary_mode == "W1A1"] if binary and warm else []
-    taps = None
-    if distill and stage.distill.attention > 0:
-        names = stage.distill.attention_layers or default_layers(model)
-        taps = (FeatureTap(model, names), FeatureTap(stage.teacher, names))
+    taps = _attention_taps(stage) if distill else None
     for epoch in range(start_epoch, s.epochs):
         _seed_epoch(stage, train_loader, epoch)
-        for m in two_stage:
+        for m in two_stage:  # two-stage schedule: W1A32 for the first w1a32_epochs epochs, then W1A1
             m.binary_mode = "W1A32" if epoch < warm else "W1A1"
         model.train()
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
@@ -269,8 +289,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                 break
             step = epoch * steps + i
             if binary and stage.ede is not None:
-                progress = step / max(total - 1, 1) if stage.ede.update == "step" else epoch / max(s.epochs - 1, 1)
-                set_ede(model, ede_t(progress, stage.ede.t_min, stage.ede.t_max))
+                _schedule_ede(stage, step, steps, epoch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, stage.amp):
                 out, loss = _loss(stage, net, x, y, distill, penalized, taps)
@@ -287,24 +306,16 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
                       100 * correct / seen, lr=f"{opt.param_groups[0]['lr']:.2e}",
                       **({"t": f"{first_binary.ede_t:.3g}"} if binary and stage.ede else {}))
         bar.close()
-        seen, correct, loss_sum = sum_all([seen, correct, loss_sum])
         if epoch + 1 == s.epochs and s.bn_reestimate:
             reestimate_bn(model, train_loader, s.bn_reestimate, device)
-        val = evaluate(model, val_loader, device, stage.amp)
-        row = {"stage": stage.name, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-               "train_top1": 100.0 * correct / max(seen, 1), **{f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
-               "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
-        if binary and stage.ede is not None:
-            row["ede_t"] = first_binary.ede_t
-        if two_stage:
-            row["mode"] = two_stage[0].binary_mode
+        row = _epoch_row(stage, epoch, sum_all([seen, correct, loss_sum]), evaluate(model, val_loader, device, stage.amp),
+                         opt.param_groups[0]["lr"], t0, first_binary, two_stage)
         stage.history.append(row)
         if main:
             tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
-                       f"val top-1 {val['top1']:.2f}%  ({row['seconds']:.0f}s)")
+                       f"val top-1 {row['val_top1']:.2f}%  ({row['seconds']:.0f}s)")
         if on_epoch is not None:
-            on_epoch(stage, epoch + 1, {"optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict() if sched is not None else None})
+            on_epoch(stage, epoch + 1, {"optimizer": opt.state_dict(), "scheduler": sched and sched.state_dict()})
     for tap in taps or ():
         tap.close()
     return stage

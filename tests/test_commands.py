@@ -17,7 +17,7 @@ from irconvert.errors import IRConvertError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-TINY = ["model.kwargs.channels=[8,16,32,64]", "data.subset=64", "data.val_subset=32", "data.batch_size=16",
+TINY = ["model.pretrained=false", "model.kwargs.channels=[8,16,32,64]", "data.subset=64", "data.val_subset=32", "data.batch_size=16",
         "teacher.finetune.epochs=1", "teacher.finetune.max_steps_per_epoch=1", "train.epochs=1",
         "train.max_steps_per_epoch=2"]
 
@@ -103,7 +103,7 @@ def test_summary_with_the_recipe_builds_the_quickstart_model(capsys, fashion_roo
     code, out, err = cli(capsys, "summary", "resnet18", "--recipe", QUICKSTART)
     assert code == 0, err
     assert "MACs at input (1, 28, 28)" in out
-    assert re.search(r"^fc +Linear +fp32 +5,130 ", out, re.M)  # 512 x 10 + 10: the data's classes
+    assert re.search(r"^fc +Linear +fp32 +1,290 ", out, re.M)  # 128 x 10 + 10: the shipped model's width, the data's classes
     # stride-2 stem without max-pool: conv1's 64 x 14 x 14 outputs times 49 taps
     assert re.search(r"^conv1 +Conv2d +fp32 +3,136 .* 614,656$", out, re.M)
 
@@ -208,7 +208,7 @@ def test_batch_never_writes_its_reports_into_a_run_folder(run_dir, capsys):
 def test_convert_only_builds_the_model_the_recipe_describes(tmp_path, capsys):
     out = tmp_path / "check"
     code, _, err = cli(capsys, "resnet18", "--convert-only", "--recipe", QUICKSTART, "--out", out,
-                       "--set", "model.kwargs.channels=[8,16,32,64]")
+                       "--set", "model.pretrained=false", "--set", "model.kwargs.channels=[8,16,32,64]")
     assert code == 0, err
     m = meta(out / "packed.safetensors")
     origin = json.loads(m["model"])
@@ -360,7 +360,7 @@ def test_hub_weights_without_network_are_one_line(monkeypatch, capsys, tmp_path)
     for model in ("resnet18", "torchvision:resnet18"):
         out = tmp_path / model.replace(":", "_")
         code, _, err = cli(capsys, model, "--convert-only", "--recipe", QUICKSTART, "--out", out,
-                           "--set", "model.pretrained=true")
+                           "--set", "model.pretrained=true", "--set", "model.kwargs={}")
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "cannot download the hub weights" in err and "--weights FILE or model.pretrained: PATH" in err
         assert not out.exists()

@@ -39,7 +39,7 @@ def test_quickstart_converts_the_shipped_model_and_it_scores_what_its_record_say
     assert Path(recipe.model.pretrained).resolve() == WEIGHTS and recipe.teacher.finetune is None
     assert meta["test_top1"] >= 90.0 and meta["converged"] and WEIGHTS.stat().st_size < 5 * 2**20
     data = build_data(recipe.data)
-    model = build_model(recipe, data)
+    model = build_model(recipe, data.info)
     stored = load_file(str(WEIGHTS))
     assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
     _, val = data.loaders(recipe.data, torch.Generator())
