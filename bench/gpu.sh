@@ -12,11 +12,11 @@ MINUTES=${1:-7.5}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu-throughput.txt"
 python3 -c "import torch, timm, pydantic; print('torch', torch.__version__, 'timm', timm.__version__, 'pydantic', pydantic.VERSION)" | tee -a "$OUT/gpu-throughput.txt"
 for amp in bf16 off; do
-  python3 bench/throughput.py --device cuda --amp $amp --steps 300 2>&1 | tail -3 | tee -a "$OUT/gpu-throughput.txt"
+  python3 -m bench.throughput --device cuda --amp $amp --steps 300 2>&1 | tail -3 | tee -a "$OUT/gpu-throughput.txt"
 done
-python3 bench/throughput.py --table --device cuda --repeats 5 --steps 20 2>&1 | tail -8 | tee -a "$OUT/gpu-throughput.txt"
+python3 -m bench.throughput --table --device cuda --repeats 5 --steps 20 2>&1 | tail -8 | tee -a "$OUT/gpu-throughput.txt"
 [ "$OUT" != bench/results ] && cp bench/results/throughput.* "$OUT"/ 2>/dev/null
-python3 bench/accuracy.py --device cuda --jobs 11 --fp-epochs 15 --minutes "$MINUTES" --name accuracy-gpu 2>&1 \
+python3 -m bench.accuracy --device cuda --jobs 11 --fp-epochs 15 --minutes "$MINUTES" --name accuracy-gpu 2>&1 \
   | tee "$OUT/accuracy-gpu.log"
 status=$?
 [ "$OUT" != bench/results ] && cp bench/results/accuracy-gpu.* "$OUT"/ 2>/dev/null

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .common import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def run_quickstart(out: Path, overrides: list[str]) -> tuple[dict, float]:
@@ -51,10 +52,7 @@ def main() -> None:
              f"{row['wall_seconds'] / 60:.1f} minutes from start to exit.\n\n"
              "| FP top-1 (%) | binary top-1 (%) | gap | mode | method |\n|---|---|---|---|---|\n"
              f"| {row['fp_top1']:.2f} | {row['binary_top1']:.2f} | {row['gap']:+.2f} | {row['mode']} | {row['method']} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(row, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(table + "\n")
-    print(table)
+    write_results(args.name, row, table)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Writes bench/results/runtime.json and runtime.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -29,9 +28,9 @@ import torch
 import irconvert
 from irconvert.models import create_model
 from irconvert.runtime import bench, kernels
-from irconvert.write import write_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import write_results
+
 
 # (timm name, batches, threads, extra create_model kwargs)
 MODELS = [
@@ -99,10 +98,7 @@ def main() -> None:
              "full-precision share = the bitwise model's time outside its bitwise layers.\n\n"
              "Time per op kind, timm resnet18 224x224, batch 1, 2 threads (node by node through the torch.fx graph):\n\n"
              + prof + "\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text(RESULTS / "runtime.json", json.dumps(rows, indent=2) + "\n")
-    write_text(RESULTS / "runtime.md", table)
-    print(table)
+    write_results("runtime", rows, table)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import timm
-import torch
 from safetensors.torch import load_file, save_file
 
 import irconvert

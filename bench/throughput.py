@@ -2,7 +2,7 @@
 
 The table (bench/results/throughput.json + .md, in the README):
 
-    python bench/throughput.py --table [--device cuda] [--cases resnet18-28,resnet34-224] [--compile 0,1]
+    python -m bench.throughput --table [--device cuda] [--cases resnet18-28,resnet34-224] [--compile 0,1]
 
 one row per case, device and compile setting: images/s of FP and binary training steps (forward,
 backward, AdamW step; random inputs, so data loading is not timed), their ratio, and the step's
@@ -15,8 +15,8 @@ the CPU).
 
 The older single measurement on real data, alone or under torchrun (bench/distributed.py):
 
-    python bench/throughput.py                                   # 1 process
-    torchrun --standalone --nproc_per_node=2 bench/throughput.py # 2 processes (gloo on CPU)
+    python -m bench.throughput                                      # 1 process
+    torchrun --standalone --nproc_per_node=2 -m bench.throughput    # 2 processes (gloo on CPU)
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from irconvert.data import build_data
 from irconvert.recipe import load_recipe
 from irconvert.train import _autocast, logits_of
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from .common import RESULTS, write_results
+
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion-mnist.yaml"
 
@@ -203,7 +203,7 @@ def table(device: str, cases: list[str], compiles: list[bool], repeats: int, ste
     rows = json.loads(out.read_text()) if out.is_file() else []
     for case in cases:
         for compiled in compiles:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--row", case, "--device", device,
+            cmd = [sys.executable, "-m", "bench.throughput", "--row", case, "--device", device,
                    "--compile", str(int(compiled)), "--repeats", str(repeats), "--steps", str(steps)]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
             if done.returncode != 0:

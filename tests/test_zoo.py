@@ -2,7 +2,7 @@
 and the converter fixes the full sweep (bench/zoo.py) needed, each on a model small enough to read.
 
 All of it takes about 40 s on one core (0.3-3 s a model at 64x64), so nothing is marked slow. The full
-sweep over every timm family and torchvision classifier is `python bench/zoo.py` (about 16 minutes on 2 cores).
+sweep over every timm family and torchvision classifier is `python -m bench.zoo` (about 16 minutes on 2 cores).
 """
 
 import math

@@ -113,14 +113,13 @@ def fp32_model(path: os.PathLike | str) -> Optional[nn.Module]:
     """Return the unbinarized architecture named in a packed file's metadata (random weights), or None."""
     from safetensors import safe_open
 
-    from ..models import create_model
+    from ..models import from_origin
 
     with safe_open(str(path), framework="pt") as f:
         origin = json.loads((f.metadata() or {}).get("model") or "null")
     if not origin:
         return None
-    return create_model(origin["name"], origin["source"], pretrained=False, adapt=origin.get("adapt"),
-                        **origin.get("kwargs", {})).eval()
+    return from_origin(origin).eval()
 
 
 @torch.no_grad()
