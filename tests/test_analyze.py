@@ -1,0 +1,88 @@
+"""The analysis (torch.fx graph): first and last layers, depthwise convs, the fallback for untraceable models, the ReLUs that feed binary layers."""
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import irconvert
+from irconvert.analyze import analyze
+from irconvert.layers import BinaryMixin
+
+
+CASES = [
+    # (builder, first, last, depthwise count)
+    (lambda: timm.create_model("resnet18"), {"conv1"}, {"fc"}, 0),
+    (lambda: timm.create_model("mobilenetv2_100"), {"conv_stem"}, {"classifier"}, 17),
+    (lambda: timm.create_model("efficientnet_b0"), {"conv_stem"}, {"classifier"}, 16),
+    (lambda: timm.create_model("convnext_atto"), {"stem.0"}, {"head.fc"}, 12),
+    (lambda: timm.create_model("vit_tiny_patch16_224"), {"patch_embed.proj"}, {"head"}, 0),
+    (lambda: torchvision.models.resnet18(), {"conv1"}, {"fc"}, 0),
+    (lambda: torchvision.models.mobilenet_v3_small(), {"features.0.0"}, {"classifier.3"}, 11),
+    # googlenet in training mode: the two auxiliary classifiers reach the output too
+    (lambda: torchvision.models.googlenet(init_weights=False), {"conv1.conv"}, {"fc", "aux1.fc2", "aux2.fc2"}, 0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_first_last_depthwise_from_graph(case):
+    build, first, last, dw = CASES[case]
+    model = build()
+    a = analyze(model)
+    assert a.traced and a.warning is None
+    assert {n for n, f in a.layers.items() if f.first} == first
+    assert {n for n, f in a.layers.items() if f.last} == last
+    assert sum(f.depthwise for f in a.layers.values()) == dw
+    b = irconvert.binarize(model)
+    kept = {n for n, m in b.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryMixin)}
+    assert first | last <= kept
+    assert all(not getattr(b.get_submodule(n), "groups", 1) > 1 or n in kept
+               for n, f in a.layers.items() if f.depthwise)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.relu = nn.ReLU()
+        self.b = nn.Conv2d(8, 8, 3)
+        self.c = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.relu(self.a(x))
+        x = self.b(x) if x.sum() > 0 else self.c(x)  # data-dependent: fx cannot trace this
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_model_goes_through_fallback_with_warning():
+    with pytest.warns(UserWarning, match="Branchy: torch.fx could not trace"):
+        b = irconvert.binarize(Branchy())
+    assert [n for n, _ in irconvert.binary_layers(b)] == ["b", "c"]
+    assert isinstance(b.relu, nn.Hardtanh)
+    b(torch.randn(1, 3, 9, 9)).sum().backward()
+
+
+@pytest.mark.parametrize("build", [lambda: torchvision.models.resnet18(), lambda: timm.create_model("resnet18")])
+@pytest.mark.slow
+def test_hardtanh_reaches_every_activation_that_feeds_a_binary_layer(build):
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def nonneg_inputs(m):
+        seen = {}
+        hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, bool((a[0] >= 0).all())))
+                 for n, mod in irconvert.binary_layers(m)]
+        with torch.no_grad():
+            m(x)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    without = irconvert.binarize(model, hardtanh=False).eval()
+    assert all(nonneg_inputs(without).values())  # behind a ReLU, sign() only ever sees +1
+    with_ht = irconvert.binarize(model).eval()
+    assert not any(nonneg_inputs(with_ht).values())
+    assert not any(isinstance(m, nn.ReLU) for n, m in with_ht.named_modules() if n in with_ht.irconvert_plan.hardtanh)
