@@ -17,3 +17,18 @@ def fashion_root() -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_progress(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def backends():
+    """The bitwise runtime's implementations to test: the compiled one (built once, cached on disk) if it
+    builds, and the PyTorch fallback."""
+    from irconvert.runtime import kernels
+
+    ext, why = kernels._build(os.environ.get("IRCONVERT_MARCH", "native"))
+    if ext is None:
+        import warnings
+
+        warnings.warn(f"compiled bitwise kernel unavailable ({why}): only the PyTorch fallback is tested")
+        return ["python"]
+    return ["native", "python"]

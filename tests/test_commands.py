@@ -12,25 +12,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from irconvert.cli import main
 from irconvert.errors import IRConvertError
+
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 TINY = ["model.pretrained=false", "model.kwargs.channels=[8,16,32,64]", "data.subset=64", "data.val_subset=32", "data.batch_size=16",
         "teacher.finetune.epochs=1", "teacher.finetune.max_steps_per_epoch=1", "train.epochs=1",
         "train.max_steps_per_epoch=2"]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run `irconvert ARGS` in this process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def sets(items):

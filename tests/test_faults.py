@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from irconvert.cli import main
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -57,17 +57,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Return {relative path: (size, mtime)} of every file and folder under `root`."""
     return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
             for p in root.rglob("*")}
-
-
-def invoke(args, capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture
@@ -273,7 +262,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ws, capsys, prepare, ar
         prepare(ws)
     capsys.readouterr()
     before = snapshot(ws)
-    code, _, err = invoke(args, capsys)
+    code, _, err = cli(capsys, *args)
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("irconvert: error: "), err
@@ -294,7 +283,7 @@ def test_internal_error_is_one_line_with_a_log_of_the_traceback(ws, capsys, monk
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(irconvert.commands, "run_one", broken)
-    code, _, err = invoke(RUN, capsys)
+    code, _, err = cli(capsys, *RUN)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "internal error ZeroDivisionError: a bug" in lines[0]
     log = Path(lines[0].rpartition("traceback in ")[2].rstrip(")"))
@@ -307,7 +296,7 @@ def test_an_eof_error_inside_is_a_bug_not_an_abort(ws, capsys, monkeypatch):
     import irconvert.commands
 
     monkeypatch.setattr(irconvert.commands, "run_one", lambda **_: (_ for _ in ()).throw(EOFError("short read")))
-    code, _, err = invoke(RUN, capsys)
+    code, _, err = cli(capsys, *RUN)
     assert code == 1 and "internal error EOFError: short read" in err
     Path(err.strip().rpartition("traceback in ")[2].rstrip(")")).unlink()
 
@@ -319,7 +308,7 @@ def test_ctrl_c_says_the_exact_command_to_resume(ws, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(irconvert.commands, "run_one", interrupted)
-    code, _, err = invoke([*RUN, "--out", "my run", "--overwrite", "--set", "train.lr=0.01"], capsys)
+    code, _, err = cli(capsys, *[*RUN, "--out", "my run", "--overwrite", "--set", "train.lr=0.01"])
     assert code == 130
     assert err.strip() == ("irconvert: interrupted; continue with: irconvert test_resnet --recipe r.yaml "
                            "--out 'my run' --set train.lr=0.01 --resume")
@@ -337,7 +326,7 @@ def test_yaml_bounds_keep_anchors_and_merge_keys_working():
 def test_non_finite_run_stops_with_exit_2_and_keeps_a_resumable_checkpoint(ws, capsys):
     args = [*RUN, "--out", "nf", "--set", "train.optimizer=sgd", "--set", "train.lr=1e30",
             "--set", "train.max_steps_per_epoch=1"]
-    code, _, err = invoke(args, capsys)
+    code, _, err = cli(capsys, *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "val loss is nan after binary epoch 1" in lines[0], err
     assert "checkpoint of teacher epoch 1 is kept" in lines[0]
@@ -347,7 +336,7 @@ def test_non_finite_run_stops_with_exit_2_and_keeps_a_resumable_checkpoint(ws, c
     assert state["stage"] == "teacher" and all(torch.isfinite(v).all() for v in state["model"].values()
                                                if v.is_floating_point())
     # the kept checkpoint resumes (into the same divergence: the recipe is unchanged)
-    code, _, err = invoke([*args, "--resume"], capsys)
+    code, _, err = cli(capsys, *[*args, "--resume"])
     assert code == 2 and "after binary epoch 1" in err and "Traceback" not in err
 
 
@@ -407,7 +396,7 @@ def test_resume_refuses_a_run_folder_of_another_recipe_before_its_first_checkpoi
     (ws / "run").mkdir()
     (ws / "run" / "recipe.yaml").write_text(load_recipe(ws / "r.yaml").to_yaml())
     before = snapshot(ws)
-    code, _, err = invoke([*RUN, "--out", "run", "--resume", "--set", "train.lr=0.5"], capsys)
+    code, _, err = cli(capsys, *[*RUN, "--out", "run", "--resume", "--set", "train.lr=0.5"])
     assert code == 2 and "made by a different recipe" in err and snapshot(ws) == before
 
 

@@ -25,26 +25,9 @@ from irconvert.models import create_model
 from irconvert.pack import binary_weight, fan_in_order, pack_signs
 from irconvert.runtime import kernels
 
-
-@pytest.fixture(scope="session")
-def backends():
-    """The implementations to test: the compiled one (built once per session, cached on disk) if it builds."""
-    ext, why = kernels._build(kernels.os.environ.get("IRCONVERT_MARCH", "native"))
-    if ext is None:
-        import warnings
-
-        warnings.warn(f"compiled bitwise kernel unavailable ({why}): only the PyTorch fallback is tested")
-        return ["python"]
-    return ["native", "python"]
+from helpers import run_all
 
 
-def run_all(monkeypatch, backends, fn):
-    """Return {backend: fn()} with IRCONVERT_RUNTIME set to each backend in turn."""
-    out = {}
-    for b in backends:
-        monkeypatch.setenv(kernels.ENV_BACKEND, b)
-        out[b] = fn()
-    return out
 
 
 def frozen(layer: nn.Module, mode: str = "W1A1"):

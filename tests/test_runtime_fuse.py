@@ -17,19 +17,9 @@ from irconvert.models import create_model
 from irconvert.pack import binary_weight, fan_in_order, pack_signs
 from irconvert.runtime import fuse, kernels
 
-
-@pytest.fixture(scope="module")
-def backends():
-    ext, why = kernels._build(kernels.os.environ.get("IRCONVERT_MARCH", "native"))
-    return ["native", "python"] if ext is not None else ["python"]
+from helpers import run_all
 
 
-def run_all(monkeypatch, backends, fn):
-    out = {}
-    for b in backends:
-        monkeypatch.setenv(kernels.ENV_BACKEND, b)
-        out[b] = fn()
-    return out
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

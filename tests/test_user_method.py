@@ -69,7 +69,8 @@ def test_unknown_method_spec_is_one_clear_error():
 def test_user_method_from_a_recipe_converts_and_verifies_in_fresh_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "irconvert", "resnet10t", "--convert-only", "--recipe",
-           str(ROOT / "recipes" / "quickstart.yaml"), "--set", "binarize.method=user_method:XNORMean", "--out", str(out)]
+           str(ROOT / "recipes" / "quickstart.yaml"), "--set", "binarize.method=user_method:XNORMean", "--out", str(out),
+           "--set", "model.pretrained=false", "--set", "model.kwargs={}"]  # not the shipped ResNet-18's weights
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "report.json").read_text())
