@@ -53,7 +53,7 @@ def levers_table() -> None:
     rows.sort(key=lambda r: r["binary_top1"])
     lines = ["| run | overrides | binary top-1 (%) | gap to FP |", "|---|---|---|---|"]
     for r in rows:
-        sets = r["command"][len(base):].replace(" --set ", "<br>").strip() or "(the recipe as it was)"
+        sets = "; ".join(o for o in r["command"][len(base):].split(" --set ") if o.strip()) or "(the recipe as it was)"
         lines.append(f"| {r['name']} | {sets} | {r['binary_top1']:.2f} | {r['gap']:+.2f} |")
     head = ("Levers tried on the quickstart before its recipe took them (bench/results/qs-*.json): each run is the "
             "recipe as it was then (1 binary epoch of 469 steps, lr 0.001, distillation alpha 0.9 at T 4, every "
