@@ -55,7 +55,7 @@ def test_bench_runtime_uses_the_stored_input_size_and_prints_layer_rows(run_dir,
     assert "input (1, 28, 28)" in out
     assert "| model packed.safetensors | 1 |" in out
     layers = re.findall(r"^\|\s+(layer\d\.\d\.\w+(?:\.\d)?) \| 1 \|", out, re.M)
-    assert "layer1.0.conv1" in layers and "layer4.1.conv2" in layers and len(layers) == 20  # 16 convs, 4 downsamples (the stem has 64 channels, layer1 8)
+    assert "layer1.0.conv1" in layers and "layer4.1.conv2" in layers and len(layers) == 16  # the 3x3 convs (the recipe keeps the downsamples FP)
 
 
 def test_first_kernel_build_is_announced_and_cuda_noise_silenced(tmp_path, monkeypatch, capsys):
