@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from irconvert.errors import IRConvertError
 from irconvert.recipe import load_recipe
 
+from helpers import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 # a few steps on a small real subset: the whole pipeline in seconds
@@ -130,23 +132,23 @@ def test_resume_ends_with_the_same_weights(tmp_path, fashion_root, monkeypatch):
     (["resnet18", "--weights", "/nonexistent.safetensors"], "weights file not found"),
     (["resnet18", "--set", "train.epochs=zero"], "train.epochs: Input should be a valid integer"),
 ])
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    res = run_cli(*args, "--recipe", RECIPES / "quickstart.yaml", "--out", out)
-    assert res.returncode == 2, res.stderr
-    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    code, _, err = cli(capsys, *args, "--recipe", RECIPES / "quickstart.yaml", "--out", out)  # in-process: fast
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+def test_weights_that_do_not_fit_name_the_keys(tmp_path, capsys):
     import timm
     from safetensors.torch import save_file
 
     wrong = {k: v for k, v in timm.create_model("resnet34").state_dict().items()}
     save_file(wrong, tmp_path / "w.safetensors")
-    res = run_cli("torchvision:resnet18", "--weights", tmp_path / "w.safetensors", "--recipe",
-                  RECIPES / "fashion-mnist.yaml", "--out", tmp_path / "o")
-    assert res.returncode == 2 and "weights do not fit the model" in res.stderr and "unexpected: layer1.2" in res.stderr
+    code, _, err = cli(capsys, "torchvision:resnet18", "--weights", tmp_path / "w.safetensors", "--recipe",
+                       RECIPES / "fashion-mnist.yaml", "--out", tmp_path / "o")
+    assert code == 2 and "weights do not fit the model" in err and "unexpected: layer1.2" in err
 
 
 @pytest.mark.slow
