@@ -23,7 +23,10 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 COMMON = ["model.pretrained=false", "model.kwargs.norm_layer=groupnorm1", "model.kwargs.channels=[16,32,64,128]", "data.subset=192",
           "data.val_subset=100", "data.hflip=0", "data.crop_padding=0", "teacher.finetune.epochs=1",
           "teacher.finetune.optimizer=sgd", "teacher.finetune.lr=0.05", "teacher.finetune.weight_decay=0.0001", "train.optimizer=sgd", "train.lr=0.05",
-          "train.epochs=2", "output.plot=false"]
+          "train.epochs=2", "output.plot=false",
+          # the settings this tolerance was set for (quickstart.yaml's own KD and patterns let float sums of
+          # 1 and 2 processes drift apart to 3e-5 in the 2 epochs)
+          "train.distill.alpha=0.9", "train.distill.temperature=4.0", "binarize.patterns={}"]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 

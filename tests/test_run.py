@@ -79,8 +79,8 @@ def test_end_to_end_cli_run_writes_everything(quick_run):
     assert not (out / "checkpoint.pt").exists()  # output.keep_checkpoint is false: removed after the export
     report = json.loads((out / "report.json").read_text())
     assert report["packed_max_abs_diff"] <= 1e-5
-    # the quickstart's 16-32-64-128 network: layer1.0 has a downsample too (the stem stays 64 wide)
-    assert 0 <= report["binary"]["top1"] <= 100 and report["binary_layers"] == 20
+    # the quickstart's 16-32-64-128 network: its 16 3x3 convs (the recipe keeps the downsamples FP)
+    assert 0 <= report["binary"]["top1"] <= 100 and report["binary_layers"] == 16
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [("teacher", 1), ("binary", 1), ("binary", 2)]
     assert rows[-1]["ede_t"] == pytest.approx(10.0)  # EDE reaches t_max on the last step
