@@ -207,7 +207,8 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
     except RuntimeError as exc:
         if "state_dict" in str(exc) or "size mismatch" in str(exc):
             first = " ".join(str(exc).split())[:300]
-            raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({first})") from None
+            raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({first}); check the model name "
+                                 "and its kwargs, or --set model.pretrained=false to start from random weights") from None
         raise
 
 
@@ -247,7 +248,8 @@ def _refuse_partial_load(model: nn.Module, report: dict[str, list[str]], where, 
         parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({'; '.join(parts)}); "
-                             "check the model name and its kwargs")
+                             "check the model name and its kwargs, or --set model.pretrained=false to start from "
+                             "random weights")
 
 
 def _file_overlay(name: str, state: dict[str, torch.Tensor]) -> dict:
