@@ -19,6 +19,12 @@
 #include <cstdint>
 #include <cstring>
 
+// Lets GCC vectorize the loops below (the exp clamp and floor otherwise keep them scalar: 7 ns per
+// element for EDE's backward instead of about 1). It changes no value: every op is still IEEE, only
+// floating-point exception flags, which nothing here reads, may differ. After the includes: torch's
+// own headers keep their flags.
+#pragma GCC optimize("no-trapping-math")
+
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;
@@ -27,7 +33,7 @@ inline float exp_nonpositive(float y) {
   // e^y for y <= 0; below -87 the result is under float's normal range and sech^2 is ~0 anyway
   y = y < -87.0f ? -87.0f : y;
   const float z = y * 1.4426950408889634f;
-  const float n = std::floor(z + 0.5f);
+  const float n = __builtin_floorf(z + 0.5f);
   const float f = (z - n) * 0.6931471805599453f;  // e^f, |f| <= ln2 / 2
   float p = 1.0f / 5040.0f;
   p = p * f + 1.0f / 720.0f;
@@ -55,7 +61,7 @@ template <typename T>
 void ede_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end,
                float t, float kt4) {
   for (int64_t i = begin; i < end; ++i) {
-    const float e = exp_nonpositive(-2.0f * std::fabs(t * static_cast<float>(x[i])));
+    const float e = exp_nonpositive(-2.0f * __builtin_fabsf(t * static_cast<float>(x[i])));
     const float q = 1.0f + e;
     out[i] = static_cast<T>(static_cast<float>(g[i]) * (kt4 * e / (q * q)));
   }
@@ -64,13 +70,13 @@ void ede_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__
 template <typename T>
 void ste_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i)
-    out[i] = static_cast<T>(static_cast<float>(g[i]) * (std::fabs(static_cast<float>(x[i])) <= 1.0f ? 1.0f : 0.0f));
+    out[i] = static_cast<T>(static_cast<float>(g[i]) * (__builtin_fabsf(static_cast<float>(x[i])) <= 1.0f ? 1.0f : 0.0f));
 }
 
 template <typename T>
 void approx_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    const float d = 2.0f - 2.0f * std::fabs(static_cast<float>(x[i]));
+    const float d = 2.0f - 2.0f * __builtin_fabsf(static_cast<float>(x[i]));
     out[i] = static_cast<T>(static_cast<float>(g[i]) * (d < 0.0f ? 0.0f : d));  // NaN stays NaN, as clamp
   }
 }
