@@ -59,10 +59,10 @@ def ede_k(t: float) -> float:
     return max(1.0 / t, 1.0)
 
 
-def layer_tk(layer):
-    """Return the layer's [t, k] buffer (set_ede keeps it), else its floats t and k."""
+def layer_tk(layer, device=None) -> torch.Tensor:
+    """Return the layer's [t, k] buffer (set_ede keeps it), else a tensor of its floats t and k."""
     tk = getattr(layer, "ede_tk", None)
-    return (tk,) if tk is not None else (layer.ede_t, layer.ede_k)
+    return tk if tk is not None else torch.tensor([float(layer.ede_t), float(layer.ede_k)], device=device)
 
 
 class EDE:
@@ -71,7 +71,7 @@ class EDE:
     weight_sign_mode = "ede"  # the fused sign's mode that weight_sign runs (see LibraPB.weight)
 
     def weight_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return ede_sign(x, *layer_tk(layer))
+        return ede_sign(x, layer_tk(layer))
 
     def input_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return ede_sign(x, *layer_tk(layer))
+        return ede_sign(x, layer_tk(layer))

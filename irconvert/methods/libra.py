@@ -14,6 +14,8 @@ carries no information after balancing; w_hat_i is set to 0, so B_i = +1 everywh
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # The exponent is stored as int8 in the packed file; clamping keeps it there.
@@ -69,13 +71,10 @@ class LibraPB:
         mode = _fused_mode(type(self))
         if mode is None or w.dtype == torch.float64:
             return super().weight(w, layer)
+        from .ede import layer_tk
         from .libra_pb import libra_pb
 
-        tk = None
-        if mode == "ede":
-            tk = getattr(layer, "ede_tk", None)
-            tk = tk if tk is not None else torch.tensor([layer.ede_t, layer.ede_k], device=w.device)
-        return libra_pb(w, mode, tk)
+        return libra_pb(w, mode, layer_tk(layer, w.device) if mode == "ede" else None)
 
     def standardize(self, w: torch.Tensor, layer) -> torch.Tensor:
         return balance(w)
@@ -90,8 +89,10 @@ class LibraPB:
         return 1.0  # w_hat has unit spread: the gain is not in it
 
 
+@functools.lru_cache(maxsize=None)
 def _fused_mode(cls) -> "str | None":
-    """Return the fused sign mode of `cls`'s weight path if it is Libra-PB's own, else None."""
+    """Return the fused sign mode of `cls`'s weight path if it is Libra-PB's own, else None (once per class:
+    every forward of every layer asks)."""
     from .base import Binarizer
 
     if (cls.standardize is not LibraPB.standardize or cls.scale is not LibraPB.scale
