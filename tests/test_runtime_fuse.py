@@ -22,6 +22,13 @@ from helpers import run_all
 
 
 
+def assert_bit_identical(sim, net, x, monkeypatch, backends) -> None:
+    """The runtime model `net` gives exactly the float simulation's output on x, with every backend."""
+    want = sim(x)
+    for y in run_all(monkeypatch, backends, lambda: net(x)).values():
+        assert torch.equal(y, want)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """BatchNorm statistics far from the identity, a quarter of the gammas negative and some zero."""
     g = torch.Generator().manual_seed(seed)
@@ -125,9 +132,7 @@ def test_resnet_is_bit_identical_to_load_packed(name, method, backends, monkeypa
     assert ("float + bits" if method == "irnet" else "-> float;") in fusion["layer2.0.conv2"]
     assert not any(isinstance(m, nn.BatchNorm2d) for n, m in net.named_modules() if n.startswith("layer"))
     x = torch.randn(2, 3, 32, 32)
-    want = sim(x)
-    for y in run_all(monkeypatch, backends, lambda: net(x)).values():
-        assert torch.equal(y, want)
+    assert_bit_identical(sim, net, x, monkeypatch, backends)
 
 
 @pytest.mark.slow
@@ -136,9 +141,7 @@ def test_resnet34_at_224_is_bit_identical(backends, monkeypatch, tmp_path):
     torch.manual_seed(1)
     sim, net = packed_pair(irconvert.binarize(randomize_bn(create_model("resnet34"), 1)), tmp_path)
     x = torch.randn(1, 3, 224, 224)
-    want = sim(x)
-    for y in run_all(monkeypatch, backends[:1], lambda: net(x)).values():
-        assert torch.equal(y, want)
+    assert_bit_identical(sim, net, x, monkeypatch, backends[:1])
 
 
 @torch.no_grad()
@@ -151,9 +154,7 @@ def test_mobilenet_keeps_depthwise_float_and_is_bit_identical(backends, monkeypa
     assert fusion["blocks.1.0.conv_pw"].startswith("fused: BatchNorm2d ReLU6 -> float")
     assert "+ blocks.1.0.conv_pwl" in fusion["blocks.1.1.conv_pwl"]
     x = torch.randn(2, 3, 48, 48)
-    want = sim(x)
-    for y in run_all(monkeypatch, backends, lambda: net(x)).values():
-        assert torch.equal(y, want)
+    assert_bit_identical(sim, net, x, monkeypatch, backends)
 
 
 @pytest.mark.slow
@@ -166,9 +167,7 @@ def test_vit_runs_its_linears_bitwise_and_says_they_are_not_fused(backends, monk
     assert set(fusion) == {k for k, v in net.irconvert_runtime.items() if v == "bitwise"} and fusion
     assert all(v.startswith("not fused: Linear") for v in fusion.values())
     x = torch.randn(2, 3, 32, 32)
-    want = sim(x)
-    for y in run_all(monkeypatch, backends, lambda: net(x)).values():
-        assert torch.equal(y, want)  # the ViT's binary Linears have biases: within the runtime's ulps, here exact
+    assert_bit_identical(sim, net, x, monkeypatch, backends)  # the ViT's binary Linears have biases: within the runtime's ulps, here exact
 
 
 class TwoConvs(nn.Module):
@@ -198,9 +197,7 @@ def test_shared_input_is_packed_once_and_pools_keep_their_values(backends, monke
     assert all("input bits (pool_signs)" in fusion[k] for k in ("a", "b", "c")), fusion
     assert fusion["b"].startswith("fused: BatchNorm2d + c -> float")  # c's output is b's residual
     x = torch.randn(2, 3, 21, 19)
-    want = sim(x)
-    for y in run_all(monkeypatch, backends, lambda: net(x)).values():
-        assert torch.equal(y, want)
+    assert_bit_identical(sim, net, x, monkeypatch, backends)
 
 
 @torch.no_grad()
