@@ -57,7 +57,7 @@ def test_extends_and_set_overrides(tmp_path):
     (tmp_path / "child.yaml").write_text(f"extends: {RECIPES / 'fashion-mnist.yaml'}\ntrain: {{epochs: 9}}\n")
     r = load_recipe(tmp_path / "child.yaml", ["train.lr=0.5", "binarize.mode=W1A32", "data.subset=100"])
     assert r.train.epochs == 9 and r.train.lr == 0.5 and r.binarize.mode == "W1A32" and r.data.subset == 100
-    assert r.train.distill.temperature == 4.0  # inherited
+    assert r.train.distill.temperature == 1.0  # inherited
     with pytest.raises(IRConvertError, match="expected key.path=value"):
         load_recipe(tmp_path / "child.yaml", ["train.lr"])
 
