@@ -143,14 +143,32 @@ def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Pa
     return {"top1": report["binary"]["top1"], "curve": curve, "minutes": (time.time() - t0) / 60}
 
 
+def result_file(work: Path, name: str, seed: int) -> Path:
+    """Return where the run (name, seed) keeps its result in `work`."""
+    return work / f"result-{name.replace(' ', '_').replace('+', 'p').replace(',', '')}-{seed}.json"
+
+
+def finished(work: Path, name: str, seed: int, binary: list[str]) -> dict | None:
+    """Return the stored result of (name, seed) if an earlier run in `work` had the same budget, else None."""
+    path = result_file(work, name, seed)
+    if path.is_file() and (out := json.loads(path.read_text())).get("binary") == binary:
+        print(f"{name} seed {seed}: top-1 {out['top1']:.2f}% (kept from {path})", flush=True)
+        return out
+    return None
+
+
 def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work: Path, device: str,
             jobs: int) -> dict[tuple[str, int], dict]:
-    """Run (variant, seed) pairs, in this process or in `jobs` parallel worker processes."""
+    """Run (variant, seed) pairs, in this process or in `jobs` parallel worker processes; keep finished ones."""
+    work.mkdir(parents=True, exist_ok=True)
+    results = {job: out for job in runs if (out := finished(work, *job, binary)) is not None}
+    runs = [job for job in runs if job not in results]
     if jobs <= 1:
-        results = {}
         for name, seed in runs:
-            results[(name, seed)] = run_variant(name, seed, fp_file, binary, work, device)
-            print(f"{name} seed {seed}: top-1 {results[(name, seed)]['top1']:.2f}%", flush=True)
+            out = {**run_variant(name, seed, fp_file, binary, work, device), "binary": binary}
+            result_file(work, name, seed).write_text(json.dumps(out))
+            results[(name, seed)] = out
+            print(f"{name} seed {seed}: top-1 {out['top1']:.2f}%", flush=True)
         return results
     from concurrent.futures import ThreadPoolExecutor
 
@@ -158,7 +176,7 @@ def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work:
 
     def worker(job: tuple[str, int]) -> dict:
         name, seed = job
-        res = work / f"result-{runs.index(job)}.json"
+        res = result_file(work, name, seed)
         cmd = [sys.executable, "-m", "bench.accuracy", "--worker", name, "--seed", str(seed), "--fp-weights", str(fp_file),
                "--result", str(res), "--device", device, "--work", str(work), "--binary", json.dumps(binary)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
@@ -170,7 +188,7 @@ def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work:
         return out
 
     with ThreadPoolExecutor(jobs) as pool:
-        return dict(zip(runs, pool.map(worker, runs)))
+        return {**results, **dict(zip(runs, pool.map(worker, runs)))}
 
 
 def probe_epochs(minutes: float, n_runs: int, fp_file: Path, binary: list[str], work: Path, device: str,
@@ -211,6 +229,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for the FP and every binary run (e.g. data.batch_size=256)")
     ap.add_argument("--name", default=None, help="result file name (default accuracy / accuracy-reduced)")
+    ap.add_argument("--resume", type=Path, metavar="DIR",
+                    help="work folder of an interrupted run: its finished (variant, seed) runs with the same budget are kept")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--fp-weights", help=argparse.SUPPRESS)
@@ -221,13 +241,15 @@ def main() -> None:
     if args.worker:  # one (variant, seed) run for run_all
         out = run_variant(args.worker, args.seed, Path(args.fp_weights), json.loads(args.binary), Path(args.work),
                           args.device)
-        Path(args.result).write_text(json.dumps(out))
+        Path(args.result).write_text(json.dumps({**out, "binary": json.loads(args.binary)}))
         return
     t_start = time.time()
     b = budget(args.reduced, args.width, args.binary_epochs, args.binary_steps)
     b["binary"] += args.set
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="irconvert-acc-"))
+    work = args.resume or Path(tempfile.mkdtemp(prefix="irconvert-acc-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder (pass to --resume to keep finished runs): {work}", flush=True)
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     fp_file, fp = converged_fp(args.width, args.fp_epochs, args.set, device)
@@ -238,8 +260,10 @@ def main() -> None:
     unknown = set(args.variants or []) - {v[0] for v in VARIANTS}
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {[v[0] for v in VARIANTS]}")
-    chosen = [v for v in VARIANTS if v[0] in (args.variants or CORE)]
-    runs = [(name, seed) for seed in b["seeds"] for name, _, _ in chosen]
+    by_name = {v[0]: v for v in VARIANTS}
+    chosen = [by_name[name] for name in dict.fromkeys(args.variants or CORE)]  # runs start in the order given
+    runs = [(name, seed) for name, _, _ in chosen for seed in b["seeds"]]
+
     if args.minutes and not args.reduced:
         epochs = probe_epochs(args.minutes, len(runs), fp_file, b["binary"], work, args.device, args.jobs, t_start)
         b["binary"] = budget(False, args.width, epochs, args.binary_steps)["binary"] + args.set
