@@ -53,9 +53,15 @@ def build(march: str, source: str = "bitwise.cpp") -> tuple[Optional[ModuleType]
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
-        with resources.as_file(src) as path:
-            ext = load(name=name, sources=[str(path)], build_directory=str(build_dir), with_cuda=False,
-                       extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        # build.ninja records the source's path, and ninja rebuilds when it changes: compiling a copy kept in
+        # the build folder lets every checkout of the same source (worktrees, CI clones) share one build
+        copy = build_dir / f"{name}.cpp"
+        if not copy.is_file() or copy.read_bytes() != code:
+            tmp = build_dir / f".{name}.{os.getpid()}.cpp"
+            tmp.write_bytes(code)
+            os.replace(tmp, copy)
+        ext = load(name=name, sources=[str(copy)], build_directory=str(build_dir), with_cuda=False,
+                   extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"])
         return ext, ""
     except Exception as exc:  # no compiler, no ninja, a failed compile: all mean "use the fallback"
         first = str(exc).strip().splitlines()
