@@ -189,7 +189,7 @@ class _Census(TorchDispatchMode):
 
     def __init__(self, where: list[str]):
         super().__init__()
-        self.where, self.made, self.backward, self.peak = where, {}, False, 0
+        self.where, self.made, self.backward, self.peak, self.at_peak = where, {}, False, 0, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -200,12 +200,20 @@ class _Census(TorchDispatchMode):
                 if old is None or old[0].expired():
                     self.made[st.data_ptr()] = (StorageWeakRef(st), func.__name__, self.where[-1], st.nbytes(),
                                                 str(t.dtype).removeprefix("torch."))
-        if self.backward:
-            self.peak = max(self.peak, self.live())
+        if self.backward and (live := self.live()) > self.peak:
+            self.peak, self.at_peak = live, self.by_maker()
         return out
 
     def live(self) -> int:
         return sum(v[3] for v in self.made.values() if not v[0].expired())
+
+    def by_maker(self) -> dict[str, float]:
+        """Return MiB of the live storages by 'op (module, dtype)' of the op that made them."""
+        mib = collections.Counter()
+        for ref, op, module, nbytes, dtype in self.made.values():
+            if not ref.expired():
+                mib[f"{op} ({module}, {dtype})"] += nbytes / 2**20
+        return {k: round(v, 1) for k, v in mib.most_common() if v >= 0.05}
 
 
 def census(model, x, y) -> dict:
@@ -220,24 +228,25 @@ def census(model, x, y) -> dict:
     mode = _Census(where)
     with mode:
         loss = torch.nn.functional.cross_entropy(logits_of(model(x)).float(), y)
-        kept = collections.Counter()
-        for ref, op, module, nbytes, dtype in mode.made.values():
-            if not ref.expired():
-                kept[f"{op} ({module}, {dtype})"] += nbytes / 2**20
+        kept, kept_mib = mode.by_maker(), mode.live() / 2**20
+        mode.where.append("backward")
         mode.backward = True
         loss.backward()
-    return {"kept": {k: round(v, 1) for k, v in kept.most_common() if v >= 0.05},
-            "kept_mib": round(sum(kept.values()), 1), "backward_peak_mib": round(mode.peak / 2**20, 1)}
+    return {"kept": kept, "kept_mib": round(kept_mib, 1), "backward_peak": mode.at_peak,
+            "backward_peak_mib": round(mode.peak / 2**20, 1)}
 
 
 def census_table(rows: dict) -> str:
-    """Return the README table of the census: MiB kept after the forward, by maker, FP beside binary."""
-    keys = list(dict.fromkeys([*rows["binary"]["kept"], *rows["fp"]["kept"]]))
-    lines = ["| kept for the backward (op, module, dtype) | FP MiB | binary MiB |", "|---|---:|---:|"]
-    lines += [f"| {k} | {rows['fp']['kept'].get(k, '')} | {rows['binary']['kept'].get(k, '')} |" for k in keys]
-    lines.append(f"| **all kept after the forward** | **{rows['fp']['kept_mib']}** | **{rows['binary']['kept_mib']}** |")
-    lines.append(f"| **live tensors, backward's peak** | **{rows['fp']['backward_peak_mib']}** "
-                 f"| **{rows['binary']['backward_peak_mib']}** |")
+    """Return the README table of the census: MiB alive after the forward and at the backward's peak, by the
+    op (module, dtype) that made the tensors, FP beside binary."""
+    fp, b = rows["fp"], rows["binary"]
+    keys = list(dict.fromkeys([*b["kept"], *fp["kept"], *b["backward_peak"], *fp["backward_peak"]]))
+    lines = ["| tensors made by (op, module, dtype) | FP: after forward | binary: after forward "
+             "| FP: backward's peak | binary: backward's peak |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {fp['kept'].get(k, '')} | {b['kept'].get(k, '')} | {fp['backward_peak'].get(k, '')} "
+              f"| {b['backward_peak'].get(k, '')} |" for k in keys]
+    lines.append(f"| **all (MiB)** | **{fp['kept_mib']}** | **{b['kept_mib']}** | **{fp['backward_peak_mib']}** "
+                 f"| **{b['backward_peak_mib']}** |")
     return "\n".join(lines)
 
 

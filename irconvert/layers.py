@@ -111,6 +111,8 @@ class BinaryMixin:
             source = input if plain_input_mode(type(self.binarizer)) is not None else None
             with kept_small(signs, source, self._parameters["weight"].shape if _plain_q(self) else None):
                 return super().forward(signs, *args, **kwargs)
+        if self.binary.clip:  # made W1A32 after swap.fuse_hardtanh took the Hardtanh in front: it is here
+            input = nn.functional.hardtanh(input)
         return super().forward(input, *args, **kwargs)
 
     def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ the sign each Hardtanh that only W1A1 layers read (training memory; see `fuse_ha
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import warnings
@@ -60,17 +61,17 @@ def fuse_hardtanh(model: nn.Module, the_plan: Plan) -> Plan:
     for n in graph.nodes:
         if n.op == "call_module" and type(modules.get(n.target)) is nn.Hardtanh:
             calls.setdefault(n.target, []).append(n)
-    leaves = {n.target for n in graph.nodes if n.op == "call_module"}
+    calls_of = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     fused = []
     for name, nodes in calls.items():
         m = modules[name]
-        inside_leaf = any(name.startswith(leaf + ".") for leaf in leaves)
+        inside_leaf = any(name.startswith(leaf + ".") for leaf in calls_of)
         if ((m.min_val, m.max_val) != (-1.0, 1.0) or m.inplace or m._forward_hooks or m._forward_pre_hooks
                 or inside_leaf):
             continue
         readers = [r for n in nodes for r in _readers(n, modules)]
         parent, _, child = name.rpartition(".")
-        if not (readers and all(_reads_only_signs(u, n, modules) for u, n in readers)):
+        if not (readers and all(_reads_only_signs(u, n, modules) and calls_of[u.target] == 1 for u, n in readers)):
             setattr(model.get_submodule(parent) if parent else model, child, HardtanhKeepingOutput())
         else:
             for u, _ in readers:
@@ -87,7 +88,8 @@ def _readers(value: fx.Node, modules: dict[str, nn.Module]) -> list[tuple[fx.Nod
     drop_block and aa where unused)."""
     out = []
     for u in value.users:
-        if u.op == "call_module" and type(modules.get(u.target)) is nn.Identity and not modules[u.target]._forward_hooks:
+        m = modules.get(u.target) if u.op == "call_module" else None
+        if type(m) is nn.Identity and not m._forward_hooks:
             out.extend(_readers(u, modules))
         else:
             out.append((u, value))
@@ -95,7 +97,8 @@ def _readers(value: fx.Node, modules: dict[str, nn.Module]) -> list[tuple[fx.Nod
 
 
 def _reads_only_signs(user: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """True if `user` is a W1A1 layer whose input is `value`, which it only takes the plain sign of."""
+    """True if `user` is a W1A1 layer whose input is `value`, which it only takes the plain sign of (the
+    caller checks that the layer runs only there: its sign's clip applies to every call)."""
     m = modules.get(user.target) if user.op == "call_module" else None
     return (isinstance(m, BinaryMixin) and m.binary_mode == "W1A1" and not m.binary_frozen
             and not m.bireal_keep_input and not m._forward_pre_hooks and not m._forward_hooks

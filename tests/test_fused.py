@@ -336,3 +336,18 @@ def test_train_compile_recipe_field_and_where_it_applies():
     cpu = torch.device("cpu")
     assert training_net(model, "auto", cpu) is model and training_net(model, False, cpu) is model
     assert isinstance(training_net(model, True, cpu), torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_libra_pb_backward_by_blocks_of_channels_is_the_same(monkeypatch):
+    from irconvert.methods import libra_pb as module
+
+    torch.manual_seed(2)
+    w, g = torch.randn(7, 5, 3, 3) * 0.05, torch.randn(7, 5, 3, 3)
+    grads = []
+    for block in (1 << 19, 100, 1):  # one block; 2 channels a block (the last one alone); 1 channel a block
+        monkeypatch.setattr(module, "_BLOCK", block)
+        w1 = w.clone().requires_grad_()
+        libra_pb(w1, "ede", torch.tensor([0.2, 5.0])).backward(g)
+        grads.append(w1.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-6, atol=1e-7)

@@ -177,6 +177,20 @@ def test_no_fusion_where_the_sign_is_not_plain_or_the_file_is_reloaded(tmp_path)
         assert torch.equal(packed(x), want) and torch.equal(latent.eval()(x), want)
 
 
+class Shared(Residual):
+    """conv1 runs twice: on a BatchNorm's output and on act0's, so its sign cannot take act0's mask."""
+
+    def forward(self, x):
+        y = self.conv1(self.bn0(self.stem(x)))
+        return self.head(self.conv1(self.act0(self.bn1(y))).mean((2, 3)))
+
+
+def test_no_fusion_into_a_layer_that_also_runs_elsewhere():
+    model = irconvert.binarize(Shared())
+    assert model.irconvert_plan.hardtanh == ("act0",) and model.conv1.binary_mode == "W1A1"
+    assert model.irconvert_plan.fused == () and not model.conv1.binary.clip
+
+
 def test_fused_model_has_no_graph_break():
     model = irconvert.binarize(Residual())
     assert model.irconvert_plan.fused == ("act1",)
