@@ -9,8 +9,8 @@ hooks) in which, while the layer runs:
   op on x itself): the backward recomputes sign(source) from the x that the sign op keeps anyway,
   by the same kernel, so the same bits. Otherwise B_a is kept as int8 (exact: +-1).
 - Q, where the caller vouches that it is s * (+-1) per output channel by construction (Libra-PB's
-  fused op in a plain conv/linear: `weight_shape` given), is kept as its sign bits (bool) and s per
-  channel, and rebuilt as where(sign bit, -s, s): the same floats, -0.0 included. The tensor of that
+  fused op in a plain conv/linear: `weight_shape` given), is kept as its sign bits (8 to a byte) and s
+  per channel, and rebuilt as where(sign bit, -s, s): the same floats, -0.0 included. The tensor of that
   shape the operator keeps is Q; the latent weight, which Libra-PB's op keeps, is a leaf and stays.
 
 Under torch.compile the graph's own partitioner decides what to keep, so it is off.
@@ -18,6 +18,7 @@ Under torch.compile the graph's own partitioner decides what to keep, so it is o
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
@@ -27,14 +28,37 @@ from .sign import sign_values
 
 
 def _pack_weight(t: torch.Tensor):
-    """(sign bits, s per output channel): a tensor whose every row holds +-s_o (t[o].flatten()[0] is +-s_o)."""
-    return "scaled signs", torch.signbit(t), t.reshape(t.shape[0], -1)[:, 0].abs()
+    """(sign bits, 8 to a byte where t is contiguous, s per output channel): a tensor whose every row holds
+    +-s_o (t[o].flatten()[0] is +-s_o)."""
+    neg = torch.signbit(t)
+    if t.is_contiguous():  # else bools, which keep t's layout for where() to rebuild
+        neg = _pack_bits(neg)
+    return "scaled signs", neg, t.reshape(t.shape[0], -1)[:, 0].abs(), t.shape
 
 
 def _unpack_weight(saved) -> torch.Tensor:
-    _, neg, s = saved
-    s = s.reshape((-1,) + (1,) * (neg.dim() - 1))
-    return torch.where(neg, -s, s)
+    _, neg, s, shape = saved
+    if neg.dtype == torch.uint8:
+        neg = _unpack_bits(neg, shape)
+    return torch.where(neg, -s.reshape((-1,) + (1,) * (len(shape) - 1)), s.reshape((-1,) + (1,) * (len(shape) - 1)))
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8).to(device)
+
+
+def _pack_bits(b: torch.Tensor) -> torch.Tensor:
+    """Return bool tensor b packed 8 to a uint8 (bit j of byte k = element 8k + j of b flattened)."""
+    flat = b.reshape(-1).view(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return (flat.view(-1, 8) * _bit_values(b.device)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Return the bool tensor of `shape` that _pack_bits packed."""
+    n = math.prod(shape)
+    return ((packed.unsqueeze(1) & _bit_values(packed.device)) != 0).reshape(-1)[:n].reshape(shape)
 
 
 @contextmanager

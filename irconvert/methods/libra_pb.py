@@ -53,7 +53,7 @@ def _setup(ctx, inputs, output) -> None:
 
 # the backward runs over blocks of output channels of about this many weights: every step is per channel,
 # and its weight-sized temporaries (w_hat, g, g_hat, products) are then block-sized, the peak of a backward
-_BLOCK = 1 << 19
+_BLOCK = 1 << 17
 
 
 def _backward(ctx, grad_q, *_):
