@@ -14,6 +14,14 @@ alternate in one process, one process per row. Cases: resnet18 1x28x28 batch 128
 Fashion-MNIST recipe's model) and resnet34 3x224x224 under bf16 autocast (batch 128 on a GPU, 16 on
 the CPU).
 
+Where the memory goes (bench/results/throughput_census.json + .md, in the README):
+
+    python -m bench.throughput --census
+
+one training step of the resnet18 case, FP and binary, under a dispatch mode that notes every tensor the
+step makes: the tensors still alive after the forward (what autograd keeps for the backward), in MiB
+by the op and module that made them, and the most tensor memory alive at once during the backward.
+
 The older single measurement on real data, alone or under torchrun (bench/distributed.py):
 
     python -m bench.throughput                                      # 1 process
@@ -23,6 +31,7 @@ The older single measurement on real data, alone or under torchrun (bench/distri
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -34,7 +43,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import irconvert
 from irconvert import distributed
@@ -172,6 +184,85 @@ def run_case(name: str, device: torch.device, compiled: bool, repeats: int, step
             "binary_peak_mib": round(peaks["binary"], 1), "repeats": repeats, "steps_per_repeat": steps}
 
 
+class _Census(TorchDispatchMode):
+    """Notes every tensor storage an op makes (op, module, bytes) and the peak of those alive in the backward."""
+
+    def __init__(self, where: list[str]):
+        super().__init__()
+        self.where, self.made, self.backward, self.peak, self.at_peak = where, {}, False, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                st = t.untyped_storage()
+                old = self.made.get(st.data_ptr())
+                if old is None or old[0].expired():
+                    self.made[st.data_ptr()] = (StorageWeakRef(st), func.__name__, self.where[-1], st.nbytes(),
+                                                str(t.dtype).removeprefix("torch."))
+        if self.backward and (live := self.live()) > self.peak:
+            self.peak, self.at_peak = live, self.by_maker()
+        return out
+
+    def live(self) -> int:
+        return sum(v[3] for v in self.made.values() if not v[0].expired())
+
+    def by_maker(self) -> dict[str, float]:
+        """Return MiB of the live storages by 'op (module, dtype)' of the op that made them."""
+        mib = collections.Counter()
+        for ref, op, module, nbytes, dtype in self.made.values():
+            if not ref.expired():
+                mib[f"{op} ({module}, {dtype})"] += nbytes / 2**20
+        return {k: round(v, 1) for k, v in mib.most_common() if v >= 0.05}
+
+
+def census(model, x, y) -> dict:
+    """Return what one training step of `model` keeps after its forward, by (op, module, dtype), and its
+    backward's peak of live tensors, in MiB."""
+    where = ["-"]
+    for m in model.modules():
+        m.register_forward_pre_hook(lambda mod, a: where.append(type(mod).__name__) and None)
+        m.register_forward_hook(lambda mod, a, o: where.pop() and None)
+    step = make_step(model.train(), x, y, "off")
+    step(), step()  # AdamW's state exists, as in the timed steps
+    mode = _Census(where)
+    with mode:
+        loss = torch.nn.functional.cross_entropy(logits_of(model(x)).float(), y)
+        kept, kept_mib = mode.by_maker(), mode.live() / 2**20
+        mode.where.append("backward")
+        mode.backward = True
+        loss.backward()
+    return {"kept": kept, "kept_mib": round(kept_mib, 1), "backward_peak": mode.at_peak,
+            "backward_peak_mib": round(mode.peak / 2**20, 1)}
+
+
+def census_table(rows: dict) -> str:
+    """Return the README table of the census: MiB alive after the forward and at the backward's peak, by the
+    op (module, dtype) that made the tensors, FP beside binary."""
+    fp, b = rows["fp"], rows["binary"]
+    keys = list(dict.fromkeys([*b["kept"], *fp["kept"], *b["backward_peak"], *fp["backward_peak"]]))
+    lines = ["| tensors made by (op, module, dtype) | FP: after forward | binary: after forward "
+             "| FP: backward's peak | binary: backward's peak |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {fp['kept'].get(k, '')} | {b['kept'].get(k, '')} | {fp['backward_peak'].get(k, '')} "
+              f"| {b['backward_peak'].get(k, '')} |" for k in keys]
+    lines.append(f"| **all (MiB)** | **{fp['kept_mib']}** | **{b['kept_mib']}** | **{fp['backward_peak_mib']}** "
+                 f"| **{b['backward_peak_mib']}** |")
+    return "\n".join(lines)
+
+
+def run_census() -> None:
+    """Write bench/results/throughput_census.json and .md for the resnet18 case."""
+    arch, kwargs, shape, _, _, batch = CASES["resnet18-28"]
+    recipe = load_recipe(RECIPE)
+    torch.manual_seed(0)
+    fp = create_model(arch, "timm", adapt={"first_stride": recipe.model.first_stride,
+                                           "stem_pool": recipe.model.stem_pool}, **kwargs)
+    binary = irconvert.binarize(fp, recipe.binarize)
+    x, y = torch.randn(batch, *shape), torch.randint(0, kwargs["num_classes"], (batch,))
+    rows = {label: census(model, x, y) for label, model in (("fp", fp), ("binary", binary))}
+    write_results("throughput_census", rows, census_table(rows))
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -236,6 +327,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", action="store_true", help="run the cases and write bench/results/throughput.*")
     ap.add_argument("--row", choices=sorted(CASES), help="(internal) print one table row as JSON")
+    ap.add_argument("--census", action="store_true", help="write bench/results/throughput_census.* (memory)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--compile", default="0,1", help="0, 1 or 0,1")
     ap.add_argument("--repeats", type=int, default=5)
@@ -246,6 +338,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps is None:
         args.steps = 2 if (args.row or args.table) else 30
+    if args.census:
+        run_census()
+        return
     if args.row:
         print(json.dumps(run_case(args.row, torch.device(args.device), args.compile == "1", args.repeats,
                                   args.steps)), flush=True)

@@ -35,9 +35,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .fused.saved import int8_signs
+from .fused.saved import kept_small
 from .methods.ede import T_MIN, ede_k
 from .methods import Binarizer
+from .methods.base import clipped_sign, plain_input_mode
+from .methods.libra import signs_times_scale
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude, per_input_channel, sign  # noqa: F401  (re-exported)
 
 MODES = ("W1A1", "W1A32")
@@ -57,6 +59,7 @@ class BinaryState:
     keep_input: bool = False  # a Bi-Real shortcut (shortcut.py) adds this layer's input after its BatchNorm
     input: Optional[torch.Tensor] = None  # that input, between the forward of the layer and of its BatchNorm
     grad_scale: float = 1.0  # W1A1: the input's gradient is multiplied by it (calibrate.py)
+    clip: bool = False  # W1A1: the Hardtanh(-1, 1) in front is fused into the input's sign (swap.fuse_hardtanh)
 
 
 def _state(name: str, doc: str) -> property:
@@ -103,9 +106,13 @@ class BinaryMixin:
                 return super().forward(self._frozen_sign(input), *args, **kwargs)
             if self.input_grad_scale != 1.0 and torch.is_grad_enabled():
                 input = GradScale.apply(input, self.input_grad_scale)
-            input = self.binarizer.activation(input, self)
-            with int8_signs(input):  # the signs the weight gradient needs, kept as int8
-                return super().forward(input, *args, **kwargs)
+            signs = clipped_sign(input, self) if self.binary.clip else self.binarizer.activation(input, self)
+            # what the operator keeps for its backward: the signs recomputed from input, or int8; Q as bits
+            source = input if plain_input_mode(type(self.binarizer)) is not None else None
+            with kept_small(signs, source, self._parameters["weight"].shape if _plain_q(self) else None):
+                return super().forward(signs, *args, **kwargs)
+        if self.binary.clip:  # made W1A32 after swap.fuse_hardtanh took the Hardtanh in front: it is here
+            input = nn.functional.hardtanh(input)
         return super().forward(input, *args, **kwargs)
 
     def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +134,13 @@ class BinaryMixin:
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.binary_mode}, method={self.binarizer.name}"
+
+
+def _plain_q(layer: nn.Module) -> bool:
+    """True if the layer's operator is a plain nn.Conv*d / nn.Linear and its Q is s * (+-1) per output channel."""
+    # float64 takes the unfused weight path (LibraPB.weight), whose saved w_hat has Q's shape
+    return (type(layer).__mro__[2] in _STATIC and layer._parameters["weight"].dtype != torch.float64
+            and signs_times_scale(type(layer.binarizer)))
 
 
 class GradScale(torch.autograd.Function):

@@ -122,6 +122,7 @@ class Plan:
     warnings: tuple[str, ...]
     shortcuts: tuple[tuple[str, str], ...] = ()  # (binary conv, the BatchNorm after it)
     live: dict[str, float] = field(default_factory=dict)  # W1A1 layer -> share of +1 input bits (calibrate.py)
+    fused: tuple[str, ...] = ()  # Hardtanh modules of `hardtanh` fused into their W1A1 readers' sign (training only)
 
     @property
     def binary(self) -> list[str]:

@@ -1,21 +1,27 @@
-"""Stage 4, swap: carry out a Plan on a model (binary layers in place, Hardtanh for ReLUs)."""
+"""Stage 4, swap: carry out a Plan on a model (binary layers in place, Hardtanh for ReLUs), and fuse into
+the sign each Hardtanh that only W1A1 layers read (training memory; see `fuse_hardtanh`)."""
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import warnings
 from typing import Optional, Union
 
 import torch
 
-from torch import nn
+from torch import fx, nn
 
 from .analyze import analyze
 from .attention import prepare_attention
 from .calibrate import Batch
 from .calibrate import calibrate as fix_one_signed
+from .fused.hardtanh import HardtanhKeepingOutput
+from .graph import trace
 from .layers import BinaryMixin, binary_layers, make_binary, method_penalty, set_ede  # noqa: F401  (public here)
 from .methods import get_method
+from .methods.base import plain_input_mode
 from .origin import infer_origin
 from .plan import Plan, Policy, plan
 from .shortcut import add_shortcut
@@ -36,6 +42,68 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
         setattr(parent, child, nn.Hardtanh(-1.0, 1.0))
     model.irconvert_plan = the_plan
     return model
+
+
+def fuse_hardtanh(model: nn.Module, the_plan: Plan) -> Plan:
+    """Fuse into the sign each Hardtanh(-1, 1) whose every output is read only as the input of W1A1 layers
+    with a plain input sign: the module becomes nn.Identity, the layers' sign gets Hardtanh's gradient mask
+    (sign(hardtanh x) = sign x, fused.sign's clip), and the Hardtanh's output is no longer kept for the
+    backward. The other Hardtanh(-1, 1) become `HardtanhKeepingOutput` (the same numbers; the output, which
+    a sign after it keeps anyway, is kept instead of the input). Return the plan with the fused ones in
+    `fused`. Files still record the Hardtanh (`hardtanh`): a rebuilt model has it, which gives the same
+    signs. A model fx cannot trace is left as it is."""
+    try:
+        graph = trace(model)
+    except Exception:  # as analyze: no graph, no proof that only binary layers read the output
+        return the_plan
+    modules = dict(model.named_modules())
+    calls: dict[str, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op == "call_module" and type(modules.get(n.target)) is nn.Hardtanh:
+            calls.setdefault(n.target, []).append(n)
+    calls_of = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    fused = []
+    for name, nodes in calls.items():
+        m = modules[name]
+        inside_leaf = any(name.startswith(leaf + ".") for leaf in calls_of)
+        if ((m.min_val, m.max_val) != (-1.0, 1.0) or m.inplace or m._forward_hooks or m._forward_pre_hooks
+                or inside_leaf):
+            continue
+        readers = [r for n in nodes for r in _readers(n, modules)]
+        parent, _, child = name.rpartition(".")
+        if not (readers and all(_reads_only_signs(u, n, modules) and calls_of[u.target] == 1 for u, n in readers)):
+            setattr(model.get_submodule(parent) if parent else model, child, HardtanhKeepingOutput())
+        else:
+            for u, _ in readers:
+                modules[u.target].binary.clip = True
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+            fused.append(name)
+    the_plan = dataclasses.replace(the_plan, fused=tuple(sorted(fused)))
+    model.irconvert_plan = the_plan
+    return the_plan
+
+
+def _readers(value: fx.Node, modules: dict[str, nn.Module]) -> list[tuple[fx.Node, fx.Node]]:
+    """Return (user, the value it reads) for the users of `value`, seen through nn.Identity modules (timm's
+    drop_block and aa where unused)."""
+    out = []
+    for u in value.users:
+        m = modules.get(u.target) if u.op == "call_module" else None
+        if type(m) is nn.Identity and not m._forward_hooks:
+            out.extend(_readers(u, modules))
+        else:
+            out.append((u, value))
+    return out
+
+
+def _reads_only_signs(user: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True if `user` is a W1A1 layer whose input is `value`, which it only takes the plain sign of (the
+    caller checks that the layer runs only there: its sign's clip applies to every call)."""
+    m = modules.get(user.target) if user.op == "call_module" else None
+    return (isinstance(m, BinaryMixin) and m.binary_mode == "W1A1" and not m.binary_frozen
+            and not m.bireal_keep_input and not m._forward_pre_hooks and not m._forward_hooks
+            and plain_input_mode(type(m.binarizer)) is not None
+            and len(user.args) == 1 and user.args[0] is value and not user.kwargs)
 
 
 def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = False,
@@ -64,11 +132,12 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     for w in the_plan.warnings:
         warnings.warn(w, stacklevel=2)
     swap(model, the_plan)
-    if calibrate is False or not any(lp.mode == "W1A1" for lp in the_plan.layers.values()):
-        return model
-    model.irconvert_plan, notes = _calibrate(model, analysis, calibrate)
-    for w in notes:
-        warnings.warn(w, stacklevel=2)
+    if calibrate is not False and any(lp.mode == "W1A1" for lp in the_plan.layers.values()):
+        model.irconvert_plan, notes = _calibrate(model, analysis, calibrate)
+        for w in notes:
+            warnings.warn(w, stacklevel=2)
+    # after calibration: it measures the Hardtanh's output, and may make a reader W1A32
+    fuse_hardtanh(model, model.irconvert_plan)
     return model
 
 

@@ -119,6 +119,89 @@ def test_opcheck_fake_and_autograd_registration():
     x = torch.randn(3, 5, requires_grad=True)
     for mode, tk in (("ede", torch.tensor([0.5, 2.0])), ("ste", None), ("approx", None)):
         torch.library.opcheck(binary_sign_op, (x, tk, mode))
+        torch.library.opcheck(binary_sign_op, (x * 2, tk, mode, True))
+
+
+def hardtanh_then_sign(x, g, mode, clip, t=0.3, k=1 / 0.3):
+    """sign(hardtanh(x)) as the layers computed it before the fusion (clip=False), or the fused op (clip=True)."""
+    x = x.detach().clone().requires_grad_()
+    tk = torch.tensor([t, k])
+    y = binary_sign(x, mode, tk, clip=True) if clip else binary_sign(F.hardtanh(x), mode, tk)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("python", [False, True], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["ede", "ste", "approx"])
+def test_clip_is_hardtanh_then_sign_bit_for_bit(mode, dtype, python, monkeypatch):
+    if python:
+        monkeypatch.setenv(ENV, "python")
+    x = probe(dtype)
+    x[20:24] = torch.tensor([1.0000001, -1.0000001, 0.99999994, -0.99999994]).to(dtype)
+    g = torch.randn(x.shape).to(dtype)
+    g[2] = float("nan")  # at x = 1: Hardtanh passes nothing, NaN included
+    y_ref, gx_ref = hardtanh_then_sign(x, g, mode, clip=False)
+    y, gx = hardtanh_then_sign(x, g, mode, clip=True)
+    assert torch.equal(y, y_ref) and torch.equal(y, sign_torch(x))
+    finite = ~x.isnan()  # PyTorch's own hardtanh_backward gives NaN inputs 0 or g (vector body or tail)
+    assert torch.equal(gx[finite], gx_ref[finite])
+    assert gx[x.isnan()].tolist() == [0.0]
+
+
+def test_clip_by_hand():
+    """Hardtanh passes no gradient at its boundaries: sign(hardtanh x) has STE's mask without |x| = 1."""
+    x = torch.tensor([-1.5, -1.0, -0.25, 0.0, 0.75, 1.0, 1.01])
+    x = x.requires_grad_()
+    binary_sign(x, "ste", clip=True).backward(torch.full_like(x, 2.0))
+    assert x.grad.tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
+def test_hardtanh_keeping_output_is_hardtanh_and_keeps_only_its_output():
+    from irconvert.fused.hardtanh import HardtanhKeepingOutput
+
+    x = probe()
+    g = torch.randn(x.shape)
+    x[20:22] = torch.tensor([1.0000001, -0.99999994])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = nn.Hardtanh(-1.0, 1.0)(a * 1), HardtanhKeepingOutput()(b * 1)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ya, yb, **exact)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, **exact)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = HardtanhKeepingOutput()(x.clone().requires_grad_() * 1)
+    assert len(kept) == 1 and kept[0].data_ptr() == y.data_ptr()
+
+
+def test_kept_small_signs_and_weight_give_the_same_gradients():
+    from contextlib import nullcontext
+
+    from irconvert.fused.saved import kept_small
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.where(torch.rand(3, 4, 3, 3) < 0.5, -1.0, 1.0) * torch.tensor([0.5, 2.0**-70, 4.0]).view(3, 1, 1, 1)
+    results = []
+    for ctx in (nullcontext, kept_small):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        q = wi * 1.0
+        signs = binary_sign(xi, "ste")
+        with ctx() if ctx is nullcontext else ctx(signs, xi, q.shape):
+            out = F.conv2d(signs, q)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append((out, xi.grad, wi.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    src = x.clone().requires_grad_() * 1
+    signs = binary_sign(src, "ste")
+    with kept_small(signs, src):
+        out = F.conv2d(signs, w)
+    src.mul_(2)
+    with pytest.raises(RuntimeError, match="in place"):
+        out.sum().backward()
 
 
 def unfused_libra_pb(w, mode, t, k):
@@ -223,10 +306,11 @@ TRITON_CHECK = textwrap.dedent("""
         assert torch.equal(triton_sign.sign_forward(x), sign_torch(x)), dtype
         tk = torch.tensor([0.3, 1 / 0.3])
         for mode in ('ede', 'ste', 'approx'):
-            got = triton_sign.sign_backward(g, x, tk if mode == 'ede' else None, mode)
-            want = grad_torch(g.float(), x.float(), tk, mode).to(dtype)
-            tol = 1e-5 if dtype == torch.float32 else 1.6e-2
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+            for clip in (False, True):
+                got = triton_sign.sign_backward(g, x, tk if mode == 'ede' else None, mode, clip)
+                want = grad_torch(g.float(), x.float(), tk, mode, clip).to(dtype)
+                tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
     print('ok')
 """)
 
@@ -252,3 +336,18 @@ def test_train_compile_recipe_field_and_where_it_applies():
     cpu = torch.device("cpu")
     assert training_net(model, "auto", cpu) is model and training_net(model, False, cpu) is model
     assert isinstance(training_net(model, True, cpu), torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_libra_pb_backward_by_blocks_of_channels_is_the_same(monkeypatch):
+    from irconvert.methods import libra_pb as module
+
+    torch.manual_seed(2)
+    w, g = torch.randn(7, 5, 3, 3) * 0.05, torch.randn(7, 5, 3, 3)
+    grads = []
+    for block in (1 << 19, 100, 1):  # one block; 2 channels a block (the last one alone); 1 channel a block
+        monkeypatch.setattr(module, "_BLOCK", block)
+        w1 = w.clone().requires_grad_()
+        libra_pb(w1, "ede", torch.tensor([0.2, 5.0])).backward(g)
+        grads.append(w1.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-6, atol=1e-7)

@@ -95,3 +95,110 @@ def test_gated_shortcut_starts_as_the_plain_model_then_trains_and_reloads(tmp_pa
     from irconvert.verify import max_abs_diff
 
     assert max_abs_diff(gated, again, x) == 0.0
+
+
+class Residual(torch.nn.Module):
+    """stem -> ReLU -> W1A1 conv -> ReLU -> W1A1 conv, plus the stem's ReLU output (a residual: not binary)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.bn0, self.act0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.drop = nn.Identity()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = self.act0(self.bn0(self.stem(x)))
+        y = self.conv2(self.drop(self.act1(self.bn1(self.conv1(a)))))
+        return self.head(self.act2(self.bn2(y) + a).mean((2, 3)))
+
+
+def unfused(model):
+    """A copy with nn.Hardtanh back where the pass fused or replaced one, and no layer's sign clipping."""
+    import copy
+
+    from irconvert.fused.hardtanh import HardtanhKeepingOutput
+
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if name in ref.irconvert_plan.fused or isinstance(m, HardtanhKeepingOutput):
+            parent, _, child = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, child, torch.nn.Hardtanh(-1.0, 1.0))
+        if isinstance(m, BinaryMixin):
+            m.binary.clip = False
+    return ref
+
+
+def step(model, x, amp):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = model.train()(x)
+    out.float().square().sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_hardtanh_read_only_by_binary_layers_is_fused_into_the_sign(amp, monkeypatch):
+    from contextlib import nullcontext
+
+    from irconvert.fused.hardtanh import HardtanhKeepingOutput
+
+    model = irconvert.binarize(Residual(), keep_first=True)
+    assert model.irconvert_plan.hardtanh == ("act0", "act1")
+    # act1 feeds conv2 only (through an Identity): fused; act0 also feeds the residual sum: kept
+    assert model.irconvert_plan.fused == ("act1",)
+    assert isinstance(model.act1, torch.nn.Identity) and model.conv2.binary.clip and not model.conv1.binary.clip
+    assert type(model.act0) is HardtanhKeepingOutput
+    irconvert.set_ede(model, 0.2)
+    x = torch.randn(4, 3, 6, 6)
+    out, grads = step(model, x, amp)
+    monkeypatch.setattr("irconvert.layers.kept_small", lambda *a, **k: nullcontext())  # floats kept, as before
+    out_ref, grads_ref = step(unfused(model), x, amp)
+    assert torch.equal(out, out_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_no_fusion_where_the_sign_is_not_plain_or_the_file_is_reloaded(tmp_path):
+    model = irconvert.binarize(Residual(), method="sdbnn")  # sign(hardtanh(x) + d_a) is not sign(x + d_a)
+    assert model.irconvert_plan.fused == () and isinstance(model.act1, torch.nn.Hardtanh)
+    model = irconvert.binarize(Residual())
+    step(model, torch.randn(4, 3, 6, 6), False)
+    # files record the Hardtanh, not the fusion: a reloaded model has it back and computes the same
+    packed = irconvert.load_packed(irconvert.save_packed(model, tmp_path / "packed.safetensors"), model=Residual())
+    latent = irconvert.load(irconvert.save_latent(model, tmp_path / "model.safetensors"), model=Residual())
+    assert isinstance(packed.act1, torch.nn.Hardtanh) and isinstance(latent.act1, torch.nn.Hardtanh)
+    x = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        want = model.eval()(x)
+        assert torch.equal(packed(x), want) and torch.equal(latent.eval()(x), want)
+
+
+class Shared(Residual):
+    """conv1 runs twice: on a BatchNorm's output and on act0's, so its sign cannot take act0's mask."""
+
+    def forward(self, x):
+        y = self.conv1(self.bn0(self.stem(x)))
+        return self.head(self.conv1(self.act0(self.bn1(y))).mean((2, 3)))
+
+
+def test_no_fusion_into_a_layer_that_also_runs_elsewhere():
+    model = irconvert.binarize(Shared())
+    assert model.irconvert_plan.hardtanh == ("act0",) and model.conv1.binary_mode == "W1A1"
+    assert model.irconvert_plan.fused == () and not model.conv1.binary.clip
+
+
+def test_fused_model_has_no_graph_break():
+    model = irconvert.binarize(Residual())
+    assert model.irconvert_plan.fused == ("act1",)
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm.forward
+
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert counts["n"] == 1

@@ -5,6 +5,9 @@
 //     ede     k * t * (1 - tanh^2(t x))    IR-Net's EDE, written 4 k t e / (1 + e)^2, e = exp(-2 |t x|)
 //     ste     1{|x| <= 1}                  the clipped straight-through estimator (g * 0 or g * 1, as PyTorch's mul)
 //     approx  max(0, 2 - 2 |x|)            Bi-Real Net's ApproxSign
+//   clip (a Hardtanh(-1, 1) in front of the sign, fused away: sign(hardtanh x) = sign x): the result is 0
+//   unless -1 < x < 1, as PyTorch's hardtanh_backward selects it (boundaries and NaN give 0, as its
+//   vectorized loop does; g * d(x) does not matter there, NaN or not)
 //
 // Math runs in float32 for float32, bfloat16 and float16 tensors; the result is rounded once to
 // the tensor's dtype. exp is our own (range reduction to 2^n * 2^f, |f| <= 1/2, degree-7
@@ -18,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // Lets GCC vectorize the loops below (the exp clamp and floor otherwise keep them scalar: 7 ns per
 // element for EDE's backward instead of about 1). It changes no value: every op is still IEEE, only
@@ -57,27 +61,37 @@ void sign_range(const T* __restrict__ x, T* __restrict__ y, int64_t begin, int64
   for (int64_t i = begin; i < end; ++i) y[i] = static_cast<float>(x[i]) >= 0.0f ? plus : minus;
 }
 
-template <typename T>
+// 0 where a Hardtanh(-1, 1) in front of the sign passes no gradient (its boundaries included, as PyTorch's)
+template <bool Clip>
+inline float clipped(float x, float v) {
+  return Clip && !(x > -1.0f && x < 1.0f) ? 0.0f : v;
+}
+
+template <typename T, bool Clip>
 void ede_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end,
                float t, float kt4) {
   for (int64_t i = begin; i < end; ++i) {
-    const float e = exp_nonpositive(-2.0f * __builtin_fabsf(t * static_cast<float>(x[i])));
+    const float xf = static_cast<float>(x[i]);
+    const float e = exp_nonpositive(-2.0f * __builtin_fabsf(t * xf));
     const float q = 1.0f + e;
-    out[i] = static_cast<T>(static_cast<float>(g[i]) * (kt4 * e / (q * q)));
+    out[i] = static_cast<T>(clipped<Clip>(xf, static_cast<float>(g[i]) * (kt4 * e / (q * q))));
   }
 }
 
-template <typename T>
+template <typename T, bool Clip>
 void ste_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i)
-    out[i] = static_cast<T>(static_cast<float>(g[i]) * (__builtin_fabsf(static_cast<float>(x[i])) <= 1.0f ? 1.0f : 0.0f));
+  for (int64_t i = begin; i < end; ++i) {
+    const float xf = static_cast<float>(x[i]);
+    out[i] = static_cast<T>(clipped<Clip>(xf, static_cast<float>(g[i]) * (__builtin_fabsf(xf) <= 1.0f ? 1.0f : 0.0f)));
+  }
 }
 
-template <typename T>
+template <typename T, bool Clip>
 void approx_range(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ out, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    const float d = 2.0f - 2.0f * __builtin_fabsf(static_cast<float>(x[i]));
-    out[i] = static_cast<T>(static_cast<float>(g[i]) * (d < 0.0f ? 0.0f : d));  // NaN stays NaN, as clamp
+    const float xf = static_cast<float>(x[i]);
+    const float d = 2.0f - 2.0f * __builtin_fabsf(xf);
+    out[i] = static_cast<T>(clipped<Clip>(xf, static_cast<float>(g[i]) * (d < 0.0f ? 0.0f : d)));  // NaN stays NaN, as clamp
   }
 }
 
@@ -86,13 +100,13 @@ void sign_loop(const T* x, T* y, int64_t n) {
   at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) { sign_range(x, y, begin, end); });
 }
 
-template <typename T>
+template <typename T, bool Clip>
 void grad_loop(const T* g, const T* x, T* out, int64_t n, int mode, float t, float k) {
   const float kt4 = 4.0f * k * t;
   at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
-    if (mode == 0) ede_range(g, x, out, begin, end, t, kt4);
-    else if (mode == 1) ste_range(g, x, out, begin, end);
-    else approx_range(g, x, out, begin, end);
+    if (mode == 0) ede_range<T, Clip>(g, x, out, begin, end, t, kt4);
+    else if (mode == 1) ste_range<T, Clip>(g, x, out, begin, end);
+    else approx_range<T, Clip>(g, x, out, begin, end);
   });
 }
 
@@ -112,14 +126,20 @@ torch::Tensor sign_forward(const torch::Tensor& x) {
   return y;
 }
 
-torch::Tensor sign_backward(const torch::Tensor& g, const torch::Tensor& x, int64_t mode, double t, double k) {
+torch::Tensor sign_backward(const torch::Tensor& g, const torch::Tensor& x, int64_t mode, double t, double k,
+                            bool clip) {
   TORCH_CHECK(x.is_non_overlapping_and_dense() && g.strides() == x.strides() && g.scalar_type() == x.scalar_type(),
               "sign_backward: dense g and x of one dtype and layout");
   TORCH_CHECK(mode >= 0 && mode <= 2, "sign_backward: mode 0 (ede), 1 (ste) or 2 (approx)");
   auto out = torch::empty_like(x);
-  IRC_DISPATCH(x.scalar_type(), "sign_backward",
-               grad_loop<scalar>(g.data_ptr<scalar>(), x.data_ptr<scalar>(), out.data_ptr<scalar>(), x.numel(),
-                                 static_cast<int>(mode), static_cast<float>(t), static_cast<float>(k)));
+  const auto loop = [&](auto clip_tag) {
+    constexpr bool Clip = decltype(clip_tag)::value;
+    IRC_DISPATCH(x.scalar_type(), "sign_backward",
+                 grad_loop<scalar, Clip>(g.data_ptr<scalar>(), x.data_ptr<scalar>(), out.data_ptr<scalar>(), x.numel(),
+                                         static_cast<int>(mode), static_cast<float>(t), static_cast<float>(k)));
+  };
+  if (clip) loop(std::true_type{});
+  else loop(std::false_type{});
   return out;
 }
 
@@ -128,6 +148,6 @@ torch::Tensor sign_backward(const torch::Tensor& g, const torch::Tensor& x, int6
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_forward", &sign_forward, "sign(x) in {-1, +1}, sign(0) = +1",
         py::call_guard<py::gil_scoped_release>());
-  m.def("sign_backward", &sign_backward, "g times the surrogate derivative of sign at x",
+  m.def("sign_backward", &sign_backward, "g times the surrogate derivative of sign at x (0 where clip and not -1 < x < 1)",
         py::call_guard<py::gil_scoped_release>());
 }

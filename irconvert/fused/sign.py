@@ -5,6 +5,11 @@
         ede     k * t * (1 - tanh^2(t x))   EDE, IR-Net (Qin et al., CVPR 2020, Eq. 10-11)
         ste     1{|x| <= 1}                 the clipped straight-through estimator (BinaryNet)
         approx  max(0, 2 - 2|x|)            ApproxSign (Liu et al., Bi-Real Net, ECCV 2018)
+    clip:     a Hardtanh(-1, 1) in front of the sign, fused into it (swap.fuse_hardtanh): the forward is
+              the same, as sign(hardtanh x) = sign x; the backward is g * d(x) where -1 < x < 1, as
+              hardtanh x = x there, and 0 elsewhere, boundaries and NaN included, as PyTorch's
+              hardtanh_backward selects it (its vectorized loop; its scalar tail lets NaN through).
+              The Hardtanh's output, a float tensor kept for the sign's backward, is gone.
 
 Only x is saved for the backward (the unfused code also kept tanh(t x), and for STE/ApproxSign a
 derivative tensor, as temporaries of several kernels). `irconvert::binary_sign` is a torch.library
@@ -43,8 +48,17 @@ def sign_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def grad_torch(g: torch.Tensor, x: torch.Tensor, tk: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-    """Return g * d(x) for surrogate `mode`, in PyTorch (the unfused code of ede.py and quantizers.py)."""
+def grad_torch(g: torch.Tensor, x: torch.Tensor, tk: Optional[torch.Tensor], mode: str,
+               clip: bool = False) -> torch.Tensor:
+    """Return g * d(x) for surrogate `mode`, in PyTorch (the unfused code of ede.py and quantizers.py); with
+    clip, then Hardtanh(-1, 1)'s own backward at x."""
+    grad = _surrogate_grad(g, x, tk, mode)
+    if not clip:
+        return grad
+    return torch.where((x > -1.0) & (x < 1.0), grad, 0.0)  # NaN: 0, as hardtanh_backward's vector loop
+
+
+def _surrogate_grad(g: torch.Tensor, x: torch.Tensor, tk: Optional[torch.Tensor], mode: str) -> torch.Tensor:
     if mode == "ede":
         t, k = tk[0].to(x.dtype), tk[1].to(x.dtype)
         # tanh_backward computes g * (1 - th^2) in one pass
@@ -114,53 +128,61 @@ def _dense(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @torch.library.custom_op("irconvert::binary_sign", mutates_args=())
-def binary_sign_op(x: torch.Tensor, tk: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-    """sign(x) with sign(0) = +1; tk and mode only shape the backward."""
+def binary_sign_op(x: torch.Tensor, tk: Optional[torch.Tensor], mode: str, clip: bool = False) -> torch.Tensor:
+    """sign(x) with sign(0) = +1; tk, mode and clip only shape the backward."""
+    return sign_values(x)
+
+
+@binary_sign_op.register_fake
+def _(x, tk, mode, clip=False):
+    return torch.empty_like(x)
+
+
+def sign_values(x: torch.Tensor) -> torch.Tensor:
+    """Return sign(x) (sign(0) = +1) by the fused kernel or PyTorch's ops, without autograd: the op's forward."""
     mod = kernel(x)
     return sign_torch(x) if mod is None else mod.sign_forward(*_dense(x))
 
 
-@binary_sign_op.register_fake
-def _(x, tk, mode):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("irconvert::binary_sign_grad", mutates_args=())
-def binary_sign_grad(g: torch.Tensor, x: torch.Tensor, tk: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-    """g times the surrogate derivative of sign at x (see the module docstring)."""
+def binary_sign_grad(g: torch.Tensor, x: torch.Tensor, tk: Optional[torch.Tensor], mode: str,
+                     clip: bool = False) -> torch.Tensor:
+    """g times the surrogate derivative of sign at x, 0 where clip unless -1 < x < 1 (module docstring)."""
     mod = kernel(x)
     if mod is None or g.dtype != x.dtype:
-        return grad_torch(g, x, tk, mode)
+        return grad_torch(g, x, tk, mode, clip)
     g, x = _dense(g, x)
     if x.device.type == "cpu":
         t, k = (float(v) for v in tk.tolist()) if tk is not None else (0.0, 0.0)
-        return mod.sign_backward(g, x, MODES.index(mode), t, k)
-    return mod.sign_backward(g, x, None if tk is None else tk.to(x.device, torch.float32), mode)
+        return mod.sign_backward(g, x, MODES.index(mode), t, k, clip)
+    return mod.sign_backward(g, x, None if tk is None else tk.to(x.device, torch.float32), mode, clip)
 
 
 @binary_sign_grad.register_fake
-def _(g, x, tk, mode):
+def _(g, x, tk, mode, clip=False):
     return torch.empty_like(x)
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, tk, mode = inputs
+    x, tk, mode, clip = inputs
     ctx.save_for_backward(x, tk)
-    ctx.mode = mode
+    ctx.mode, ctx.clip = mode, clip
 
 
 def _backward(ctx, grad):
     x, tk = ctx.saved_tensors
-    return binary_sign_grad(grad, x, tk, ctx.mode), None, None
+    return binary_sign_grad(grad, x, tk, ctx.mode, ctx.clip), None, None, None
 
 
 binary_sign_op.register_autograd(_backward, setup_context=_setup)
 
 
-def binary_sign(x: torch.Tensor, mode: str = "ede", tk: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Return sign(x) (sign(0) = +1) whose gradient is `mode`'s surrogate; tk = tensor [t, k] for EDE."""
+def binary_sign(x: torch.Tensor, mode: str = "ede", tk: Optional[torch.Tensor] = None,
+                clip: bool = False) -> torch.Tensor:
+    """Return sign(x) (sign(0) = +1) whose gradient is `mode`'s surrogate; tk = tensor [t, k] for EDE;
+    clip: times Hardtanh(-1, 1)'s gradient, for sign(hardtanh x) with the Hardtanh fused away."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "ede" and tk is None:
         raise ValueError("mode 'ede' needs tk = tensor([t, k])")
-    return binary_sign_op(x, tk, mode)
+    return binary_sign_op(x, tk, mode, clip)

@@ -24,11 +24,14 @@ lists them, e.g. `class IRNet(EDE, LibraPB, Binarizer)`.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar, Optional
 
 import torch
 
+from ..fused import binary_sign
 from ..ops import sign
+from .ede import layer_tk
 from .quantizers import ste_sign
 
 
@@ -39,6 +42,7 @@ class Binarizer:
     # the fused sign's mode ("ste", "ede", "approx") that this class's own weight_sign runs; a class that
     # overrides weight_sign without setting it here gets the unfused weight path
     weight_sign_mode: ClassVar[Optional[str]] = "ste"
+    input_sign_mode: ClassVar[Optional[str]] = "ste"  # the same for this class's own input_sign
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
@@ -121,3 +125,21 @@ class Binarizer:
         whole per-channel factor, the gain 2^g included) and 'threshold' float32 [in channels] or None."""
         w = layer.latent_weight.detach()
         return {"signs": self.signs(w, layer), "scale": self.deploy_scale(w, layer), "threshold": self.threshold(layer)}
+
+
+@functools.lru_cache(maxsize=None)
+def plain_input_mode(cls: type) -> Optional[str]:
+    """Return the fused sign mode of `cls`'s activation if it is that op on the input itself (no shift, no
+    threshold), else None (once per class: every forward of every layer asks)."""
+    if (cls.activation is not Binarizer.activation or cls.shift_input is not Binarizer.shift_input
+            or cls.threshold is not Binarizer.threshold):
+        return None
+    owner = next(k for k in cls.__mro__ if "input_sign" in vars(k))
+    return vars(owner).get("input_sign_mode")
+
+
+def clipped_sign(x: torch.Tensor, layer) -> torch.Tensor:
+    """Return sign(hardtanh(x)) = sign(x) with the layer's input-sign gradient times Hardtanh(-1, 1)'s: a
+    Hardtanh in front of the layer fused into the sign (swap.fuse_hardtanh; plain_input_mode methods only)."""
+    mode = plain_input_mode(type(layer.binarizer))
+    return binary_sign(x, mode, layer_tk(layer, x.device) if mode == "ede" else None, clip=True)

@@ -69,6 +69,7 @@ class EDE:
     """EDE as a method part: both signs get k * t * (1 - tanh^2(t x)), with the layer's t and k."""
 
     weight_sign_mode = "ede"  # the fused sign's mode that weight_sign runs (see LibraPB.weight)
+    input_sign_mode = "ede"  # and input_sign (see base.plain_input_mode)
 
     def weight_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
         return ede_sign(x, layer_tk(layer))

@@ -100,3 +100,8 @@ def _fused_mode(cls) -> "str | None":
         return None
     owner = next(k for k in cls.__mro__ if "weight_sign" in vars(k))
     return vars(owner).get("weight_sign_mode")
+
+
+def signs_times_scale(cls: type) -> bool:
+    """True if `cls`'s weight is Libra-PB's fused op, s * (+-1) per output channel by construction."""
+    return cls.weight is LibraPB.weight and _fused_mode(cls) is not None

@@ -51,16 +51,32 @@ def _setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mu, r, s)
 
 
+# the backward runs over blocks of output channels of about this many weights: every step is per channel,
+# and its weight-sized temporaries (w_hat, g, g_hat, products) are then block-sized, the peak of a backward
+_BLOCK = 1 << 17
+
+
 def _backward(ctx, grad_q, *_):
     w, tk, mu, r, s = ctx.saved_tensors
-    flat = w.reshape(w.shape[0], -1).float()
-    w_hat = (flat - mu) * r  # libra.balance's ops: the same w_hat, bit for bit
-    g = grad_q.reshape(flat.shape).float() * s[:, None]
-    g_hat = binary_sign_grad(g, w_hat, tk, ctx.mode)
+    flat, g_q = w.reshape(w.shape[0], -1), grad_q.reshape(w.shape[0], -1)
+    grad_w = torch.empty(flat.shape, dtype=torch.float32, device=w.device)
+    rows = max(1, _BLOCK // max(flat.shape[1], 1))
+    for i in range(0, flat.shape[0], rows):
+        b = slice(i, i + rows)
+        _block_grad(flat[b].float(), g_q[b].float(), mu[b], r[b], s[b], tk, ctx.mode, grad_w[b])
+    return grad_w.reshape(w.shape).to(w.dtype), None, None
+
+
+def _block_grad(flat, g_q, mu, r, s, tk, mode: str, out: torch.Tensor) -> None:
+    """Write dL/dw of a block of output channels into `out` (the chain rule of the module docstring)."""
+    w_hat = (flat - mu).mul_(r)  # libra.balance's ops: the same w_hat, bit for bit
+    g = g_q * s[:, None]
+    g_hat = binary_sign_grad(g, w_hat, tk, mode)
+    del g
     n = flat.shape[1]
     dot = (g_hat * w_hat).sum(dim=1, keepdim=True) / max(n - 1, 1)
-    grad_w = r * (g_hat - g_hat.mean(dim=1, keepdim=True) - w_hat * dot)
-    return grad_w.reshape(w.shape).to(w.dtype), None, None
+    # r * (g_hat - mean(g_hat) - w_hat * dot): the same ops in the same order, in place
+    torch.mul(g_hat.sub_(g_hat.mean(dim=1, keepdim=True)).sub_(w_hat.mul_(dot)), r, out=out)
 
 
 libra_pb_op.register_autograd(_backward, setup_context=_setup)

@@ -67,6 +67,8 @@ class TrainedScale:
     def scale(self, w_hat: torch.Tensor, layer) -> torch.Tensor:
         return channel_scale(layer).reshape((-1,) + (1,) * (w_hat.dim() - 1))
 
+    input_sign_mode = "approx"  # the fused sign's mode of input_sign (see base.plain_input_mode)
+
     def input_sign(self, x: torch.Tensor, layer) -> torch.Tensor:
         return approx_sign(x)
 
