@@ -1,0 +1,158 @@
+"""The embedded architecture (embed.py): a user-defined model saved with save_packed(..., embed=True)
+reloads in a process that never saw its class, bit for bit; the .pt2 is read without unpickling."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import irconvert
+from irconvert.embed import _plain_expression, arch_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SmallNet(nn.Module):
+    """conv-bn-relu-conv-bn-relu-pool-linear, defined here and registered nowhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.conv3, self.bn3 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _trained(**policy) -> nn.Module:
+    """SmallNet binarized, its BatchNorm statistics and weights moved off their initial values."""
+    torch.manual_seed(0)
+    net = irconvert.binarize(SmallNet(), calibrate=torch.randn(8, 3, 16, 16), **policy)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 3, 16, 16))
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(folder, the trained binary model, input, its outputs) with packed.safetensors embedding the architecture."""
+    folder = tmp_path_factory.mktemp("embed")
+    net = _trained(shortcut="gated")
+    irconvert.save_packed(net, folder / "packed.safetensors", embed=torch.randn(2, 3, 16, 16))
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.save(x, folder / "x.pt")
+    with torch.no_grad():
+        y = net(x)
+    return folder, net, x, y
+
+
+_CHILD = """
+import sys, torch, irconvert
+folder = sys.argv[1]
+x = torch.load(folder + "/x.pt", weights_only=True)
+net = irconvert.runtime.load(folder + "/packed.safetensors") if sys.argv[2] == "runtime" else \\
+    irconvert.load_packed(folder + "/packed.safetensors")
+with torch.no_grad():
+    torch.save({"y": net(x), "layers": dict(getattr(net, "irconvert_runtime", {}))}, folder + "/y.pt")
+"""
+
+
+def _child(folder: Path, how: str) -> dict:
+    """Load and run the packed file in a fresh interpreter that never defines SmallNet."""
+    run = subprocess.run([sys.executable, "-c", _CHILD, str(folder), how], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return torch.load(folder / "y.pt", weights_only=True)
+
+
+def test_files_beside_each_other_weight_free(saved):
+    folder, net, _, _ = saved
+    meta = irconvert.fileformat.read(folder / "packed.safetensors", "irconvert-packed/2")[1]
+    entry = json.loads(meta["architecture"])
+    assert entry["file"] == "packed.arch.pt2" == arch_path(folder / "packed.safetensors").name
+    binary = {n for n, lp in net.irconvert_plan.layers.items() if lp.mode}
+    assert binary and set(entry["modules"]) == binary | {norm for _, norm in net.irconvert_plan.shortcuts}
+    with zipfile.ZipFile(folder / entry["file"]) as z:
+        weights = [i for i in z.infolist() if "/data/weights/weight_" in i.filename]
+        assert weights and all(i.file_size == 0 for i in weights)  # the packed file holds every weight
+
+
+def test_fresh_process_reproduces_the_trained_binary_model(saved):
+    folder, _, _, y = saved
+    assert torch.equal(_child(folder, "packed")["y"], y)
+
+
+def test_fresh_process_runtime_is_bit_identical(saved):
+    folder, _, _, y = saved
+    out = _child(folder, "runtime")
+    assert torch.equal(out["y"], y)
+    assert "bitwise" in out["layers"].values()  # the bitwise kernels ran the W1A1 convs
+
+
+def test_other_batch_sizes_run(saved):
+    folder, net, _, _ = saved
+    loaded = irconvert.load_packed(folder / "packed.safetensors")
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+
+def test_missing_architecture_file(saved, tmp_path):
+    folder = saved[0]
+    (tmp_path / "packed.safetensors").write_bytes((folder / "packed.safetensors").read_bytes())
+    with pytest.raises(irconvert.IRConvertError, match=r"packed\.arch\.pt2: file not found.*model="):
+        irconvert.load_packed(tmp_path / "packed.safetensors")
+
+
+def test_corrupt_architecture_file_is_exit_2(saved, tmp_path):
+    folder = saved[0]
+    (tmp_path / "packed.safetensors").write_bytes((folder / "packed.safetensors").read_bytes())
+    data = bytearray((folder / "packed.arch.pt2").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "packed.arch.pt2").write_bytes(bytes(data))
+    with pytest.raises(irconvert.IRConvertError, match="does not match packed.safetensors"):
+        irconvert.load_packed(tmp_path / "packed.safetensors")
+    run = subprocess.run([sys.executable, "-m", "irconvert", "verify", str(tmp_path / "packed.safetensors")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "does not match" in run.stderr
+
+
+def test_without_embedding_the_old_message_stays(tmp_path):
+    net = _trained()
+    with pytest.raises(irconvert.IRConvertError, match=r"no registered name.*model=MyNet\(\)"):
+        irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
+    assert not (tmp_path / "p.arch.pt2").exists()
+
+
+def test_a_users_file_in_the_way_is_not_overwritten(tmp_path):
+    (tmp_path / "p.arch.pt2").write_text("mine")
+    with pytest.raises(irconvert.IRConvertError, match="not an irconvert architecture file"):
+        irconvert.save_packed(_trained(), tmp_path / "p.safetensors", embed=True)
+    assert (tmp_path / "p.arch.pt2").read_text() == "mine"
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("Symbol('s77', positive=True, integer=True)", True),
+    ("2*s0 + FloorDiv(s1, 2)", True),
+    ("__import__('os').system('true')", False),
+    ("Symbol('s0').__class__", False),
+    ("open('x')", False),
+    ("Symbol('__class__')", False),
+])
+def test_shape_expressions_are_checked_before_sympy_sees_them(text, ok):
+    assert _plain_expression(text) is ok
