@@ -121,7 +121,9 @@ def _plain_copy(model: nn.Module, points: dict[str, dict[str, Any]]) -> nn.Modul
 
 def export_architecture(model: nn.Module, path: Path, example: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Write the weight-free ExportedProgram of binarized `model`'s architecture to `path` (atomically) and
-    return the packed file's 'architecture' entry: file name, SHA-256 and the swap points' configs."""
+    return the packed file's 'architecture' entry: file name, SHA-256, the swap points' configs and the
+    input size it was exported at (batch dimension dynamic; `example` defaults to random input of the
+    model's input size)."""
     points = swap_points(model)
     if example is None:
         size = getattr(model, "irconvert_input_size", None) or default_input_size(model)
@@ -141,7 +143,8 @@ def export_architecture(model: nn.Module, path: Path, example: Optional[torch.Te
                              "save the packed file under another name")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.export.save(ep, f, extra_files={_MARKER: json.dumps({"irconvert_version": __version__})})
-    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "modules": points}
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "modules": points,
+            "input_size": list(example.shape[1:])}
 
 
 def _strip(ep) -> None:

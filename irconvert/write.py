@@ -52,7 +52,11 @@ def save_packed(model: nn.Module, path: os.PathLike | str, recipe_hash: Optional
                 word_bits=str(WORD_BITS), bit_order="lsb-first", bit_one="-1", fan_in_order="OHWI")
     if embed is not False:
         example = embed if isinstance(embed, torch.Tensor) else None
-        meta["architecture"] = json.dumps(export_architecture(model, arch_path(path), example))
+        entry = export_architecture(model, arch_path(path), example)
+        meta["architecture"] = json.dumps(entry)
+        if not json.loads(meta["input_size"]) and len(entry["input_size"]) == 3:
+            # the architecture was exported at this (C, H, W): verify and summary run the reload on it
+            meta["input_size"] = json.dumps(entry["input_size"])
     return _save(_unshare({k: v.cpu() for k, v in tensors.items()}), meta, path)
 
 

@@ -103,6 +103,7 @@ def test_files_beside_each_other_weight_free(saved):
     assert entry["file"] == "packed.arch.pt2" == arch_path(folder / "packed.safetensors").name
     binary = {n for n, lp in net.irconvert_plan.layers.items() if lp.mode}
     assert binary and set(entry["modules"]) == binary | {norm for _, norm in net.irconvert_plan.shortcuts}
+    assert json.loads(meta["input_size"]) == entry["input_size"] == [3, 16, 16]  # the example's (C, H, W)
     with zipfile.ZipFile(folder / entry["file"]) as z:
         weights = [i for i in z.infolist() if "/data/weights/weight_" in i.filename]
         assert weights and all(i.file_size == 0 for i in weights)  # the packed file holds every weight
@@ -147,6 +148,11 @@ def test_corrupt_architecture_file_is_exit_2(saved, tmp_path, capsys):
         irconvert.load_packed(tmp_path / "packed.safetensors")
     code, _, err = cli(capsys, "verify", tmp_path / "packed.safetensors")
     assert code == 2 and "does not match" in err
+
+
+def test_verify_runs_on_the_embedded_architecture(saved, capsys):
+    code, out, err = cli(capsys, "verify", saved[0] / "packed.safetensors")
+    assert code == 0, err
 
 
 def test_without_embedding_the_old_message_stays(tmp_path):
