@@ -112,8 +112,8 @@ def swap_points(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def _plain_copy(model: nn.Module, points: dict[str, dict[str, Any]]) -> nn.Module:
-    """Return an eval-mode copy of `model` with every swap point a plain module of its config."""
-    skeleton = copy.deepcopy(model)
+    """Return an eval-mode CPU copy of `model` with every swap point a plain module of its config."""
+    skeleton = copy.deepcopy(model).cpu()  # the file is device-free; load_packed builds on the CPU
     for name, config in points.items():
         _replace(skeleton, name, build(config))
     return skeleton.eval()
@@ -132,7 +132,7 @@ def export_architecture(model: nn.Module, path: Path, example: Optional[torch.Te
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(_plain_copy(model, points), (example,), dynamic_shapes=({0: batch},),
+            ep = torch.export.export(_plain_copy(model, points), (example.cpu(),), dynamic_shapes=({0: batch},),
                                      preserve_module_call_signature=tuple(points), strict=False)
     except Exception as exc:
         raise IRConvertError(f"embed: torch.export cannot export this model ({type(exc).__name__}: "

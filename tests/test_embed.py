@@ -179,3 +179,41 @@ def test_a_users_file_in_the_way_is_not_overwritten(tmp_path):
 ])
 def test_shape_expressions_are_checked_before_sympy_sees_them(text, ok):
     assert _plain_expression(text) is ok
+
+
+def _doctored(src: Path, dst: Path, member: str, change) -> Path:
+    """Copy .pt2 archive `src` to `dst` with the JSON member ending in `member` changed by `change`."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith(member):
+                doc = json.loads(data)
+                change(doc)
+                data = json.dumps(doc).encode()
+            zout.writestr(info, data)
+    return dst
+
+
+def _pickled(doc):
+    next(iter(doc["config"].values()))["use_pickle"] = True
+
+
+def _eval_target(doc):
+    doc["graph_module"]["graph"]["nodes"][0]["target"] = "builtins.eval"
+
+
+def _guards(doc):
+    doc["guards_code"] = ["__import__('os').system('true')"]
+
+
+@pytest.mark.parametrize("member, change, message", [
+    ("data/weights/model_weights_config.json", _pickled, "pickled weight"),
+    ("models/model.json", _eval_target, "'builtins.eval', not an aten operator"),
+    ("models/model.json", _guards, "guard code"),
+])
+def test_archives_that_would_run_code_are_refused(saved, tmp_path, member, change, message):
+    from irconvert.embed import _read_program
+
+    bad = _doctored(saved[0] / "packed.arch.pt2", tmp_path / "bad.arch.pt2", member, change)
+    with pytest.raises(irconvert.IRConvertError, match=message):
+        _read_program(bad)
