@@ -1,7 +1,8 @@
 """Stage 8, verify: rebuild a model from a written file and check it reproduces the trained one.
 
 `load_packed(path)` rebuilds from packed.safetensors alone: the architecture from the metadata
-(model name, source, kwargs), the binary layers from the stored plan, their weights s * B from the
+(model name, source, kwargs), or for a user model saved with embed=True from the NAME.arch.pt2 beside it
+(embed.py), the binary layers from the stored plan, their weights s * B from the
 packed bits, scales and input thresholds (frozen: the layer uses them as they are). `load(path)` rebuilds the
 latent, trainable model from model.safetensors. Both give the trained model's eval outputs.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .attention import prepare_attention
+from .embed import load_architecture
 from .errors import IRConvertError
 from .fileformat import LATENT_FORMAT, PACKED_FORMAT, read
 from .layer_summary import default_input_size, summary
@@ -42,10 +44,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
     except (KeyError, ValueError) as exc:
         raise IRConvertError(f"{path}: metadata is incomplete or invalid ({exc}); export it again") from None
     if model is None:
-        if not origin:
-            raise IRConvertError(f"{path}: made from a user model with no registered name; "
-                                 "pass the unconverted architecture: load_packed(path, model=MyNet())")
-        model = from_origin(origin)
+        model = _architecture(meta, path, origin)
     elif any(isinstance(m, BinaryMixin) for m in model.modules()):
         raise IRConvertError("load: pass the unconverted architecture as model=, not a binarized one")
     try:
@@ -57,6 +56,20 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts))
     except AttributeError as exc:
         raise IRConvertError(f"{path}: its layers do not fit this architecture ({exc})") from None
+
+
+def _architecture(meta: dict[str, str], path, origin: Optional[dict]) -> nn.Module:
+    """Return the architecture a file names (its origin) or embeds (NAME.arch.pt2 beside it)."""
+    if origin:
+        return from_origin(origin)
+    if meta.get("architecture"):
+        try:
+            entry = json.loads(meta["architecture"])
+        except ValueError:
+            raise IRConvertError(f"{path}: metadata 'architecture' is not valid JSON; export it again") from None
+        return load_architecture(entry, Path(path))
+    raise IRConvertError(f"{path}: made from a user model with no registered name; pass the unconverted "
+                         "architecture: load_packed(path, model=MyNet()), or save with save_packed(..., embed=True)")
 
 
 def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:

@@ -2,6 +2,7 @@
 
     model.safetensors   the latent full-precision weights (to continue training), format "irconvert-latent/1"
     packed.safetensors  the deployment file (layout in pack.py), format "irconvert-packed/2"
+    packed.arch.pt2     with save_packed(..., embed=True) only: a user model's architecture (embed.py)
 
 Both carry JSON metadata to rebuild the model without the training code's state: the model's name,
 source and constructor kwargs, the binarization policy, the per-layer plan and gains, the Hardtanh swaps, the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from torch import nn
 from .fileformat import (  # noqa: F401  (atomic_path, write_text, read: re-exported for callers of write)
     LATENT_FORMAT, PACKED_FORMAT, WORD_BITS, atomic_path, describe, read, tensor_digest, write_text,
 )
+from .embed import arch_path, export_architecture
 from .pack import packed_state
 
 
@@ -40,12 +42,22 @@ def save_latent(model: nn.Module, path: os.PathLike | str, recipe_hash: Optional
     return _save(_unshare(tensors), meta, Path(path))
 
 
-def save_packed(model: nn.Module, path: os.PathLike | str, recipe_hash: Optional[str] = None) -> Path:
-    """Write packed.safetensors: 1-bit packed binary weights, everything else as trained."""
+def save_packed(model: nn.Module, path: os.PathLike | str, recipe_hash: Optional[str] = None,
+                embed: Union[bool, torch.Tensor] = False) -> Path:
+    """Write packed.safetensors: 1-bit packed binary weights, everything else as trained; with `embed`
+    (True, or an example input batch) also the architecture as NAME.arch.pt2 beside it (embed.py)."""
+    path = Path(path)
     tensors, layers = packed_state(model)
     meta = dict(describe(model, recipe_hash), format=PACKED_FORMAT, layers=json.dumps(layers),
                 word_bits=str(WORD_BITS), bit_order="lsb-first", bit_one="-1", fan_in_order="OHWI")
-    return _save(_unshare({k: v.cpu() for k, v in tensors.items()}), meta, Path(path))
+    if embed is not False:
+        example = embed if isinstance(embed, torch.Tensor) else None
+        entry = export_architecture(model, arch_path(path), example)
+        meta["architecture"] = json.dumps(entry)
+        if not json.loads(meta["input_size"]) and len(entry["input_size"]) == 3:
+            # the architecture was exported at this (C, H, W): verify and summary run the reload on it
+            meta["input_size"] = json.dumps(entry["input_size"])
+    return _save(_unshare({k: v.cpu() for k, v in tensors.items()}), meta, path)
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

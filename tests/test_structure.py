@@ -19,7 +19,7 @@ ORDER = [
     "origin", "models",  # load
     "analyze", "plan", "calibrate", "recipe", "data",
     "layer_summary", "swap", "distributed", "distill",
-    "train", "pack", "write", "verify",
+    "train", "pack", "embed", "write", "verify",
     "runtime",  # bitwise inference on a verified model (its own modules import one another freely)
     "runfolder", "run", "batch", "commands", "cli",
 ]
