@@ -84,6 +84,9 @@ VARIANTS = [  # (name, mode, overrides)
     ("IR-Net + KD + FP downsample", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
                                              'binarize.patterns={"*.downsample.0": keep}']),
     ("IR-Net + KD, two-stage", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true"]),  # see halves()
+    ("IR-Net + KD + RSign", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true", "binarize.rsign=true"]),
+    ("IR-Net + KD + RSign + RPReLU", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
+                                              "binarize.rsign=true", "binarize.activation=rprelu"]),
 ]
 TWO_STAGE = "IR-Net + KD, two-stage"
 
