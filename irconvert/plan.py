@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 from .analyze import Analysis, LayerFacts
 from .errors import IRConvertError
-from .methods import get_method, method_spec
+from .methods import Binarizer, get_method, method_spec
 from .methods.react import with_rsign
 
 Decision = Literal["keep", "binary", "W1A1", "W1A32"]
@@ -95,6 +95,9 @@ class Policy(BaseModel):
 
     @model_validator(mode="after")
     def _rsign_fits(self):
+        if self.activation == "rprelu" and self.hardtanh is False:
+            raise ValueError("activation rprelu replaces the ReLUs that hardtanh: false keeps; "
+                             "leave hardtanh unset, or set activation: hardtanh")
         if self.rsign:
             with_rsign(type(get_method(self.method)))  # ValueError naming the method if it has its own shift
         return self
@@ -110,7 +113,7 @@ class Policy(BaseModel):
                     raise ValueError(f"pattern {p!r} is not a valid regex ({e})") from None
         return v
 
-    def binarizer(self):
+    def binarizer(self) -> Binarizer:
         """Return the method instance the binary layers use: `method`, with RSign in front of it if `rsign`."""
         method = get_method(self.method)
         return with_rsign(type(method))() if self.rsign else method

@@ -40,7 +40,7 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         hardtanh = tuple(json.loads(meta["hardtanh"]))
         shortcuts = tuple(tuple(p) for p in json.loads(meta.get("shortcuts") or "[]"))
         rprelu = {n: tuple(int(v) for v in s) for n, s in json.loads(meta.get("rprelu") or "{}").items()}
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise IRConvertError(f"{path}: metadata is incomplete or invalid ({exc}); export it again") from None
     if model is None:
         if not origin:

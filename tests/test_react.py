@@ -109,10 +109,11 @@ def test_rprelu_forward_and_gradients_by_hand():
 @pytest.mark.parametrize("item, message", [
     ("binarize.activation=prelu", "binarize.activation: Input should be 'hardtanh' or 'rprelu' (got 'prelu')"),
     ("binarize.rsign=maybe", "binarize.rsign: Input should be a valid boolean"),
+    ("binarize.hardtanh=false", "activation rprelu replaces the ReLUs that hardtanh: false keeps"),
 ])
 def test_bad_recipe_value_is_one_line_naming_the_field(item, message):
     with pytest.raises(IRConvertError) as err:
-        load_recipe(RECIPES / "quickstart.yaml", [item])
+        load_recipe(RECIPES / "quickstart.yaml", ["binarize.activation=rprelu", item])
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
