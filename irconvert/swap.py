@@ -14,8 +14,8 @@ from torch import nn
 from .analyze import analyze
 from .attention import prepare_attention
 from .calibrate import Batch
-from .errors import IRConvertError
 from .calibrate import calibrate as fix_one_signed
+from .errors import IRConvertError
 from .layers import BinaryMixin, binary_layers, make_binary, method_penalty, set_ede  # noqa: F401  (public here)
 from .methods.react import RPReLU, rprelu_shapes
 from .origin import infer_origin
@@ -32,13 +32,12 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
             make_binary(model.get_submodule(name), method, lp.mode, lp.gain, lp.grad_scale)
     for conv, norm in the_plan.shortcuts:
         add_shortcut(model.get_submodule(conv), model.get_submodule(norm), the_plan.policy.shortcut == "gated")
-    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    like = next((p for p in model.parameters() if p.is_floating_point()), torch.empty(0))
     for name in the_plan.hardtanh:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         shape = the_plan.rprelu.get(name)
-        act = nn.Hardtanh(-1.0, 1.0) if shape is None else RPReLU(
-            shape, like.dtype if like is not None else None, like.device if like is not None else None)
+        act = nn.Hardtanh(-1.0, 1.0) if shape is None else RPReLU(shape, like.dtype, like.device)
         setattr(parent, child, act)
     model.irconvert_plan = the_plan
     return model
