@@ -83,6 +83,9 @@ VARIANTS = [  # (name, mode, overrides)
                                                 "train.bn_reestimate=100"]),
     ("IR-Net + KD + linear lr", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true", "train.scheduler=linear"]),
     ("IR-Net + KD, two-stage", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true"]),  # see halves()
+    ("IR-Net + KD + RSign", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true", "binarize.rsign=true"]),
+    ("IR-Net + KD + RSign + RPReLU", "W1A1", ["binarize.method=irnet", "train.distill.enabled=true",
+                                              "binarize.rsign=true", "binarize.activation=rprelu"]),
 ]
 TWO_STAGE = "IR-Net + KD, two-stage"
 # What the full benchmark runs unless --variants names others: the ablation, the recipe's default

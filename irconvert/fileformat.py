@@ -4,7 +4,8 @@ atomic file writes every stage uses. Below both, so that reading a file needs no
     model.safetensors   latent weights, format "irconvert-latent/1"
     packed.safetensors  deployment file, format "irconvert-packed/2" (layout in pack.py; /1 still reads)
 
-Metadata (JSON strings): model origin, policy, per-layer plan and gains, Hardtanh swaps, shortcuts,
+Metadata (JSON strings): model origin, policy, per-layer plan and gains, Hardtanh swaps (and RPReLU's
+parameter shapes where the policy puts RPReLU in their place), shortcuts,
 irconvert version, recipe hash, input size, and sha256 = SHA-256 over (name, dtype, shape, bytes)
 of every tensor in name order, so that an edited file is caught.
 """
@@ -85,6 +86,7 @@ def describe(model: nn.Module, recipe_hash: Optional[str] = None) -> dict[str, s
         "gain": json.dumps({n: p.gain for n, p in the_plan.layers.items() if p.gain}),
         "grad_scale": json.dumps({n: p.grad_scale for n, p in the_plan.layers.items() if p.grad_scale != 1.0}),
         "hardtanh": json.dumps(list(the_plan.hardtanh)),
+        "rprelu": json.dumps({n: list(s) for n, s in the_plan.rprelu.items()}),
         "shortcuts": json.dumps([list(p) for p in the_plan.shortcuts]),
         "recipe_hash": recipe_hash or "",
         "input_size": json.dumps(list(getattr(model, "irconvert_input_size", None) or [])),

@@ -10,14 +10,15 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     import torch
 
 from .analyze import Analysis, LayerFacts
 from .errors import IRConvertError
-from .methods import get_method, method_spec
+from .methods import Binarizer, get_method, method_spec
+from .methods.react import with_rsign
 
 Decision = Literal["keep", "binary", "W1A1", "W1A32"]
 
@@ -53,6 +54,12 @@ class Policy(BaseModel):
     `shortcut` adds a Bi-Real shortcut around every W1A1 conv followed by a BatchNorm, where the
     shapes allow (see shortcut.py); `gated` multiplies each shortcut by a learned per-channel factor
     that starts at 0, so a converted pretrained model starts unchanged.
+    `rsign` puts ReActNet's RSign on the input of every W1A1 layer, B_a = sign(a - alpha) with a
+    learned per-channel threshold alpha starting at 0, in front of any method without an input
+    shift of its own (methods/react.py). `activation` is what replaces those ReLUs: "hardtanh", or
+    "rprelu", ReActNet's RPReLU with learned per-channel gamma, beta, zeta (sized on one forward
+    pass at conversion; a ReLU reached only through sums or products, which calibration replaces,
+    gets Hardtanh either way).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -69,6 +76,8 @@ class Policy(BaseModel):
     hardtanh: Optional[bool] = None
     keep_magnitude: bool = True
     shortcut: Union[bool, Literal["gated"]] = False
+    rsign: bool = False
+    activation: Literal["hardtanh", "rprelu"] = "hardtanh"
 
     @field_validator("method", mode="before")
     @classmethod
@@ -84,6 +93,15 @@ class Policy(BaseModel):
                              "make a subclass that sets what differs, and register it")
         return spec
 
+    @model_validator(mode="after")
+    def _rsign_fits(self):
+        if self.activation == "rprelu" and self.hardtanh is False:
+            raise ValueError("activation rprelu replaces the ReLUs that hardtanh: false keeps; "
+                             "leave hardtanh unset, or set activation: hardtanh")
+        if self.rsign:
+            with_rsign(type(get_method(self.method)))  # ValueError naming the method if it has its own shift
+        return self
+
     @field_validator("patterns")
     @classmethod
     def _valid_patterns(cls, v: dict) -> dict:
@@ -94,6 +112,11 @@ class Policy(BaseModel):
                 except re.error as e:
                     raise ValueError(f"pattern {p!r} is not a valid regex ({e})") from None
         return v
+
+    def binarizer(self) -> Binarizer:
+        """Return the method instance the binary layers use: `method`, with RSign in front of it if `rsign`."""
+        method = get_method(self.method)
+        return with_rsign(type(method))() if self.rsign else method
 
     @property
     def replace_relu(self) -> bool:
@@ -123,6 +146,8 @@ class Plan:
     shortcuts: tuple[tuple[str, str], ...] = ()  # (binary conv, the BatchNorm after it)
     live: dict[str, float] = field(default_factory=dict)  # W1A1 layer -> share of +1 input bits (calibrate.py)
     fused: tuple[str, ...] = ()  # Hardtanh modules of `hardtanh` fused into their W1A1 readers' sign (training only)
+    # activation (of `hardtanh`) -> the shape of its RPReLU parameters (Policy.activation "rprelu"); others: Hardtanh
+    rprelu: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def binary(self) -> list[str]:

@@ -1,5 +1,5 @@
-"""Stage 4, swap: carry out a Plan on a model (binary layers in place, Hardtanh for ReLUs), and fuse into
-the sign each Hardtanh that only W1A1 layers read (training memory; see `fuse_hardtanh`)."""
+"""Stage 4, swap: carry out a Plan on a model (binary layers in place, Hardtanh or RPReLU for ReLUs), and fuse
+into the sign each Hardtanh that only W1A1 layers read (training memory; see `fuse_hardtanh`)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from .analyze import analyze
 from .attention import prepare_attention
 from .calibrate import Batch
 from .calibrate import calibrate as fix_one_signed
+from .errors import IRConvertError
 from .fused.hardtanh import HardtanhKeepingOutput
 from .graph import trace
 from .layers import BinaryMixin, binary_layers, make_binary, method_penalty, set_ede  # noqa: F401  (public here)
-from .methods import get_method
 from .methods.base import plain_input_mode
+from .methods.react import RPReLU, rprelu_shapes
 from .origin import infer_origin
 from .plan import Plan, Policy, plan
 from .shortcut import add_shortcut
@@ -30,16 +31,19 @@ from .shortcut import add_shortcut
 def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
     """Make the planned layers binary and replace the planned activations, in place; return model."""
     prepare_attention(model)  # the plan names nn.MultiheadAttention's projections as layers
-    method = get_method(the_plan.policy.method)
+    method = the_plan.policy.binarizer()
     for name, lp in the_plan.layers.items():
         if lp.mode is not None:
             make_binary(model.get_submodule(name), method, lp.mode, lp.gain, lp.grad_scale)
     for conv, norm in the_plan.shortcuts:
         add_shortcut(model.get_submodule(conv), model.get_submodule(norm), the_plan.policy.shortcut == "gated")
+    like = next((p for p in model.parameters() if p.is_floating_point()), torch.empty(0))
     for name in the_plan.hardtanh:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Hardtanh(-1.0, 1.0))
+        shape = the_plan.rprelu.get(name)
+        act = nn.Hardtanh(-1.0, 1.0) if shape is None else RPReLU(shape, like.dtype, like.device)
+        setattr(parent, child, act)
     model.irconvert_plan = the_plan
     return model
 
@@ -129,6 +133,8 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     prepare_attention(model)
     analysis = analyze(model)
     the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
+    if policy.activation == "rprelu" and the_plan.hardtanh:
+        the_plan = _size_rprelu(model, analysis, the_plan, calibrate)
     for w in the_plan.warnings:
         warnings.warn(w, stacklevel=2)
     swap(model, the_plan)
@@ -139,6 +145,39 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     # after calibration: it measures the Hardtanh's output, and may make a reader W1A32
     fuse_hardtanh(model, model.irconvert_plan)
     return model
+
+
+def _probe_args(model: nn.Module, calibrate) -> tuple[torch.Tensor, ...]:
+    """The forward's arguments of the calibration batch, or random normal input at the model's input size."""
+    if isinstance(calibrate, torch.Tensor):
+        return (calibrate,)
+    if calibrate is not None and calibrate is not True and calibrate is not False:
+        return tuple(calibrate)
+    from .layer_summary import default_input_size
+
+    return (torch.randn((2,) + tuple(default_input_size(model)), generator=torch.Generator().manual_seed(0)),)
+
+
+def _size_rprelu(model: nn.Module, analysis, the_plan: Plan, calibrate) -> Plan:
+    """Return `the_plan` with the RPReLU parameter shape of each activation it replaces, measured on one forward."""
+    kinds: dict[str, set] = {}
+    for name, lp in the_plan.layers.items():
+        for f in analysis.layers[name].feeders if lp.mode == "W1A1" else ():
+            kinds.setdefault(f, set()).add(analysis.layers[name].kind)
+    channels_last = {f for f, k in kinds.items() if k == {"linear"}}
+    args = _probe_args(model, calibrate)
+    try:
+        shapes, shared = rprelu_shapes(model, the_plan.hardtanh, channels_last, args)
+    except Exception as exc:  # the model wants other input: say how to give it
+        raise IRConvertError(f"binarize.activation: rprelu sizes its per-channel parameters on one forward pass, "
+                             f"which failed on input of shape {tuple(args[0].shape)} ({type(exc).__name__}); "
+                             "pass binarize(..., calibrate=batch) with the model's input") from None
+    notes = list(the_plan.warnings)
+    if shared:
+        notes.append(f"activation rprelu: {len(shared)} activation(s) run on inputs of different channel counts "
+                     f"(a shared module) get one value for all channels: {', '.join(shared[:5])}"
+                     + (" ..." if len(shared) > 5 else ""))
+    return dataclasses.replace(the_plan, rprelu=shapes, warnings=tuple(notes))
 
 
 def _calibrate(model: nn.Module, analysis, calibrate) -> tuple[Plan, list[str]]:

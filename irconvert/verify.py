@@ -41,7 +41,8 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         scales = json.loads(meta.get("grad_scale") or "{}")  # absent before calibration existed
         hardtanh = tuple(json.loads(meta["hardtanh"]))
         shortcuts = tuple(tuple(p) for p in json.loads(meta.get("shortcuts") or "[]"))
-    except (KeyError, ValueError) as exc:
+        rprelu = {n: tuple(int(v) for v in s) for n, s in json.loads(meta.get("rprelu") or "{}").items()}
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise IRConvertError(f"{path}: metadata is incomplete or invalid ({exc}); export it again") from None
     if model is None:
         model = _architecture(meta, path, origin)
@@ -53,7 +54,8 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
         prepare_attention(model)  # nn.MultiheadAttention's projections are layers of the plan
         for n in layers:
             model.get_submodule(n)
-        return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts))
+        return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts,
+                                rprelu=rprelu))
     except AttributeError as exc:
         raise IRConvertError(f"{path}: its layers do not fit this architecture ({exc})") from None
 

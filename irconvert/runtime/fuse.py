@@ -43,6 +43,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import BinaryMixin
+from ..methods.react import RPReLU
 from .layers import (AffineMaxPool2d, BitwiseConv2d, BitwiseLinear, ChannelsLastMaxPool2d, FusedConv2d,
                      PackSigns)
 
@@ -67,7 +68,8 @@ except ImportError:  # pragma: no cover - timm is a dependency, but the runtime 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
-        return (isinstance(m, (BinaryMixin, BitwiseConv2d, BitwiseLinear))
+        # ReActNet's RPReLU stays one float module op: the chain stops at it by name (not at its `sub`)
+        return (isinstance(m, (BinaryMixin, BitwiseConv2d, BitwiseLinear, RPReLU))
                 or (BatchNormAct2d is not None and type(m) is BatchNormAct2d) or super().is_leaf_module(m, name))
 
 
