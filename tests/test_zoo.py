@@ -227,3 +227,13 @@ def test_user_model_has_no_origin_and_says_so(tmp_path):
     assert net.irconvert_origin is None
     with pytest.raises(irconvert.IRConvertError, match="model=MyNet"):
         irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors"))
+
+
+def test_a_model_that_does_not_learn_names_its_small_head_retry():
+    from bench.zoo_check import _record, criteria_failure
+
+    rec = dict(_record("m", "timm"), live_min=0.4, grad_ratio=0.1, loss_drop=-0.21, loss_drop_small_head=0.41)
+    assert criteria_failure(rec) == ("20 AdamW steps lowered the loss by -21.0% (< 10%); "
+                                     "with the classifier from N(0, 0.01): 41.0%")
+    assert criteria_failure(dict(rec, loss_drop_small_head=None)).endswith("(< 10%)")
+    assert criteria_failure(dict(rec, loss_drop=0.3)) is None
