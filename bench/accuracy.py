@@ -140,8 +140,9 @@ def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Pa
     over = binary + extra + ["teacher.finetune=null", "model.pretrained=false", "output.plot=false",
                              "output.checkpoint=false", "output.export=false", f"train.device={device}"]
     t0 = time.time()
+    # overwrite: the folder is the benchmark's own, and one without a result file is an interrupted run
     report = run("resnet18", RECIPE, out=out, weights=str(fp_file), overrides=tuple(over), seed=seed,
-                     log=lambda *a: None)
+                 overwrite=True, log=lambda *a: None)
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"top1": report["binary"]["top1"], "curve": curve, "minutes": (time.time() - t0) / 60}
 
