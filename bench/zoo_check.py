@@ -200,8 +200,11 @@ def small_head_drop(spec: str, x, labels) -> float | None:
         head.weight.normal_(0, 0.01)
         if head.bias is not None:
             head.bias.zero_()
-    net = irconvert.binarize(model, inplace=True, calibrate=x)
-    first, last = loss_drop(net, x, labels)
+    return relative_drop(*loss_drop(irconvert.binarize(model, inplace=True, calibrate=x), x, labels))
+
+
+def relative_drop(first: float, last: float) -> float:
+    """Return 1 - last / first, rounded (0 for a loss that starts at 0)."""
     return round(1 - last / first, 4) if first > 0 else 0.0
 
 
@@ -245,7 +248,7 @@ def check_model(spec: str, report=lambda stage: None) -> dict:
             stage = "learn"
             report(stage)
             rec["loss_first"], rec["loss_last"] = loss_drop(net, x, labels)
-            rec["loss_drop"] = round(1 - rec["loss_last"] / rec["loss_first"], 4) if rec["loss_first"] > 0 else 0.0
+            rec["loss_drop"] = relative_drop(rec["loss_first"], rec["loss_last"])
             if rec["loss_drop"] < MIN_LOSS_DROP:
                 rec["loss_drop_small_head"] = small_head_drop(spec, x, labels)
             net.eval()

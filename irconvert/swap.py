@@ -148,14 +148,17 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
 
 
 def _probe_args(model: nn.Module, calibrate) -> tuple[torch.Tensor, ...]:
-    """The forward's arguments of the calibration batch, or random normal input at the model's input size."""
-    if isinstance(calibrate, torch.Tensor):
-        return (calibrate,)
-    if calibrate is not None and calibrate is not True and calibrate is not False:
-        return tuple(calibrate)
+    """The forward's arguments of the calibration batch, or calibration's default random batch."""
+    if calibrate is None or calibrate is True or calibrate is False:
+        return (_default_batch(model),)
+    return (calibrate,) if isinstance(calibrate, torch.Tensor) else tuple(calibrate)
+
+
+def _default_batch(model: nn.Module) -> torch.Tensor:
+    """Return 2 random normal inputs (seed 0) at the model's input size: the batch when none is given."""
     from .layer_summary import default_input_size
 
-    return (torch.randn((2,) + tuple(default_input_size(model)), generator=torch.Generator().manual_seed(0)),)
+    return torch.randn((2,) + tuple(default_input_size(model)), generator=torch.Generator().manual_seed(0))
 
 
 def _size_rprelu(model: nn.Module, analysis, the_plan: Plan, calibrate) -> Plan:
@@ -184,11 +187,9 @@ def _calibrate(model: nn.Module, analysis, calibrate) -> tuple[Plan, list[str]]:
     """Run calibrate.py's check on the given batch, or on random normal input at the model's input size."""
     if calibrate is not None and calibrate is not True:
         return fix_one_signed(model, analysis, calibrate)
-    from .layer_summary import default_input_size
-
-    size = (2,) + tuple(default_input_size(model))
+    batch = _default_batch(model)
     try:
-        return fix_one_signed(model, analysis, torch.randn(size, generator=torch.Generator().manual_seed(0)))
+        return fix_one_signed(model, analysis, batch)
     except Exception as exc:  # the model wants other input: say how to give it
         return model.irconvert_plan, [f"calibration skipped: the model does not run on random input of shape "
-                                      f"{size} ({type(exc).__name__}); pass binarize(..., calibrate=batch)"]
+                                      f"{tuple(batch.shape)} ({type(exc).__name__}); pass binarize(..., calibrate=batch)"]

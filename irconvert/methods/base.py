@@ -134,8 +134,13 @@ def plain_input_mode(cls: type) -> Optional[str]:
     if (cls.activation is not Binarizer.activation or cls.shift_input is not Binarizer.shift_input
             or cls.threshold is not Binarizer.threshold):
         return None
-    owner = next(k for k in cls.__mro__ if "input_sign" in vars(k))
-    return vars(owner).get("input_sign_mode")
+    return declared_mode(cls, "input_sign")
+
+
+def declared_mode(cls: type, op: str) -> Optional[str]:
+    """Return the `{op}_mode` (fused sign mode) that the class defining `cls`'s method `op` declares, or None."""
+    owner = next(k for k in cls.__mro__ if op in vars(k))
+    return vars(owner).get(f"{op}_mode")
 
 
 def clipped_sign(x: torch.Tensor, layer) -> torch.Tensor:

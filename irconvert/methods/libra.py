@@ -93,13 +93,12 @@ class LibraPB:
 def _fused_mode(cls) -> "str | None":
     """Return the fused sign mode of `cls`'s weight path if it is Libra-PB's own, else None (once per class:
     every forward of every layer asks)."""
-    from .base import Binarizer
+    from .base import Binarizer, declared_mode
 
     if (cls.standardize is not LibraPB.standardize or cls.scale is not LibraPB.scale
             or cls.shift_weight is not Binarizer.shift_weight):
         return None
-    owner = next(k for k in cls.__mro__ if "weight_sign" in vars(k))
-    return vars(owner).get("weight_sign_mode")
+    return declared_mode(cls, "weight_sign")
 
 
 def signs_times_scale(cls: type) -> bool:
