@@ -101,8 +101,3 @@ def kept_small(signs: torch.Tensor, source: Optional[torch.Tensor] = None, weigh
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or signs.device.type == "meta":
         return nullcontext()
     return _hooks(signs, source, weight_shape)
-
-
-def int8_signs(signs: torch.Tensor):
-    """Return a context in which autograd keeps the tensor `signs` (all +-1) as int8."""
-    return kept_small(signs)
