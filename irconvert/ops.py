@@ -19,6 +19,11 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+def input_channels(layer: nn.Module) -> int:
+    """Return a conv's in_channels or a linear layer's in_features."""
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
 def per_input_channel(v: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """Return vector v [in channels] shaped to broadcast over layer input x (channels last for Linear)."""
     shape = (-1,) if isinstance(layer, nn.Linear) else (-1,) + (1,) * len(layer.kernel_size)

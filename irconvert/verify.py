@@ -25,6 +25,7 @@ from .fileformat import LATENT_FORMAT, PACKED_FORMAT, read
 from .layer_summary import default_input_size, summary
 from .layers import BinaryMixin
 from .models import from_origin
+from .ops import input_channels
 from .pack import binary_weight
 from .plan import LayerPlan, Plan, Policy
 from .swap import swap
@@ -115,7 +116,7 @@ def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> n
         if w.shape != m.latent_weight.shape:
             raise IRConvertError(f"{path}: layer {name} has shape {tuple(w.shape)}, model expects "
                                  f"{tuple(m.latent_weight.shape)}")
-        channels = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        channels = input_channels(m)
         if threshold is not None and (m.binary_mode != "W1A1" or threshold.shape != (channels,)):
             raise IRConvertError(f"{path}: layer {name} has an input threshold of shape {tuple(threshold.shape)}; "
                                  f"a {m.binary_mode} layer with {channels} input channels cannot use it")

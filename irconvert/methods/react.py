@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..ops import per_input_channel
+from ..ops import input_channels, per_input_channel
 from .base import Binarizer
 
 RPRELU_BETA = 0.25
@@ -49,7 +49,7 @@ class RSign:
         if layer.binary_mode != "W1A1":
             return names
         w = layer._parameters["weight"]
-        channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        channels = input_channels(layer)
         layer.rsign_alpha = nn.Parameter(torch.zeros(channels, dtype=w.dtype, device=w.device))
         return names + ("rsign_alpha",)
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import per_input_channel
+from ..ops import input_channels, per_input_channel
 
 
 def add_shifts(layer: nn.Module, weight: torch.Tensor, w1a1: bool) -> tuple[str, ...]:
@@ -30,7 +30,7 @@ def add_shifts(layer: nn.Module, weight: torch.Tensor, w1a1: bool) -> tuple[str,
     layer.weight_shift = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
     if not w1a1:
         return ("weight_shift",)
-    channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    channels = input_channels(layer)
     layer.input_shift = nn.Parameter(torch.zeros(channels, dtype=weight.dtype, device=weight.device))
     return ("weight_shift", "input_shift")
 
