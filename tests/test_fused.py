@@ -351,3 +351,61 @@ def test_libra_pb_backward_by_blocks_of_channels_is_the_same(monkeypatch):
         grads.append(w1.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["ede", "ste", "approx"])
+def test_libra_pb_cpu_kernel_equals_the_pytorch_ops(mode, dtype, monkeypatch):
+    torch.manual_seed(3)
+    tk = torch.tensor([0.2, 5.0])
+    for shape in [(32, 64, 3, 3), (10, 13), (4, 9), (3, 1, 1, 1)]:
+        w = (torch.randn(shape) * 0.05).to(dtype)
+        if shape == (4, 9):
+            w[1] = 0.25  # a constant channel
+        g = torch.randn(shape).to(dtype)
+        results = []
+        for choice in ("fused", "python"):
+            monkeypatch.setenv(ENV, choice)
+            wi = w.clone().requires_grad_()
+            q, mu, r, s = libra_pb_op(wi, tk, mode)
+            q.backward(g)
+            results.append((q, mu, r, s, wi.grad))
+        (q, mu, r, s, grad), (q_py, mu_py, r_py, s_py, grad_py) = results
+        for a, b in ((q, q_py), (mu, mu_py), (r, r_py), (s, s_py)):
+            assert torch.equal(a, b), shape
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+        torch.testing.assert_close(grad, grad_py, **tol)
+
+
+def test_scale_exponent_is_the_exactly_rounded_log2():
+    import math
+
+    import numpy as np
+
+    below = np.float32(2**-0.5)  # the float just below 2^-1/2
+    cases = [below, np.nextafter(below, np.float32(1)), np.float32(1.0), np.float32(0.75), np.float32(0.5)]
+    m = torch.tensor([float(c) * 2.0**k for c in cases for k in (-9, 0, 5)], dtype=torch.float32)
+    w_hat = torch.stack([m, -m], dim=1)  # mean |w_hat| = m exactly
+    expected = [round(math.log2(v)) for v in m.tolist()]
+    assert libra.scale_exponent(w_hat).tolist() == expected
+    assert expected[:3] == [-10, -1, 4]  # 2^k * (just below 2^-1/2) rounds down
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_bits_kernel_equals_the_pytorch_packing(dtype):
+    from irconvert.fused import saved
+
+    torch.manual_seed(4)
+    for shape in [(16, 8, 3, 3), (5, 3, 3, 3), (7, 5)]:  # rows on byte boundaries, rows across them, a tail
+        s = torch.tensor([2.0**e for e in torch.randint(-20, 5, (shape[0],)).tolist()]).to(dtype)
+        s[1] = 0.0  # a row of +-0.0: -0.0 comes back as -0.0
+        t = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0).to(dtype) * s.view(-1, *[1] * (len(shape) - 1))
+        saved_kernel = saved._pack_weight(t)
+        bits_torch = saved._pack_bits(torch.signbit(t))
+        assert torch.equal(saved_kernel[1], bits_torch)
+        back = saved._unpack_weight(saved_kernel)
+        assert torch.equal(back, t) and torch.equal(torch.signbit(back), torch.signbit(t))
+        shape_, s_ = saved_kernel[3], saved_kernel[2]
+        back_torch = torch.where(saved._unpack_bits(bits_torch, shape_), -s_.reshape((-1,) + (1,) * (len(shape) - 1)),
+                                 s_.reshape((-1,) + (1,) * (len(shape) - 1)))
+        assert torch.equal(back, back_torch)

@@ -24,20 +24,29 @@ from typing import Iterator, Optional
 
 import torch
 
-from .sign import sign_values
+from .sign import kernel, sign_values
 
 
 def _pack_weight(t: torch.Tensor):
     """(sign bits, 8 to a byte where t is contiguous, s per output channel): a tensor whose every row holds
     +-s_o (t[o].flatten()[0] is +-s_o)."""
-    neg = torch.signbit(t)
-    if t.is_contiguous():  # else bools, which keep t's layout for where() to rebuild
-        neg = _pack_bits(neg)
-    return "scaled signs", neg, t.reshape(t.shape[0], -1)[:, 0].abs(), t.shape
+    s = t.reshape(t.shape[0], -1)[:, 0].abs()
+    if not t.is_contiguous():  # bools, which keep t's layout for where() to rebuild
+        return "scaled signs", torch.signbit(t), s, t.shape
+    mod = _bits_kernel(t)
+    return "scaled signs", _pack_bits(torch.signbit(t)) if mod is None else mod.pack_signbits(t), s, t.shape
+
+
+def _bits_kernel(t: torch.Tensor):
+    """Return the C++ kernel module packing and unpacking t's sign bits in one pass (None: PyTorch's ops)."""
+    return kernel(t) if t.device.type == "cpu" else None
 
 
 def _unpack_weight(saved) -> torch.Tensor:
     _, neg, s, shape = saved
+    mod = _bits_kernel(s) if neg.dtype == torch.uint8 else None
+    if mod is not None:
+        return mod.unpack_signbits(neg, s, list(shape), s.dtype)
     if neg.dtype == torch.uint8:
         neg = _unpack_bits(neg, shape)
     return torch.where(neg, -s.reshape((-1,) + (1,) * (len(shape) - 1)), s.reshape((-1,) + (1,) * (len(shape) - 1)))

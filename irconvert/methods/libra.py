@@ -30,29 +30,45 @@ def balance(w: torch.Tensor) -> torch.Tensor:
 
 def balance_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (w as [out, fan-in], float32 for half types, mean [out, 1], 1/std [out, 1] with 0 for constant
-    channels): w_hat = (flat - mean) * inv, the ops `balance` runs (the fused op recomputes w_hat from these)."""
+    channels): w_hat = (flat - mean) * inv, the ops `balance` runs (the fused op recomputes w_hat from these).
+
+    The sums run in float64 and are rounded once to flat's dtype, so that the fused CPU op (csrc/sign.cpp),
+    which sums in double in its own order, gives the same mean and std but where an exact sum lies within
+    ~1e-13 of a float's rounding boundary; the rest is float arithmetic, op for op the same there."""
     flat = w.reshape(w.shape[0], -1)
     if flat.dtype in (torch.float16, torch.bfloat16):  # autocast or a half model: statistics in float32
         flat = flat.float()
-    mean = flat.mean(dim=1, keepdim=True)
-    centered = flat - mean
     n = flat.shape[1]
+    mean = (flat.sum(dim=1, keepdim=True, dtype=torch.float64) / n).to(flat.dtype)
+    centered = flat - mean
     if n > 1:
-        var = centered.square().sum(dim=1, keepdim=True) / (n - 1)
+        var = (centered.square().sum(dim=1, keepdim=True, dtype=torch.float64) / (n - 1)).to(flat.dtype)
     else:
         var = torch.zeros_like(centered[:, :1])
     # one per-channel factor (1/std, or 0 for a constant channel) keeps the weight-sized work to a
     # single multiply, as this runs in every forward pass; sqrt sees no 0, so no inf gradient
     ok = var > 0
-    inv = ok / torch.where(ok, var, torch.ones_like(var)).sqrt()
+    # in float64 and rounded once, as the C++ kernel: PyTorch's float sqrt need not be correctly rounded
+    inv = (ok / torch.where(ok, var, torch.ones_like(var)).double().sqrt()).to(flat.dtype)
     return flat, mean, inv
 
 
 def scale_exponent(w_hat: torch.Tensor) -> torch.Tensor:
-    """Return e = round(log2(mean|w_hat|)) per output channel as int (0 where mean|w_hat| = 0)."""
-    m = w_hat.detach().reshape(w_hat.shape[0], -1).abs().mean(dim=1)
-    e = torch.where(m > 0, torch.log2(torch.where(m > 0, m, torch.ones_like(m))).round(), torch.zeros_like(m))
+    """Return e = round(log2(mean|w_hat|)) per output channel as int (0 where mean|w_hat| = 0).
+
+    mean|w_hat| is a float64 sum rounded once to float32 (as balance_stats' sums), and its rounded log2 is
+    exact: with m = f 2^x, f in [0.5, 1), round(log2 m) is x where f > 2^-1/2, else x - 1 (no float
+    log2, whose last bit differs between libraries, decides it)."""
+    flat = w_hat.detach().reshape(w_hat.shape[0], -1)
+    m = (flat.abs().sum(dim=1, dtype=torch.float64) / flat.shape[1]).float()
+    f, x = torch.frexp(m)
+    e = torch.where(f > _BELOW_SQRT_HALF, x, x - 1)
+    e = torch.where(m.isinf(), EXP_MAX, torch.where(m > 0, e, 0))  # 0 for 0 and NaN
     return e.clamp(EXP_MIN, EXP_MAX).to(torch.int32)
+
+
+# the float32 just below 2^-1/2, which no float equals: f > it exactly where f > 2^-1/2
+_BELOW_SQRT_HALF = float(torch.tensor(2**-0.5, dtype=torch.float32))
 
 
 def pow2(exponent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,13 @@ IR-Net (Qin et al., CVPR 2020, Sec. 3.2), per output channel i over its fan-in o
     w_hat_i = (w_i - mu_i) * r_i,   mu_i = mean(w_i),  r_i = 1 / std(w_i) (unbiased; 0 for a constant channel)
     Q(w)_i  = s_i * sign(w_hat_i),  s_i = 2^round(log2 mean|w_hat_i|), detached
 
-The forward is `libra.balance`, `libra.scale_exponent` and `sign`, the same ops in the same order,
-so Q is bit-identical to the unfused code. The backward recomputes w_hat from w, mu and r (the same
+On the CPU both directions are one C++ kernel each (csrc/sign.cpp, built as fused/sign.py's kernel;
+IRCONVERT_TRAIN_KERNELS chooses, as for the sign): per output channel the statistics, Q, and in the
+backward the whole chain rule below, in two passes over a row that stays in cache, where PyTorch's
+ops make about ten passes over every weight. Elsewhere (CUDA, or no compiler) the forward is
+`libra.balance`, `libra.scale_exponent` and `sign`, the same ops in the same order, so Q is
+bit-identical to the unfused code; the kernel gives the same Q (its float64 sums round to the same
+floats but within ~1e-13 of a rounding boundary, see libra.balance_stats). The PyTorch backward recomputes w_hat from w, mu and r (the same
 ops again, so the same bits) instead of keeping it and the balancing's temporaries, several
 weight-sized tensors per layer, and applies the chain rule in closed form:
 
@@ -22,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ..fused.sign import binary_sign_grad, sign_torch
+from ..fused.sign import MODES, binary_sign_grad, kernel, sign_torch
 from . import libra
 
 
@@ -30,10 +35,23 @@ from . import libra
 def libra_pb_op(w: torch.Tensor, tk: Optional[torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor, torch.Tensor]:
     """Return (Q(w) in w's dtype, mu [O, 1], r [O, 1], s [O] float32); tk and mode shape the backward."""
+    mod = _cpu_kernel(w)
+    if mod is not None:
+        q, mu, r, s = mod.libra_forward(_rows(w))
+        return q.reshape(w.shape).to(w.dtype), mu, r, s
     flat, mu, r = libra.balance_stats(w)
     w_hat = (flat - mu) * r  # libra.balance
     s = libra.pow2(libra.scale_exponent(w_hat), w_hat)
     return (sign_torch(w_hat) * s).reshape(w.shape).to(w.dtype), mu, r, s.reshape(-1)
+
+
+def _cpu_kernel(w: torch.Tensor):
+    """Return the C++ kernel module for a CPU weight (None: PyTorch's ops)."""
+    return kernel(w) if w.device.type == "cpu" and w.dtype != torch.float64 else None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).float().contiguous()
 
 
 @libra_pb_op.register_fake
@@ -58,6 +76,8 @@ _BLOCK = 1 << 17
 
 def _backward(ctx, grad_q, *_):
     w, tk, mu, r, s = ctx.saved_tensors
+    if _cpu_kernel(w) is not None:
+        return libra_pb_grad(w, grad_q, mu, r, s, tk, ctx.mode), None, None
     flat, g_q = w.reshape(w.shape[0], -1), grad_q.reshape(w.shape[0], -1)
     grad_w = torch.empty(flat.shape, dtype=torch.float32, device=w.device)
     rows = max(1, _BLOCK // max(flat.shape[1], 1))
@@ -65,6 +85,20 @@ def _backward(ctx, grad_q, *_):
         b = slice(i, i + rows)
         _block_grad(flat[b].float(), g_q[b].float(), mu[b], r[b], s[b], tk, ctx.mode, grad_w[b])
     return grad_w.reshape(w.shape).to(w.dtype), None, None
+
+
+@torch.library.custom_op("irconvert::libra_pb_grad", mutates_args=())
+def libra_pb_grad(w: torch.Tensor, grad_q: torch.Tensor, mu: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+                  tk: Optional[torch.Tensor], mode: str) -> torch.Tensor:
+    """dL/dw of a CPU weight by the C++ kernel (its own op: inside a compiled backward t and k are data)."""
+    t, k = (float(v) for v in tk.tolist()) if tk is not None else (0.0, 0.0)
+    grad_w = _cpu_kernel(w).libra_backward(_rows(w), _rows(grad_q), mu, r, s, MODES.index(mode), t, k)
+    return grad_w.reshape(w.shape).to(w.dtype)
+
+
+@libra_pb_grad.register_fake
+def _(w, grad_q, mu, r, s, tk, mode):
+    return torch.empty_like(w)
 
 
 def _block_grad(flat, g_q, mu, r, s, tk, mode: str, out: torch.Tensor) -> None:
