@@ -237,7 +237,8 @@ def _conv2d_ex_python(x, c, words, alpha, beta, fma, res, clamp, want_float, wan
             t, up = thr.reshape(1, -1, 1, 1), direction.reshape(1, -1, 1, 1) > 0
             neg = torch.where(up, dot < t, dot > t)
         bits = _pack64(neg.permute(0, 2, 3, 1).to(torch.uint8))
-    return (y if want_float else None), bits
+    # NCHW as the compiled kernel writes it: a float layer reading a channels-last view sums in another order
+    return (y.contiguous() if want_float else None), bits
 
 
 def _linear_python(x, words, scale, bias, in_features) -> torch.Tensor:
