@@ -38,6 +38,7 @@ binary conv behind a ReLU sees only +1). Results: bench/results/accuracy.{json,m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -147,17 +148,21 @@ def run_variant(name: str, seed: int, fp_file: Path, binary: list[str], work: Pa
     return {"top1": report["binary"]["top1"], "curve": curve, "minutes": (time.time() - t0) / 60}
 
 
-def result_file(work: Path, name: str, seed: int) -> Path:
-    """Return where the run (name, seed) keeps its result in `work`."""
-    return work / f"result-{name.replace(' ', '_').replace('+', 'p').replace(',', '')}-{seed}.json"
+def result_file(work: Path, name: str, seed: int, binary: list[str]) -> Path:
+    """Return where the run (name, seed) with budget `binary` keeps its result in `work` (one file per budget:
+    a rerun with another budget never writes over a finished run's result)."""
+    digest = hashlib.sha256(json.dumps(binary).encode()).hexdigest()[:8]
+    return work / f"result-{name.replace(' ', '_').replace('+', 'p').replace(',', '')}-{seed}-{digest}.json"
 
 
 def finished(work: Path, name: str, seed: int, binary: list[str]) -> dict | None:
     """Return the stored result of (name, seed) if an earlier run in `work` had the same budget, else None."""
-    path = result_file(work, name, seed)
-    if path.is_file() and (out := json.loads(path.read_text())).get("binary") == binary:
-        print(f"{name} seed {seed}: top-1 {out['top1']:.2f}% (kept from {path})", flush=True)
-        return out
+    new = result_file(work, name, seed, binary)
+    old = new.with_name(new.name.rsplit("-", 1)[0] + ".json")  # the name before budgets had their own file
+    for path in (new, old):
+        if path.is_file() and (out := json.loads(path.read_text())).get("binary") == binary:
+            print(f"{name} seed {seed}: top-1 {out['top1']:.2f}% (kept from {path})", flush=True)
+            return out
     return None
 
 
@@ -170,7 +175,7 @@ def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work:
     if jobs <= 1:
         for name, seed in runs:
             out = {**run_variant(name, seed, fp_file, binary, work, device), "binary": binary}
-            result_file(work, name, seed).write_text(json.dumps(out))
+            result_file(work, name, seed, binary).write_text(json.dumps(out))
             results[(name, seed)] = out
             print(f"{name} seed {seed}: top-1 {out['top1']:.2f}%", flush=True)
         return results
@@ -180,7 +185,7 @@ def run_all(runs: list[tuple[str, int]], fp_file: Path, binary: list[str], work:
 
     def worker(job: tuple[str, int]) -> dict:
         name, seed = job
-        res = result_file(work, name, seed)
+        res = result_file(work, name, seed, binary)
         cmd = [sys.executable, "-m", "bench.accuracy", "--worker", name, "--seed", str(seed), "--fp-weights", str(fp_file),
                "--result", str(res), "--device", device, "--work", str(work), "--binary", json.dumps(binary)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import ends, trace, weighted_layers
+from .graph import ends, feature_layers, trace, weighted_layers
 from .layers import can_binarize
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
@@ -79,6 +79,7 @@ class LayerFacts:
     # ReLU-family modules reaching the input through products, sums and concatenations as well
     sources: tuple[str, ...] = ()
     magnitude: int = 0  # round(log2 std(weight)): the gain that keeps the layer's output scale
+    feature: bool = False  # the classifier reads its output through one-input ops only (graph.feature_layers)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def analyze(model: nn.Module) -> Analysis:
 
 
 def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True,
-           sources=()) -> LayerFacts:
+           sources=(), feature: bool = False) -> LayerFacts:
     ok = can_binarize(m)
     return LayerFacts(
         name=name,
@@ -122,6 +123,7 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
         called=called,
         sources=tuple(sources) or tuple(feeders),
         magnitude=magnitude(m) if ok else 0,
+        feature=feature,
     )
 
 
@@ -131,6 +133,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     nodes = list(graph.nodes)
 
     first, last, called = ends(model, graph, weighted)
+    features = feature_layers(graph, weighted, last)
 
     feeders: dict[str, tuple[set, bool]] = {}
     sources: dict[str, set] = {}
@@ -155,7 +158,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     for name, m in weighted.items():
         found, functional = feeders.get(name, (set(), False))
         layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called,
-                              sorted(sources.get(name, ())))
+                              sorted(sources.get(name, ())), name in features)
     return Analysis(layers=layers, traced=True, norm_after=norm_after)
 
 

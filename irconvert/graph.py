@@ -72,6 +72,24 @@ def ends(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> t
     return first, last, called
 
 
+def feature_layers(graph: fx.Graph, weighted: dict[str, nn.Module], last: set[str]) -> set[str]:
+    """Return the classifier's feature layers: the conv/linear layers whose output a last layer reads through
+    nodes of one input each (normalization, activation, pooling, flatten, dropout), as EfficientNet's and
+    MobileNet's conv_head or torchvision MobileNetV3's first classifier Linear; not through a sum with a
+    shortcut (ResNet, ViT, ConvNeXt), where the classifier reads more than that layer."""
+    out = set()
+    for n in graph.nodes:
+        if n.op != "call_module" or n.target not in last or len(n.all_input_nodes) != 1:
+            continue
+        (cur,) = n.all_input_nodes
+        while not _owner_names(cur, weighted) and cur.op != "placeholder" and len(cur.all_input_nodes) == 1:
+            (cur,) = cur.all_input_nodes
+        names = _owner_names(cur, weighted)
+        if names and names[-1] not in last:
+            out.add(names[-1])
+    return out
+
+
 def _owner_names(node: fx.Node, weighted: dict[str, nn.Module]) -> list[str]:
     """The conv/linear layers a call_module node runs (itself, or those inside a leaf)."""
     if node.op != "call_module":

@@ -34,7 +34,8 @@ class Policy(BaseModel):
                      "Linear", "StdConv2d") to a decision.
       3. structure:  `keep_first`, `keep_last`, `keep_depthwise` and `min_fan_in` keep layers full
                      precision by what the graph says (first = no conv/linear between it and the
-                     input; last = its output reaches the model output without another one).
+                     input; last = its output reaches the model output without another one);
+                     `features` makes the classifier's feature layer W1A32 (see below).
       4. pattern:    `patterns` maps a glob ("blocks.*.attn.qkv") or a regex prefixed "re:" to a
                      decision, matched against the full module name; when several match, the one
                      written last wins.
@@ -48,6 +49,14 @@ class Policy(BaseModel):
     (default: on for W1A1, off for W1A32), because sign(ReLU(x)) is always +1. What the graph
     alone cannot tell (a ReLU behind a product or a softmax-weighted sum, a sigmoid gate, a pooled
     input) `binarize` measures on a calibration batch after the swap and fixes (calibrate.py).
+    `features` is what the classifier's feature layer becomes (a conv/linear whose output the last layer
+    reads through normalization, activation, pooling, flatten or dropout only, as EfficientNet's and
+    MobileNet's conv_head; graph.feature_layers): "W1A32" by default (binary weights, real input) under
+    a W1A1 policy, "keep" (full precision), or "binary" (the global mode). W1A1 there makes every
+    feature a step function of the layer below, and every flip moves the logits by whole weights of the
+    classifier: with a freshly drawn classifier (timm's EfficientNet-family init, U(+-1/sqrt(classes)))
+    such a model does not learn (the zoo's "learns" check). A residual sum in front of the classifier
+    (ResNet, ViT, ConvNeXt) has no feature layer. Structure level, so patterns and names override it.
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
@@ -69,6 +78,7 @@ class Policy(BaseModel):
     keep_first: bool = True
     keep_last: bool = True
     keep_depthwise: bool = True
+    features: Literal["W1A32", "keep", "binary"] = "W1A32"
     min_fan_in: int = Field(0, ge=0)
     types: dict[str, Decision] = Field(default_factory=dict)
     patterns: dict[str, Decision] = Field(default_factory=dict)
@@ -186,6 +196,10 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
         if hit:
             mode, reason = None, why
             break
+    else:
+        if facts.feature and policy.features != "binary":
+            mode = None if policy.features == "keep" else ("W1A32" if mode is not None else None)
+            reason = f"feature layer of the classifier ({policy.features})"
     for pat, dec in policy.patterns.items():
         if _matches(pat, facts.name):
             mode, reason = _resolve(dec, policy), f"pattern {pat}"

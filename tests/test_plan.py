@@ -2,6 +2,7 @@
 
 import pytest
 import timm
+import torch
 
 import irconvert
 from irconvert.analyze import analyze
@@ -34,6 +35,8 @@ def test_min_fan_in_and_binarize_depthwise():
         f = a.layers[name]
         if f.first or f.last or f.fan_in < 100:
             assert lp.mode is None
+        elif f.feature:  # conv_head, which the classifier reads through its BatchNorm and pooling
+            assert name == "conv_head" and lp.mode == "W1A32"
         else:
             assert lp.mode == "W1A1", name
 
@@ -45,3 +48,33 @@ def test_bad_policy_values_are_rejected():
         irconvert.Policy(keep_frist=True)
     with pytest.raises(ValueError, match="not a valid regex"):
         irconvert.Policy(patterns={"re:(": "keep"})
+
+
+def test_the_classifiers_feature_layer_is_w1a32_by_default():
+    import torchvision
+
+    class Gap(torch.nn.Module):  # a sum with a shortcut in front of the head: no feature layer
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.bn = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head((x + self.bn(self.conv(x))).mean((2, 3)))
+
+    cases = [(timm.create_model("efficientnet_b0", num_classes=10), "conv_head"),  # BN+act, pool, classifier
+             (torchvision.models.mobilenet_v3_small(num_classes=10), "classifier.0"),  # pool, flatten, Linear
+             (timm.create_model("resnet18", num_classes=10), None), (Gap(), None)]
+    for model, feature in cases:
+        a = analyze(model)
+        assert [n for n, f in a.layers.items() if f.feature] == ([feature] if feature else [])
+        for features, mode in (("W1A32", "W1A32"), ("keep", None), ("binary", "W1A1")):
+            layers = irconvert.binarize(model, features=features, calibrate=False).irconvert_plan.layers
+            assert all(lp.mode == "W1A1" for n, lp in layers.items() if n != feature and lp.reason == "global")
+            if feature:
+                assert layers[feature].mode == mode and (features == "binary") == (layers[feature].reason == "global")
+    patterned = irconvert.binarize(cases[0][0], patterns={"conv_head": "binary"}, calibrate=False).irconvert_plan
+    assert patterned.layers["conv_head"].mode == "W1A1"  # a pattern beats the structure rule
+    with pytest.raises(Exception, match="features"):
+        irconvert.Policy(features="sometimes")

@@ -127,7 +127,7 @@ def test_two_stage_schedule_trains_w1a32_first_then_w1a1():
 
     torch.manual_seed(0)
     teacher = small_net().eval()
-    student = irconvert.binarize(teacher)
+    student = irconvert.binarize(teacher, features="binary")  # "3.0" feeds the head: W1A1 too
     layer = dict(irconvert.binary_layers(student))["3.0"]
     seen = []
     layer.register_forward_hook(lambda m, i, o: seen.append(m.binary_mode) if m.training else None)

@@ -171,7 +171,7 @@ class FunctionalQKV(nn.Module):
 def test_layers_whose_weight_is_read_directly_are_w1a32():
     a = analyze(FunctionalQKV())
     assert not a.layers["qkv"].called and not a.layers["mha.out_proj"].called and a.layers["mlp"].called
-    net = irconvert.binarize(FunctionalQKV(), calibrate=torch.randn(4, 5, 8))
+    net = irconvert.binarize(FunctionalQKV(), calibrate=torch.randn(4, 5, 8), features="binary")  # mlp: W1A1
     modes = {n: p.mode for n, p in net.irconvert_plan.layers.items()}
     # nn.MultiheadAttention's projections become called layers (irconvert.attention): binary like the rest
     assert modes == {"stem": None, "qkv": "W1A32", "mha.out_proj": "W1A1", "mha.in_proj": "W1A1", "mlp": "W1A1",
