@@ -409,3 +409,17 @@ def test_sign_bits_kernel_equals_the_pytorch_packing(dtype):
         back_torch = torch.where(saved._unpack_bits(bits_torch, shape_), -s_.reshape((-1,) + (1,) * (len(shape) - 1)),
                                  s_.reshape((-1,) + (1,) * (len(shape) - 1)))
         assert torch.equal(back, back_torch)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["ede", "ste", "approx"])
+def test_bfloat16_kernel_is_the_float_kernel_rounded_once(mode, clip):
+    """The bfloat16 loops convert blocks by their bits: the same numbers as float32 math rounded to bfloat16."""
+    mod = kernel(torch.zeros(1))
+    if mod is None:
+        pytest.skip("no compiled kernel")
+    x, g = probe(torch.bfloat16), probe(torch.bfloat16).flip(0)
+    out = mod.sign_backward(g, x, mode, 0.3, 1 / 0.3, clip)
+    want = mod.sign_backward(g.float(), x.float(), mode, 0.3, 1 / 0.3, clip).bfloat16()
+    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(mod.sign_forward(x), sign_torch(x))
