@@ -305,7 +305,8 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
                   f"{len(untraced)} converted through the module-order fallback because torch.fx cannot trace "
                   f"them: {', '.join(untraced) or 'none'}. "
                   f"{len(w1a32)} have W1A32 layers under the W1A1 policy (a weight read outside its layer's forward, "
-                  f"as in BEiT's and nn.MultiheadAttention's projections, or a layer fed by a functional relu). "
+                  f"as in BEiT's and nn.MultiheadAttention's projections, a layer fed by a functional relu, "
+                  f"or the classifier's feature layer, binarize.features). "
                   + (f"Gradient norm over the FP model's: median {norms[len(norms) // 2][0]:.3g}, largest "
                      + ", ".join(f"{n:.3g} ({m})" for n, m in norms[:-4:-1]) + ". " if norms else "")
                   + "Slowest: " + ", ".join(f"{r['model']} {r['seconds']:.0f} s" for r in slow) + "."]
