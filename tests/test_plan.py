@@ -56,7 +56,8 @@ def test_the_classifiers_feature_layer_is_w1a32_by_default():
     class Gap(torch.nn.Module):  # a sum with a shortcut in front of the head: no feature layer
         def __init__(self):
             super().__init__()
-            self.stem, self.conv, self.bn = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.stem, self.conv = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
             self.head = torch.nn.Linear(8, 2)
 
         def forward(self, x):

@@ -175,7 +175,8 @@ def test_converted_resnet_reloads_exactly_everywhere(name, tmp_path):
 def test_linear_consumers_get_channels_last_parameters():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    model = irconvert.binarize(net, activation="rprelu", features="binary", calibrate=torch.randn(4, 5, 8))  # [b, tokens, 8]
+    batch = torch.randn(4, 5, 8)  # [batch, tokens, 8]
+    model = irconvert.binarize(net, activation="rprelu", features="binary", calibrate=batch)
     assert isinstance(model[1], RPReLU) and tuple(model[1].gamma.shape) == (16,)
     assert model(torch.randn(2, 5, 8)).shape == (2, 5, 4)
 

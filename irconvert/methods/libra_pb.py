@@ -11,9 +11,10 @@ backward the whole chain rule below, in two passes over a row that stays in cach
 ops make about ten passes over every weight. Elsewhere (CUDA, or no compiler) the forward is
 `libra.balance`, `libra.scale_exponent` and `sign`, the same ops in the same order, so Q is
 bit-identical to the unfused code; the kernel gives the same Q (its float64 sums round to the same
-floats but within ~1e-13 of a rounding boundary, see libra.balance_stats). The PyTorch backward recomputes w_hat from w, mu and r (the same
-ops again, so the same bits) instead of keeping it and the balancing's temporaries, several
-weight-sized tensors per layer, and applies the chain rule in closed form:
+floats but within ~1e-13 of a rounding boundary, see libra.balance_stats). The PyTorch backward
+recomputes w_hat from w, mu and r (the same ops again, so the same bits) instead of keeping it and
+the balancing's temporaries, several weight-sized tensors per layer, and applies the chain rule in
+closed form (the kernel too, in float64 sums):
 
     g_hat = d(w_hat) * s * dL/dQ                       the sign's surrogate (EDE, STE, ...)
     dL/dw = r * (g_hat - mean(g_hat) - w_hat * sum(g_hat * w_hat) / (n - 1))
