@@ -34,6 +34,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .fused.saved import kept_small
 from .methods.ede import T_MIN, ede_k
@@ -90,6 +91,14 @@ class BinaryMixin:
         latent = self._parameters["weight"]
         if self.binary_frozen:
             return latent
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            return checkpoint(self._binary_weight, latent, use_reentrant=False, context_fn=_recompute_all_context)
+        return self._binary_weight(latent)
+
+    def _binary_weight(self, latent: torch.Tensor) -> torch.Tensor:
+        """2^g * s * B_w with the method's gradient. Inside torch.compile every op of it is marked for
+        recomputation: the backward makes the binary weight again from the latent one (Libra-PB's few ms)
+        instead of keeping it as floats for the operator, as kept_small packs it to bits in eager mode."""
         w = self.binarizer.weight(latent, self)
         return w * 2.0**self.binary_gain if self.binary_gain else w
 
@@ -106,7 +115,7 @@ class BinaryMixin:
                 return super().forward(self._frozen_sign(input), *args, **kwargs)
             if self.input_grad_scale != 1.0 and torch.is_grad_enabled():
                 input = GradScale.apply(input, self.input_grad_scale)
-            signs = clipped_sign(input, self) if self.binary.clip else self.binarizer.activation(input, self)
+            signs = self._input_signs(input)
             # what the operator keeps for its backward: the signs recomputed from input, or int8; Q as bits
             source = input if plain_input_mode(type(self.binarizer)) is not None else None
             with kept_small(signs, source, self._parameters["weight"].shape if _plain_q(self) else None):
@@ -114,6 +123,17 @@ class BinaryMixin:
         if self.binary.clip:  # made W1A32 after swap.fuse_hardtanh took the Hardtanh in front: it is here
             input = nn.functional.hardtanh(input)
         return super().forward(input, *args, **kwargs)
+
+    def _input_signs(self, x: torch.Tensor) -> torch.Tensor:
+        """B_a, the input's signs with the method's gradient. Inside torch.compile the sign op is marked for
+        recomputation (kept_small's saved-tensor hooks do not run there): the backward makes B_a again from
+        the input it keeps for the sign's own gradient, instead of keeping B_a as floats for the operator."""
+        def signs_of(inp: torch.Tensor) -> torch.Tensor:
+            return clipped_sign(inp, self) if self.binary.clip else self.binarizer.activation(inp, self)
+
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            return checkpoint(signs_of, x, use_reentrant=False, context_fn=_recompute_sign_context)
+        return signs_of(x)
 
     def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:
         """sign(x - tau) with the packed file's per-channel threshold tau (0 where it has none)."""
@@ -141,6 +161,19 @@ def _plain_q(layer: nn.Module) -> bool:
     # float64 takes the unfused weight path (LibraPB.weight), whose saved w_hat has Q's shape
     return (type(layer).__mro__[2] in _STATIC and layer._parameters["weight"].dtype != torch.float64
             and signs_times_scale(type(layer.binarizer)))
+
+
+def _recompute_sign_context():
+    """Selective checkpointing for the input's signs: the fused sign is recomputed in the backward, anything
+    else in front of it (an input shift) is kept."""
+    return create_selective_checkpoint_contexts(
+        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE
+        if op is torch.ops.irconvert.binary_sign.default else CheckpointPolicy.PREFER_SAVE)
+
+
+def _recompute_all_context():
+    """Selective checkpointing for the binary weight: every op recomputed in the backward."""
+    return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE)
 
 
 class GradScale(torch.autograd.Function):

@@ -281,6 +281,56 @@ def test_fullgraph_trace_has_no_break_and_t_does_not_recompile():
     assert counts["n"] == 1
 
 
+def test_compiled_backward_recomputes_signs_and_binary_weights(monkeypatch):
+    """Inside torch.compile the saved-tensor hooks that pack B_a and B_w to bits do not run; the layers
+    mark the sign and the weight binarization for recomputation instead, so the backward makes them
+    again (one more call of each op per layer) and keeps neither as floats. Gradients are unchanged."""
+    import irconvert.fused.sign as fused_sign
+    import irconvert.methods.libra_pb as libra_pb
+
+    model = small_binary()
+    irconvert.set_ede(model, 0.3)
+    x = torch.randn(4, 3, 6, 6)
+    out, gs = grads(model, x, False)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    grads(compiled, x, False)  # compile first: tracing calls the ops too
+
+    calls = {"sign": 0, "libra": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fused_sign, "sign_values", counted("sign", fused_sign.sign_values))
+    kernel_of = libra_pb._cpu_kernel
+
+    class Counting:  # the C++ module, with its Libra-PB forward counted
+        def __init__(self, mod):
+            self.mod = mod
+            self.libra_forward = counted("libra", mod.libra_forward)
+
+        def __getattr__(self, name):
+            return getattr(self.mod, name)
+
+    monkeypatch.setattr(libra_pb, "_cpu_kernel", lambda w: None if (m := kernel_of(w)) is None else Counting(m))
+    layers = len(list(irconvert.binary_layers(model)))
+    w1a1 = sum(m.binary_mode == "W1A1" for _, m in irconvert.binary_layers(model))
+    grads(model, x, False)
+    eager = dict(calls)
+    assert eager == {"sign": w1a1, "libra": layers}
+    calls.update(sign=0, libra=0)
+    model.zero_grad(set_to_none=True)
+    out_c = compiled(x)
+    out_c.square().sum().backward()
+    # one call more per layer than eager mode: the sign and Libra-PB's forward again in the backward
+    assert calls == {"sign": eager["sign"] + w1a1, "libra": eager["libra"] + layers}
+    torch.testing.assert_close(out_c.detach(), out, rtol=1e-5, atol=1e-6)
+    for a, b in zip([p.grad for p in model.parameters() if p.grad is not None], gs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_inductor_fullgraph_matches_eager():
     model = small_binary()
