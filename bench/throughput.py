@@ -22,6 +22,10 @@ one training step of the resnet18 case, FP and binary, under a dispatch mode tha
 step makes: the tensors still alive after the forward (what autograd keeps for the backward), in MiB
 by the op and module that made them, and the most tensor memory alive at once during the backward.
 
+What a compiled step keeps for its backward, FP and binary, MiB by the op that made it:
+
+    python -m bench.throughput --saved resnet34-224 --side 112
+
 The older single measurement on real data, alone or under torchrun (bench/distributed.py):
 
     python -m bench.throughput                                      # 1 process
@@ -139,8 +143,9 @@ def peak_mib(step, device: torch.device) -> float:
     return _rss_mib("VmHWM") - before
 
 
-def run_case(name: str, device: torch.device, compiled: bool, repeats: int, steps: int) -> dict:
-    """Return one table row: FP and binary training images/s (alternating repeats) and step peak memory."""
+def case_models(name: str, device: torch.device, side: int | None = None):
+    """Return (FP model, its binarized twin, inputs, labels, amp) of case `name` on `device` (`side`: another
+    input side than the case's)."""
     arch, kwargs, shape, dtype, gpu_batch, cpu_batch = CASES[name]
     batch = gpu_batch if device.type == "cuda" else cpu_batch
     torch.manual_seed(0)
@@ -154,9 +159,54 @@ def run_case(name: str, device: torch.device, compiled: bool, repeats: int, step
         policy = None
     binary = irconvert.binarize(fp, policy).to(device)
     fp = fp.to(device)
-    amp = "bf16" if dtype == "bf16" else "off"
+    shape = shape if side is None else (shape[0], side, side)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, kwargs["num_classes"], (batch,), device=device)
+    return fp, binary, x, y, "bf16" if dtype == "bf16" else "off"
+
+
+def compiled_saved(name: str, side: int | None) -> None:
+    """Print what a compiled training step keeps from its forward for its backward, FP and binary: the saved
+    outputs of the AOT partition (inductor's min-cut partitioner, no code generation), MiB by producing op
+    and dtype. Graph inputs (parameters) are resident anyway and cost no extra memory."""
+    from collections import Counter
+
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def backend(label):
+        def partition(joint, inputs, **kw):
+            fw, bw = min_cut_rematerialization_partition(joint, inputs, **kw)
+            out = next(n for n in fw.graph.nodes if n.op == "output")
+            kept = Counter()
+            for node in out.args[0][kw.get("num_fwd_outputs", 1):]:
+                val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+                if isinstance(val, torch.Tensor):
+                    maker = "parameter / input" if node.op == "placeholder" else getattr(node.target, "__name__", node.op)
+                    kept[(maker, str(val.dtype).removeprefix("torch."))] += val.numel() * val.element_size()
+            extra = sum(b for (maker, _), b in kept.items() if maker != "parameter / input")
+            print(f"{label}: keeps {extra / 2**20:.1f} MiB beyond its parameters")
+            for (maker, dtype), b in kept.most_common():
+                print(f"  {maker:32s} {dtype:9s} {b / 2**20:8.1f} MiB")
+            return fw, bw
+
+        return lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g,
+                                                    partition_fn=partition)
+
+    import warnings
+
+    fp, binary, x, y, amp = case_models(name, torch.device("cpu"), side)
+    for label, model in (("FP", fp), ("binary", binary)):
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_step(torch.compile(model, backend=backend(label)), x, y, amp)()
+
+
+def run_case(name: str, device: torch.device, compiled: bool, repeats: int, steps: int) -> dict:
+    """Return one table row: FP and binary training images/s (alternating repeats) and step peak memory."""
+    fp, binary, x, y, amp = case_models(name, device)
+    batch, dtype = len(x), CASES[name][3]
     steps_of = {}
     for label, model in (("fp", fp), ("binary", binary)):
         model.train()
@@ -328,6 +378,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="run the cases and write bench/results/throughput.*")
     ap.add_argument("--row", choices=sorted(CASES), help="(internal) print one table row as JSON")
     ap.add_argument("--census", action="store_true", help="write bench/results/throughput_census.* (memory)")
+    ap.add_argument("--saved", choices=sorted(CASES), help="print what case's compiled step keeps for its backward")
+    ap.add_argument("--side", type=int, help="--saved: input side (default: the case's)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--compile", default="0,1", help="0, 1 or 0,1")
     ap.add_argument("--repeats", type=int, default=5)
@@ -340,6 +392,9 @@ def main() -> None:
         args.steps = 2 if (args.row or args.table) else 30
     if args.census:
         run_census()
+        return
+    if args.saved:
+        compiled_saved(args.saved, args.side)
         return
     if args.row:
         print(json.dumps(run_case(args.row, torch.device(args.device), args.compile == "1", args.repeats,

@@ -92,7 +92,8 @@ class BinaryMixin:
         if self.binary_frozen:
             return latent
         if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return checkpoint(self._binary_weight, latent, use_reentrant=False, context_fn=_recompute_all_context)
+            return checkpoint(_in_autocast_dtype(self._binary_weight, (torch.bfloat16,)), latent,
+                              use_reentrant=False, context_fn=_recompute_all_context)
         return self._binary_weight(latent)
 
     def _binary_weight(self, latent: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ class BinaryMixin:
             return clipped_sign(inp, self) if self.binary.clip else self.binarizer.activation(inp, self)
 
         if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return checkpoint(signs_of, x, use_reentrant=False, context_fn=_recompute_sign_context)
+            return checkpoint(_in_autocast_dtype(signs_of), x, use_reentrant=False, context_fn=_recompute_sign_context)
         return signs_of(x)
 
     def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,16 +165,33 @@ def _plain_q(layer: nn.Module) -> bool:
 
 
 def _recompute_sign_context():
-    """Selective checkpointing for the input's signs: the fused sign is recomputed in the backward, anything
-    else in front of it (an input shift) is kept."""
+    """Selective checkpointing for the input's signs: the fused sign and its cast to autocast's dtype are
+    recomputed in the backward, anything else in front of them (an input shift) is kept."""
+    again = (torch.ops.irconvert.binary_sign.default, torch.ops.aten._to_copy.default)
     return create_selective_checkpoint_contexts(
-        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE
-        if op is torch.ops.irconvert.binary_sign.default else CheckpointPolicy.PREFER_SAVE)
+        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE if op in again
+        else CheckpointPolicy.PREFER_SAVE)
 
 
 def _recompute_all_context():
     """Selective checkpointing for the binary weight: every op recomputed in the backward."""
     return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE)
+
+
+def _in_autocast_dtype(fn, dtypes=(torch.bfloat16, torch.float16)):
+    """Return fn with its result cast to autocast's dtype where autocast is on with one of `dtypes` (the
+    dtype the conv/linear casts it to): inside a recomputed region the cast is recomputed too, where
+    autocast's own cast at the operator would be kept for the backward. The values do not change: +-1 is
+    exact in either dtype, and a binary weight's powers of two are exact in bfloat16 (fp32's exponent
+    range), the only dtype the weight is given."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        kind = out.device.type
+        if torch.is_autocast_enabled(kind) and (dtype := torch.get_autocast_dtype(kind)) in dtypes:
+            return out.to(dtype)
+        return out
+
+    return cast
 
 
 class GradScale(torch.autograd.Function):

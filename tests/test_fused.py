@@ -331,6 +331,20 @@ def test_compiled_backward_recomputes_signs_and_binary_weights(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_autocast_step_casts_inside_the_recomputed_region_without_changing_a_number():
+    """Under bf16 autocast the compiled layers cast B_a and the binary weight to bfloat16 themselves (so the
+    cast is recomputed with them, not kept): the values are those autocast's own cast gives, so the
+    outputs and gradients equal eager mode's exactly (aot_eager runs the same kernels)."""
+    model = small_binary()
+    irconvert.set_ede(model, 0.3)
+    x = torch.randn(4, 3, 6, 6)
+    out, gs = grads(model, x, True)
+    out_c, gs_c = grads(torch.compile(model, backend="aot_eager", fullgraph=True), x, True)
+    assert torch.equal(out_c, out)
+    for a, b in zip(gs_c, gs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_inductor_fullgraph_matches_eager():
     model = small_binary()
