@@ -487,3 +487,16 @@ def test_bfloat16_kernel_is_the_float_kernel_rounded_once(mode, clip):
     want = mod.sign_backward(g.float(), x.float(), mode, 0.3, 1 / 0.3, clip).bfloat16()
     torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(mod.sign_forward(x), sign_torch(x))
+
+
+def test_sign_gradient_of_tensors_that_differ_only_in_a_size_one_stride():
+    """timm's CSATv2 hands the backward g and x of shape [4, 1, 386] with strides (386, 386, 1) and
+    (386, 1, 1): the same memory order, which the kernel takes as such."""
+    from irconvert.fused.sign import binary_sign_grad, grad_torch
+
+    x = torch.randn(4, 386, 1).transpose(1, 2)  # strides (386, 1, 1)
+    g = torch.randn(4, 1, 386)  # strides (386, 386, 1)
+    assert x.is_contiguous() and g.is_contiguous() and x.stride() != g.stride()
+    tk = torch.tensor([0.3, 1 / 0.3])
+    for clip in (False, True):
+        torch.testing.assert_close(binary_sign_grad(g, x, tk, "ede", clip), grad_torch(g, x, tk, "ede", clip))

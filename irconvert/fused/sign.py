@@ -121,10 +121,16 @@ def kernel(x: torch.Tensor):
 
 
 def _dense(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Return the tensors laid out alike in memory (contiguous, or all channels-last), as the kernels read."""
+    """Return the tensors laid out alike in memory (contiguous, or all channels-last), as the kernels read,
+    with the same strides: two tensors contiguous in one format may still differ in the stride of a size-1
+    dimension ([4, 1, 386] as (386, 386, 1) and (386, 1, 1), timm's CSATv2), which never moves an element,
+    and the kernels compare strides."""
     fmt = torch.channels_last if ts[0].dim() == 4 and ts[0].is_contiguous(memory_format=torch.channels_last) \
         and not ts[0].is_contiguous() else torch.contiguous_format
-    return tuple(t.contiguous(memory_format=fmt) for t in ts)
+    ts = tuple(t.contiguous(memory_format=fmt) for t in ts)
+    ref = ts[0]
+    return tuple(t.as_strided(t.shape, ref.stride()) if t.shape == ref.shape and t.stride() != ref.stride() else t
+                 for t in ts)
 
 
 @torch.library.custom_op("irconvert::binary_sign", mutates_args=())
