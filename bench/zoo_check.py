@@ -227,13 +227,13 @@ def criteria_failure(rec: dict) -> str | None:
 
 def small_head(model) -> bool:
     """Draw `model`'s classifier from N(0, 0.01), bias 0 (torchvision's init for its heads); return False if it
-    has no single Linear classifier."""
+    has no single Linear (or 1x1 conv, as DLA's) classifier."""
     import torch
 
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if head is None and hasattr(model, "classifier"):  # torchvision: Sequential(..., Linear)
         head = model.classifier[-1] if isinstance(model.classifier, torch.nn.Sequential) else model.classifier
-    if not isinstance(head, torch.nn.Linear):
+    if not (isinstance(head, torch.nn.Linear) or isinstance(head, torch.nn.Conv2d) and head.kernel_size == (1, 1)):
         return False
     with torch.no_grad():
         head.weight.normal_(0, 0.01)

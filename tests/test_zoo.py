@@ -274,3 +274,5 @@ def test_small_head_redraws_a_single_linear_classifier_only():
     head = model.get_classifier()
     assert float(head.weight.std()) == pytest.approx(0.01, rel=0.3) and not head.bias.any()
     assert not small_head(nn.Sequential(nn.Conv2d(3, 4, 1)))
+    dla = timm.create_model("dla34", num_classes=10)  # its classifier is a 1x1 conv
+    assert small_head(dla) and float(dla.get_classifier().weight.std()) == pytest.approx(0.01, rel=0.3)
