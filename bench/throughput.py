@@ -169,6 +169,7 @@ def compiled_saved(name: str, side: int | None) -> None:
     """Print what a compiled training step keeps from its forward for its backward, FP and binary: the saved
     outputs of the AOT partition (inductor's min-cut partitioner, no code generation), MiB by producing op
     and dtype. Graph inputs (parameters) are resident anyway and cost no extra memory."""
+    import warnings
     from collections import Counter
 
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -193,8 +194,6 @@ def compiled_saved(name: str, side: int | None) -> None:
         return lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g,
                                                     partition_fn=partition)
 
-    import warnings
-
     fp, binary, x, y, amp = case_models(name, torch.device("cpu"), side)
     for label, model in (("FP", fp), ("binary", binary)):
         model.train()
@@ -206,7 +205,8 @@ def compiled_saved(name: str, side: int | None) -> None:
 def run_case(name: str, device: torch.device, compiled: bool, repeats: int, steps: int) -> dict:
     """Return one table row: FP and binary training images/s (alternating repeats) and step peak memory."""
     fp, binary, x, y, amp = case_models(name, device)
-    batch, dtype = len(x), CASES[name][3]
+    arch, _, shape, dtype, _, _ = CASES[name]
+    batch = len(x)
     steps_of = {}
     for label, model in (("fp", fp), ("binary", binary)):
         model.train()
