@@ -91,10 +91,7 @@ class BinaryMixin:
         latent = self._parameters["weight"]
         if self.binary_frozen:
             return latent
-        if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return checkpoint(_in_autocast_dtype(self._binary_weight, (torch.bfloat16,)), latent,
-                              use_reentrant=False, context_fn=_recompute_all_context)
-        return self._binary_weight(latent)
+        return _recomputed_when_compiled(self._binary_weight, latent, _recompute_all_context, (torch.bfloat16,))
 
     def _binary_weight(self, latent: torch.Tensor) -> torch.Tensor:
         """2^g * s * B_w with the method's gradient. Inside torch.compile every op of it is marked for
@@ -129,12 +126,10 @@ class BinaryMixin:
         """B_a, the input's signs with the method's gradient. Inside torch.compile the sign op is marked for
         recomputation (kept_small's saved-tensor hooks do not run there): the backward makes B_a again from
         the input it keeps for the sign's own gradient, instead of keeping B_a as floats for the operator."""
-        def signs_of(inp: torch.Tensor) -> torch.Tensor:
-            return clipped_sign(inp, self) if self.binary.clip else self.binarizer.activation(inp, self)
+        return _recomputed_when_compiled(self._signs, x, _recompute_sign_context, (torch.bfloat16, torch.float16))
 
-        if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return checkpoint(_in_autocast_dtype(signs_of), x, use_reentrant=False, context_fn=_recompute_sign_context)
-        return signs_of(x)
+    def _signs(self, x: torch.Tensor) -> torch.Tensor:
+        return clipped_sign(x, self) if self.binary.clip else self.binarizer.activation(x, self)
 
     def _frozen_sign(self, x: torch.Tensor) -> torch.Tensor:
         """sign(x - tau) with the packed file's per-channel threshold tau (0 where it has none)."""
@@ -178,20 +173,23 @@ def _recompute_all_context():
     return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE)
 
 
-def _in_autocast_dtype(fn, dtypes=(torch.bfloat16, torch.float16)):
-    """Return fn with its result cast to autocast's dtype where autocast is on with one of `dtypes` (the
-    dtype the conv/linear casts it to): inside a recomputed region the cast is recomputed too, where
-    autocast's own cast at the operator would be kept for the backward. The values do not change: +-1 is
-    exact in either dtype, and a binary weight's powers of two are exact in bfloat16 (fp32's exponent
-    range), the only dtype the weight is given."""
+def _recomputed_when_compiled(fn, x: torch.Tensor, context_fn, cast_to: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """Return fn(x); inside torch.compile (with grad) run it under selective checkpointing with `context_fn`'s
+    policy, and cast its result to autocast's dtype where autocast is on with one of `cast_to` (the dtype the
+    conv/linear casts it to), so that the cast is recomputed with it: autocast's own cast at the operator
+    would be kept for the backward. The values do not change: +-1 is exact in either dtype, and a binary
+    weight's powers of two are exact in bfloat16 (fp32's exponent range), the only dtype it is given."""
+    if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
+        return fn(x)
+
     def cast(t: torch.Tensor) -> torch.Tensor:
         out = fn(t)
         kind = out.device.type
-        if torch.is_autocast_enabled(kind) and (dtype := torch.get_autocast_dtype(kind)) in dtypes:
+        if torch.is_autocast_enabled(kind) and (dtype := torch.get_autocast_dtype(kind)) in cast_to:
             return out.to(dtype)
         return out
 
-    return cast
+    return checkpoint(cast, x, use_reentrant=False, context_fn=context_fn)
 
 
 class GradScale(torch.autograd.Function):
