@@ -225,6 +225,27 @@ def criteria_failure(rec: dict) -> str | None:
     return None
 
 
+def sweep_model(spec: str):
+    """Return model `spec` as the sweep builds it: seed 0, CLASSES classes, no recorded origin (the packed file
+    must name the architecture as for a model built by timm or torchvision itself)."""
+    import torch
+
+    from irconvert.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(spec, num_classes=CLASSES)
+    del model.irconvert_origin
+    return model
+
+
+def sweep_batch(size: tuple[int, ...]):
+    """Return the sweep's batch of input size `size`: (BATCH random normal images, fixed random labels)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((BATCH, *size), generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+
+
 def small_head(model) -> bool:
     """Draw `model`'s classifier from N(0, 0.01), bias 0 (torchvision's init for its heads); return False if it
     has no single Linear (or 1x1 conv, as DLA's) classifier."""
@@ -244,15 +265,10 @@ def small_head(model) -> bool:
 
 def small_head_drop(spec: str, x, labels) -> float | None:
     """Return the loss drop of the same model and batch with its classifier drawn from N(0, 0.01), or None
-    if it has no single Linear classifier."""
-    import torch
-
+    if it has no single Linear or 1x1-conv classifier."""
     import irconvert
-    from irconvert.models import create_model
 
-    torch.manual_seed(0)
-    model = create_model(spec, num_classes=CLASSES)
-    del model.irconvert_origin
+    model = sweep_model(spec)
     if not small_head(model):
         return None
     return relative_drop(loss_curve(irconvert.binarize(model, inplace=True, calibrate=x), x, labels))
@@ -277,25 +293,21 @@ def check_model(spec: str, report=lambda stage: None) -> dict:
     import torch
 
     import irconvert
-    from irconvert.models import create_model, split_name
+    from irconvert.models import split_name
     from irconvert.verify import max_abs_diff
 
     source, name = split_name(spec)
     rec = _record(name, source)
     t0 = time.perf_counter()
-    torch.manual_seed(0)
     stage = "create"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             report(stage)
-            model = create_model(spec, num_classes=CLASSES)
-            del model.irconvert_origin  # the file must name the architecture as for a model built by timm itself
+            model = sweep_model(spec)
             size = input_size(model)
             rec["input_size"] = list(size)
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn((BATCH, *size), generator=g)
-            labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
+            x, labels = sweep_batch(size)
             rec["grad_norm_fp"] = grad_norm(model, x, labels)
 
             stage = "binarize"

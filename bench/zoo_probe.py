@@ -36,20 +36,17 @@ def main() -> None:
     import torch
 
     import irconvert
-    from bench.zoo_check import BATCH, CLASSES, input_size, loss_curve, relative_drop, small_head
-    from irconvert.models import create_model
+    from bench.zoo_check import (LAST_STEPS, input_size, loss_curve, relative_drop, small_head, sweep_batch,
+                                 sweep_model)
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     warnings.simplefilter("ignore")
-    model = create_model(args.model, num_classes=CLASSES)
-    del model.irconvert_origin
-    size = input_size(model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((BATCH, *size), generator=g)
-    labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
-    if args.small_head and not small_head(model):
-        ap.error(f"{args.model} has no single Linear classifier to redraw")
+    model = sweep_model(args.model)
+    x, labels = sweep_batch(input_size(model))
+    if args.small_head:  # a fresh model, as the check's retry builds it (input_size ran the first one)
+        model = sweep_model(args.model)
+        if not small_head(model):
+            ap.error(f"{args.model} has no single Linear or 1x1-conv classifier to redraw")
     if args.zero_init:
         hit = [m for n, m in model.named_modules() if n.endswith(args.zero_init) and getattr(m, "weight", None) is not None]
         if not hit:
@@ -70,7 +67,7 @@ def main() -> None:
         ap.error("no parameter is left to train")
     curve = loss_curve(net, x, labels)
     print(" ".join(f"{v:.2f}" for v in curve))
-    print(f"drop {100 * relative_drop(curve):.1f}% (mean of the last 5 against the first)")
+    print(f"drop {100 * relative_drop(curve):.1f}% (mean of the last {LAST_STEPS} against the first)")
 
 
 if __name__ == "__main__":
