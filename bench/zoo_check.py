@@ -32,6 +32,14 @@ from N(0, 0.01) (torchvision's init for its heads) before the conversion: `loss_
 does not change the verdict; it tells a random classifier's gain (timm's EfficientNet-family init draws
 a 10-class head from U(+-1/sqrt(10)), 30x torchvision's, and every flip of a binary feature then moves
 the loss by whole units) from a conversion that cannot learn. A user converts a trained head.
+
+Such a model is also measured for chaos (`sensitivity`): the mean relative change of the loss when every
+parameter moves by +-SENSITIVITY_STEP (random signs, SENSITIVITY_DRAWS draws), for the converted model and
+the FP one. An AdamW step moves every parameter by about its learning rate, so a model whose loss moves
+by several percent under steps 100x smaller than the check's cannot show a trend in 20 steps. It does not
+change the verdict either: it names the reason. Converted ResNets and ConvNeXts measure about 1%, their
+FP twins 0.01%; the failing MobileNet-like chains of W1A1 layers with no real-valued path around them
+10-30% (README, zoo section).
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ ADAMW_STEPS = 20
 MIN_LOSS_DROP = 0.10
 LAST_STEPS = 5
 LIVE = 1e-3  # the same bound as irconvert.calibrate.LIVE
+SENSITIVITY_STEP = 1e-5
+SENSITIVITY_DRAWS = 3
+CHAOTIC = 0.05  # a sensitivity from here on is named as the reason a model does not learn
 
 
 def _tensors(out) -> list:
@@ -172,7 +183,8 @@ def _record(name: str, source: str) -> dict:
             "binary_mac_share": None, "size_ratio": None, "input_size": None, "traced": None,
             "live_min": None, "grad_norm": None, "grad_norm_fp": None, "grad_ratio": None,
             "loss_first": None, "loss_last": None, "loss_drop": None, "loss_curve": None, "bypassed": None,
-            "max_abs_diff": None, "loss_drop_small_head": None, "seconds": None}
+            "max_abs_diff": None, "loss_drop_small_head": None, "sensitivity": None, "sensitivity_fp": None,
+            "seconds": None}
 
 
 def _binarize(model, x, rec: dict):
@@ -219,6 +231,10 @@ def criteria_failure(rec: dict) -> str | None:
     if rec["loss_drop"] is not None and rec["loss_drop"] < MIN_LOSS_DROP:
         small = rec.get("loss_drop_small_head")
         also = f"; with the classifier from N(0, 0.01): {100 * small:.1f}%" if small is not None else ""
+        chaos = rec.get("sensitivity")
+        if chaos is not None and chaos >= CHAOTIC:
+            also += (f"; chaotic: a +-{SENSITIVITY_STEP:g} step on every parameter moves the loss by "
+                     f"{100 * chaos:.1f}% (FP: {100 * rec['sensitivity_fp']:.2g}%)")
         return (f"{ADAMW_STEPS} AdamW steps lowered the loss (mean of the last {LAST_STEPS}) by "
                 f"{100 * rec['loss_drop']:.1f}% "
                 f"(< {100 * MIN_LOSS_DROP:g}%){also}")
@@ -274,6 +290,39 @@ def small_head_drop(spec: str, x, labels) -> float | None:
     return relative_drop(loss_curve(irconvert.binarize(model, inplace=True, calibrate=x), x, labels))
 
 
+def sensitivity(net, x, labels, step: float = SENSITIVITY_STEP, draws: int = SENSITIVITY_DRAWS) -> float:
+    """Return the mean relative loss change when every trainable parameter of `net` moves by +-`step`
+    (random signs; `draws` draws, seeded); the parameters are restored. The net is put in
+    `train_deterministic` mode."""
+    import torch
+
+    train_deterministic(net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    first = float(loss_of(net(x), labels))  # loss_of wants outputs that need grad: no no_grad here
+    changes = []
+    for _ in range(draws):
+        moves = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.dtype) * step for p in params]
+        with torch.no_grad():
+            saved = [p.clone() for p in params]
+            for p, m in zip(params, moves):
+                p.add_(m)
+        changes.append(abs(float(loss_of(net(x), labels)) - first) / max(first, 1e-12))
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+    return round(sum(changes) / len(changes), 5)
+
+
+def sensitivities(spec: str, x, labels) -> tuple[float, float]:
+    """Return (converted, FP) `sensitivity` of model `spec` as the sweep builds it, before any step."""
+    import irconvert
+
+    model = sweep_model(spec)
+    fp = sensitivity(model, x, labels)
+    return sensitivity(irconvert.binarize(model, inplace=True, calibrate=x), x, labels), fp
+
+
 def reached(losses: list[float]) -> float:
     """Return the loss the steps reached: the mean of the last LAST_STEPS losses of the curve."""
     tail = losses[-LAST_STEPS:]
@@ -327,6 +376,7 @@ def check_model(spec: str, report=lambda stage: None) -> dict:
             rec["loss_drop"] = relative_drop(curve)
             if rec["loss_drop"] < MIN_LOSS_DROP:
                 rec["loss_drop_small_head"] = small_head_drop(spec, x, labels)
+                rec["sensitivity"], rec["sensitivity_fp"] = sensitivities(spec, x, labels)
             net.eval()
 
             stage = "export"

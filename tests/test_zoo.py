@@ -276,3 +276,38 @@ def test_small_head_redraws_a_single_linear_classifier_only():
     assert not small_head(nn.Sequential(nn.Conv2d(3, 4, 1)))
     dla = timm.create_model("dla34", num_classes=10)  # its classifier is a 1x1 conv
     assert small_head(dla) and float(dla.get_classifier().weight.std()) == pytest.approx(0.01, rel=0.3)
+
+
+def test_sensitivity_restores_the_parameters_and_tells_a_step_function_from_a_smooth_one():
+    """The chaos measure: a smooth model's loss moves by about its gradient times the step, a model whose
+    output jumps at a parameter's value moves by the jump; the parameters are the same afterwards."""
+    from bench.zoo_check import SENSITIVITY_STEP, sensitivity
+
+    class Jump(nn.Module):
+        def __init__(self, at_edge: bool):
+            super().__init__()
+            self.head = nn.Linear(6, 10)
+            self.threshold = nn.Parameter(torch.zeros(4) if at_edge else torch.ones(4))
+
+        def forward(self, x):  # a sign's output: +3 on every logit of class 0 while any threshold is > 0
+            return self.head(x) + 3.0 * (self.threshold.detach() > 0).any() * F.one_hot(torch.tensor(0), 10)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.arange(8)
+    for at_edge in (False, True):
+        net = Jump(at_edge)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        value = sensitivity(net, x, y)
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+        assert (value > 0.05) if at_edge else (value < 100 * SENSITIVITY_STEP)
+
+
+def test_a_chaotic_model_that_does_not_learn_says_so():
+    from bench.zoo_check import _record, criteria_failure
+
+    rec = dict(_record("m", "timm"), live_min=0.4, grad_ratio=0.1, loss_drop=-0.21, loss_drop_small_head=None,
+               sensitivity=0.205, sensitivity_fp=0.0027)
+    assert criteria_failure(rec) == ("20 AdamW steps lowered the loss (mean of the last 5) by -21.0% (< 10%); "
+                                     "chaotic: a +-1e-05 step on every parameter moves the loss by 20.5% "
+                                     "(FP: 0.27%)")
+    assert criteria_failure(dict(rec, sensitivity=0.01)).endswith("(< 10%)")
