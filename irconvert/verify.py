@@ -28,7 +28,7 @@ from .models import from_origin
 from .ops import input_channels
 from .pack import binary_weight
 from .plan import LayerPlan, Plan, Policy
-from .swap import swap
+from .swap import fuse_hardtanh, swap
 
 
 
@@ -76,10 +76,13 @@ def _architecture(meta: dict[str, str], path, origin: Optional[dict]) -> nn.Modu
 
 
 def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
-    """Return the binarized, trainable model stored in model.safetensors (latent weights)."""
+    """Return the binarized, trainable model stored in model.safetensors (latent weights), with the Hardtanh
+    modules that only W1A1 layers read fused into their sign, as `binarize` leaves them: training it costs the
+    memory training the converted model did."""
     tensors, meta = read(path, LATENT_FORMAT)
     net = _skeleton(meta, path, model)
     _load_strict(net, tensors, path)
+    fuse_hardtanh(net, net.irconvert_plan)
     net.irconvert_input_size = stored_input_size(meta)  # a re-export keeps it
     return net
 

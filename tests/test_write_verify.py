@@ -165,3 +165,22 @@ def test_batch_reports_a_failure_and_converts_the_others(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "irconvert", "verify", str(tmp_path / "one" / "packed.safetensors")],
                             capture_output=True, text=True)
     assert verify.returncode == 0 and "max |packed - latent| = 0 (ok" in verify.stdout
+
+
+def test_load_gives_a_model_that_trains_as_the_converted_one(tmp_path):
+    """`load` fuses the Hardtanh modules that only W1A1 layers read, as `binarize` did: the same fused set,
+    the same outputs and the same gradients (it used to train with every Hardtanh unfused)."""
+    torch.manual_seed(0)
+    net = irconvert.binarize(timm.create_model("resnet18", num_classes=10))
+    assert net.irconvert_plan.fused
+    loaded = irconvert.load(irconvert.save_latent(net, tmp_path / "model.safetensors"))
+    assert loaded.irconvert_plan.fused == net.irconvert_plan.fused
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for m in (net, loaded):
+        m.train()
+        m(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=0, msg=n)
