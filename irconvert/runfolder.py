@@ -26,13 +26,13 @@ from torch import nn
 from . import distributed
 from .data import build_data, calibration_batch
 from .errors import IRConvertError
-from .fileformat import atomic_path, write_text
+from .fileformat import atomic_path, describe, write_text
 from .models import from_origin
 from .recipe import Recipe, load_recipe, validate
 from .layer_summary import Summary, summary
 from .swap import binarize
 from .train import Diverged, Stage
-from .verify import load, load_packed, max_abs_diff
+from .verify import load, load_packed, max_abs_diff, rebuild
 from .version import __version__
 from .write import save_latent, save_packed
 
@@ -185,6 +185,8 @@ class RunFolder:
                     "origin": json.dumps(getattr(self.teacher, "irconvert_origin", None)),
                     "input_size": json.dumps(list(self.input_size or ())),
                     "teacher": self.teacher.state_dict(), "history": self._rows(), **opt_state}
+            if getattr(stage.model, "irconvert_plan", None) is not None:  # export rebuilds it without data
+                body["binarization"] = json.dumps(describe(stage.model))
             with atomic_path(self.out / CHECKPOINT) as tmp:
                 torch.save(body, tmp)
             self.kept = (stage.name, epoch)
@@ -437,6 +439,15 @@ def _student_from_checkpoint(path: Path, recipe: Union[str, os.PathLike, None] =
     if not origin:
         raise IRConvertError(f"{ckpt}: holds no model origin (a user model); export it from Python with save_packed")
     found = _checkpoint_recipe(state, ckpt, recipe)
+    if state.get("binarization"):  # the plan as trained: no calibration data needed, no second calibration
+        try:
+            described = json.loads(state["binarization"])
+        except (TypeError, ValueError):
+            raise IRConvertError(f"{ckpt}: its 'binarization' entry is not valid JSON; the checkpoint is damaged")
+        student = rebuild(described, ckpt, state["model"])
+        student.irconvert_input_size = tuple(json.loads(state.get("input_size") or "[]")) or None
+        return student, run, state["recipe_hash"]
+    # a checkpoint from before checkpoints held the plan
     fp = from_origin(origin)
     # binarize the same FP weights the run binarized: the per-layer gains come from them
     fp.load_state_dict(state["teacher"])

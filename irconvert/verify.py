@@ -80,10 +80,17 @@ def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Modul
     modules that only W1A1 layers read fused into their sign, as `binarize` leaves them: training it costs the
     memory training the converted model did."""
     tensors, meta = read(path, LATENT_FORMAT)
-    net = _skeleton(meta, path, model)
-    _load_strict(net, tensors, path)
-    fuse_hardtanh(net, net.irconvert_plan)
+    net = rebuild(meta, path, tensors, model)
     net.irconvert_input_size = stored_input_size(meta)  # a re-export keeps it
+    return net
+
+
+def rebuild(meta: dict[str, str], path, state: dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> nn.Module:
+    """Return the trainable binarized model that metadata `meta` (fileformat.describe) describes, holding the
+    latent `state`; `path` names where both came from in errors."""
+    net = _skeleton(meta, path, model)
+    _load_strict(net, state, path)
+    fuse_hardtanh(net, net.irconvert_plan)
     return net
 
 

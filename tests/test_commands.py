@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from irconvert.errors import IRConvertError
 
@@ -146,7 +147,7 @@ def test_export_of_a_checkpoint_outside_its_run_folder(run_dir, tmp_path, capsys
     old = tmp_path / "old" / "checkpoint.pt"  # a checkpoint written before checkpoints held the recipe
     old.parent.mkdir()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    del state["recipe"]
+    del state["recipe"], state["binarization"]
     torch.save(state, old)
     code, _, err = cli(capsys, "export", old)
     assert code == 2 and "--recipe" in err and not (old.parent / "packed.safetensors").exists()
@@ -155,6 +156,26 @@ def test_export_of_a_checkpoint_outside_its_run_folder(run_dir, tmp_path, capsys
     code, _, err = cli(capsys, "export", old, "--recipe", run_dir / "recipe.yaml")
     assert code == 0, err
     assert meta(old.parent / "model.safetensors") == meta(run_dir / "model.safetensors")
+
+
+def test_export_of_a_checkpoint_needs_no_data_and_gives_the_run_files(run_dir, tmp_path, capsys, monkeypatch):
+    """A checkpoint holds the plan it trained with: export rebuilds the model from it, without reading the
+    dataset for a second calibration."""
+    import irconvert.runfolder
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("export read the dataset")
+
+    monkeypatch.setattr(irconvert.runfolder, "build_data", no_data)
+    alone = tmp_path / "alone" / "checkpoint.pt"
+    alone.parent.mkdir()
+    shutil.copy(run_dir / "checkpoint.pt", alone)
+    code, _, err = cli(capsys, "export", alone)
+    assert code == 0, err
+    for name in ("model.safetensors", "packed.safetensors"):
+        assert meta(alone.parent / name) == meta(run_dir / name)
+        new, old = load_file(alone.parent / name), load_file(run_dir / name)
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
 
 
 def test_export_of_a_latent_file_keeps_input_size_and_recipe_hash(run_dir, tmp_path, capsys):
