@@ -37,9 +37,9 @@ Such a model is also measured for chaos (`sensitivity`): the mean relative chang
 parameter moves by +-SENSITIVITY_STEP (random signs, SENSITIVITY_DRAWS draws), for the converted model and
 the FP one. An AdamW step moves every parameter by about its learning rate, so a model whose loss moves
 by several percent under steps 100x smaller than the check's cannot show a trend in 20 steps. It does not
-change the verdict either: it names the reason. Converted ResNets and ConvNeXts measure about 1%, their
-FP twins 0.01%; the failing MobileNet-like chains of W1A1 layers with no real-valued path around them
-10-30% (README, zoo section).
+change the verdict either: it names the reason (from CHAOTIC on). Converted ResNets and ConvNeXts measure
+0.5-2%, their FP twins under 0.01%; the failing MobileNet-like chains of W1A1 layers with no real-valued
+path around them 5-40% (README, zoo section).
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def criteria_failure(rec: dict) -> str | None:
         also = f"; with the classifier from N(0, 0.01): {100 * small:.1f}%" if small is not None else ""
         chaos = rec.get("sensitivity")
         if chaos is not None and chaos >= CHAOTIC:
-            also += (f"; chaotic: a +-{SENSITIVITY_STEP:g} step on every parameter moves the loss by "
+            step = f"{SENSITIVITY_STEP:g}".replace("e-0", "e-")
+            also += (f"; chaotic: a ±{step} step on every parameter moves the loss by "
                      f"{100 * chaos:.1f}% (FP: {100 * rec['sensitivity_fp']:.2g}%)")
         return (f"{ADAMW_STEPS} AdamW steps lowered the loss (mean of the last {LAST_STEPS}) by "
                 f"{100 * rec['loss_drop']:.1f}% "

@@ -308,6 +308,6 @@ def test_a_chaotic_model_that_does_not_learn_says_so():
     rec = dict(_record("m", "timm"), live_min=0.4, grad_ratio=0.1, loss_drop=-0.21, loss_drop_small_head=None,
                sensitivity=0.205, sensitivity_fp=0.0027)
     assert criteria_failure(rec) == ("20 AdamW steps lowered the loss (mean of the last 5) by -21.0% (< 10%); "
-                                     "chaotic: a +-1e-05 step on every parameter moves the loss by 20.5% "
+                                     "chaotic: a ±1e-5 step on every parameter moves the loss by 20.5% "
                                      "(FP: 0.27%)")
     assert criteria_failure(dict(rec, sensitivity=0.01)).endswith("(< 10%)")
