@@ -143,9 +143,9 @@ def peak_mib(step, device: torch.device) -> float:
     return _rss_mib("VmHWM") - before
 
 
-def case_models(name: str, device: torch.device, side: int | None = None):
+def case_models(name: str, device: torch.device, side: int | None = None, policy_fields: dict | None = None):
     """Return (FP model, its binarized twin, inputs, labels, amp) of case `name` on `device` (`side`: another
-    input side than the case's)."""
+    input side than the case's; `policy_fields`: Policy fields over the case's policy)."""
     arch, kwargs, shape, dtype, gpu_batch, cpu_batch = CASES[name]
     batch = gpu_batch if device.type == "cuda" else cpu_batch
     torch.manual_seed(0)
@@ -157,6 +157,8 @@ def case_models(name: str, device: torch.device, side: int | None = None):
     else:
         fp = create_model(arch, "timm", **kwargs)
         policy = None
+    if policy_fields:
+        policy = (policy or irconvert.Policy()).model_copy(update=policy_fields)
     binary = irconvert.binarize(fp, policy).to(device)
     fp = fp.to(device)
     shape = shape if side is None else (shape[0], side, side)
@@ -202,9 +204,10 @@ def compiled_saved(name: str, side: int | None) -> None:
             make_step(torch.compile(model, backend=backend(label)), x, y, amp)()
 
 
-def run_case(name: str, device: torch.device, compiled: bool, repeats: int, steps: int) -> dict:
+def run_case(name: str, device: torch.device, compiled: bool, repeats: int, steps: int,
+             policy_fields: dict | None = None) -> dict:
     """Return one table row: FP and binary training images/s (alternating repeats) and step peak memory."""
-    fp, binary, x, y, amp = case_models(name, device)
+    fp, binary, x, y, amp = case_models(name, device, policy_fields=policy_fields)
     arch, _, shape, dtype, _, _ = CASES[name]
     batch = len(x)
     steps_of = {}
@@ -227,7 +230,9 @@ def run_case(name: str, device: torch.device, compiled: bool, repeats: int, step
             times[label].append((time.perf_counter() - t0) / steps)
     fp_s, bin_s = statistics.median(times["fp"]), statistics.median(times["binary"])
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"case": f"{arch} {'x'.join(map(str, shape))}", "device": device.type, "card": card,
+    label = f"{arch} {'x'.join(map(str, shape))}" + "".join(f", {k}={json.dumps(v)}"
+                                                            for k, v in (policy_fields or {}).items())
+    return {"case": label, "device": device.type, "card": card,
             "threads": torch.get_num_threads(), "dtype": dtype, "compile": compiled, "batch": batch,
             "fp_img_s": round(batch / fp_s, 1), "binary_img_s": round(batch / bin_s, 1),
             "ratio": round(fp_s / bin_s, 3), "fp_peak_mib": round(peaks["fp"], 1),
@@ -336,10 +341,12 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _row(case: str, device: str, compiled: bool, repeats: int, steps: int, env: dict, root: str) -> dict | None:
+def _row(case: str, device: str, compiled: bool, repeats: int, steps: int, env: dict, root: str,
+         sets: list[str]) -> dict | None:
     """Run one (case, compile) row in its own process; return it, or None (its stderr printed) if it failed."""
     cmd = [sys.executable, "-m", "bench.throughput", "--row", case, "--device", device,
            "--compile", str(int(compiled)), "--repeats", str(repeats), "--steps", str(steps)]
+    cmd += [arg for item in sets for arg in ("--set", item)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
@@ -347,7 +354,8 @@ def _row(case: str, device: str, compiled: bool, repeats: int, steps: int, env: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(device: str, cases: list[str], compiles: list[bool], repeats: int, steps: int) -> None:
+def table(device: str, cases: list[str], compiles: list[bool], repeats: int, steps: int,
+          sets: list[str] = ()) -> None:
     """Run each (case, compile) in its own process and merge the rows into bench/results/throughput.json.
 
     On the CPU a row runs twice: once for the speed with the default allocator, once for the peak RSS with
@@ -359,9 +367,10 @@ def table(device: str, cases: list[str], compiles: list[bool], repeats: int, ste
     rows = json.loads(out.read_text()) if out.is_file() else []
     for case in cases:
         for compiled in compiles:
-            row = _row(case, device, compiled, repeats, steps, env, root)
+            row = _row(case, device, compiled, repeats, steps, env, root, sets)
             if row is not None and device == "cpu":
-                mem = _row(case, device, compiled, repeats, steps, {**env, "MALLOC_MMAP_THRESHOLD_": "65536"}, root)
+                mem = _row(case, device, compiled, repeats, steps, {**env, "MALLOC_MMAP_THRESHOLD_": "65536"}, root,
+                           sets)
                 row = row if mem is None else {**row, "fp_peak_mib": mem["fp_peak_mib"],
                                                "binary_peak_mib": mem["binary_peak_mib"]}
             if row is None:
@@ -387,7 +396,14 @@ def main() -> None:
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30; --table: per repeat, 2)")
     ap.add_argument("--batch", type=int, default=128, help="global batch (split over processes)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="--table/--row: a Policy field over the case's policy (a row of its own, the fields in "
+                         "its case name), e.g. --set rsign=true --set activation='\"rprelu\"'")
     args = ap.parse_args()
+    try:
+        policy_fields = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    except ValueError:
+        ap.error("--set takes FIELD=JSON, e.g. rsign=true or activation='\"rprelu\"'")
     if args.steps is None:
         args.steps = 2 if (args.row or args.table) else 30
     if args.census:
@@ -398,11 +414,11 @@ def main() -> None:
         return
     if args.row:
         print(json.dumps(run_case(args.row, torch.device(args.device), args.compile == "1", args.repeats,
-                                  args.steps)), flush=True)
+                                  args.steps, policy_fields)), flush=True)
         return
     if args.table:
         table(args.device, args.cases.split(","), [c == "1" for c in args.compile.split(",")], args.repeats,
-              args.steps)
+              args.steps, args.set)
         return
     device = torch.device(args.device)
     world = distributed.setup("auto", device)

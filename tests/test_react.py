@@ -212,3 +212,92 @@ def test_run_trains_them_and_resumes_to_the_same_weights(tmp_path, fashion_root,
     run("resnet18", RECIPES / "quickstart.yaml", out=part, resume=True, **args)
     b = load_file(part / "model.safetensors")
     assert latent.keys() == b.keys() and all(torch.equal(latent[k], b[k]) for k in latent)
+
+
+def _saved(fn):
+    """Run fn() under saved-tensor hooks; return (its result, the tensors autograd kept)."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = fn()
+    return out, kept
+
+
+def _plain_rprelu(act, x):
+    y = x - act.gamma
+    return torch.where(y > 0, y, y * act.beta) + act.zeta
+
+
+@pytest.mark.parametrize("negative_slope", [False, True])
+def test_rprelu_keeps_its_output_and_gives_the_plain_formulas_numbers(negative_slope):
+    """The output-keeping RPReLU (fused/rprelu.py): the same output bit for bit, the same input gradient bit
+    for bit, the parameter gradients to float rounding; it keeps the output and a bool mask, not x - gamma.
+    A slope <= 0 anywhere runs the plain formula."""
+    torch.manual_seed(0)
+    act = RPReLU((8, 1, 1))
+    with torch.no_grad():
+        act.gamma.normal_(0, 0.3), act.zeta.normal_(0, 0.3), act.beta.uniform_(0.05, 1.5)
+        if negative_slope:
+            act.beta[3] = -0.1
+    x = torch.randn(4, 8, 6, 6) * 2
+    x[0, :, 0, 0] = act.gamma.detach().flatten()  # exactly on the kink
+    g = torch.randn(4, 8, 6, 6)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, kept = _saved(lambda: act(a))
+    ref = _plain_rprelu(act, b)
+    assert torch.equal(out, ref)
+    floats = [t for t in kept if t.shape == x.shape and t.is_floating_point()]
+    if negative_slope:
+        assert any(t.data_ptr() != out.data_ptr() for t in floats)  # the plain formula keeps x - gamma
+    else:
+        assert [t.data_ptr() for t in floats] == [out.data_ptr()]
+    grads = torch.autograd.grad(out, [a, act.gamma, act.beta, act.zeta], g)
+    want = torch.autograd.grad(ref, [b, act.gamma, act.beta, act.zeta], g)
+    assert torch.equal(grads[0], want[0])
+    for got, exp in zip(grads[1:], want[1:]):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["irnet", "vanilla"])
+def test_rsign_keeps_the_unshifted_input_and_gives_the_same_gradients(method):
+    """RSign's sign keeps x (which the RPReLU in front keeps as its output) and shifts it again in the
+    backward: the same signs, input gradient bit for bit, alpha's to rounding."""
+    layer = rsign_layer(method)
+    irconvert.set_ede(layer, 0.7)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    g = torch.randn(2, 3, 5, 5)
+    signs, kept = _saved(lambda: layer.binarizer.activation(x, layer))
+    assert [t.data_ptr() for t in kept if t.shape == x.shape] == [x.data_ptr()]
+    gx, ga = torch.autograd.grad(signs, [x, layer.rsign_alpha], g)
+    shifted = x - layer.rsign_alpha.view(1, 3, 1, 1)
+    ref = layer.binarizer.input_sign(shifted, layer)  # the unfused composition: shift, then the method's sign
+    assert torch.equal(signs, ref)
+    wx, wa = torch.autograd.grad(ref, [x, layer.rsign_alpha], g)
+    assert torch.equal(gx, wx)
+    torch.testing.assert_close(ga, wa, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_with_rsign_and_rprelu_trains_as_with_the_plain_ops(monkeypatch):
+    """A converted ResNet-18 with RSign + RPReLU: outputs equal and gradients to rounding with the
+    output-keeping ops switched off (the plain formulas), and fewer activation-sized tensors kept."""
+    import irconvert.methods.react as react
+
+    torch.manual_seed(0)
+    fp = create_model("resnet18", num_classes=10)
+    nets = [irconvert.binarize(fp, rsign=True, activation="rprelu") for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for i, net in enumerate(nets):
+        if i == 1:
+            monkeypatch.setattr(react, "rprelu_keeping_output", lambda *a: None)
+            monkeypatch.setattr(react, "shifted_sign", lambda *a: None)
+        net.train()
+        out, kept = _saved(lambda: net(x))
+        out.square().sum().backward()
+        unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+        big = sum(v for v in unique.values() if v >= 2 * 16 * 8 * 8)
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}, big))
+    assert torch.equal(results[0][0], results[1][0])
+    for n, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][n], rtol=1e-4, atol=1e-5, msg=n)
+    assert results[0][2] < 0.75 * results[1][2]

@@ -35,8 +35,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..fused.rprelu import rprelu_keeping_output, shifted_sign
 from ..ops import input_channels, per_input_channel
-from .base import Binarizer
+from .base import Binarizer, declared_mode
+from .ede import layer_tk
 
 RPRELU_BETA = 0.25
 
@@ -55,6 +57,17 @@ class RSign:
 
     def shift_input(self, x: torch.Tensor, layer) -> torch.Tensor:
         return x - per_input_channel(layer.rsign_alpha, x, layer)
+
+    def activation(self, x: torch.Tensor, layer) -> torch.Tensor:
+        """B_a = sign(x - alpha); where the method's input sign is the fused op (a declared mode), the sign
+        keeps x, which the activation in front keeps anyway, not the shifted copy (fused/rprelu.py)."""
+        mode = declared_mode(type(self), "input_sign")
+        if mode is not None and layer.binary_mode == "W1A1":
+            tk = layer_tk(layer, x.device) if mode == "ede" else None
+            signs = shifted_sign(x, per_input_channel(layer.rsign_alpha, x, layer), tk, mode)
+            if signs is not None:
+                return signs
+        return super().activation(x, layer)
 
     def threshold(self, layer) -> Optional[torch.Tensor]:
         alpha = layer._parameters.get("rsign_alpha")
@@ -95,6 +108,9 @@ class RPReLU(nn.Module):
         self.zeta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept_small = rprelu_keeping_output(x, self.gamma, self.beta, self.zeta)  # training memory (fused/rprelu.py)
+        if kept_small is not None:
+            return kept_small
         y = x - self.gamma
         return torch.where(y > 0, y, y * self.beta) + self.zeta
 
