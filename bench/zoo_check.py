@@ -301,11 +301,12 @@ def sensitivity(net, x, labels, step: float = SENSITIVITY_STEP, draws: int = SEN
     params = [p for p in net.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     first = float(loss_of(net(x), labels))  # loss_of wants outputs that need grad: no no_grad here
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
     changes = []
     for _ in range(draws):
         moves = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.dtype) * step for p in params]
         with torch.no_grad():
-            saved = [p.clone() for p in params]
             for p, m in zip(params, moves):
                 p.add_(m)
         changes.append(abs(float(loss_of(net(x), labels)) - first) / max(first, 1e-12))

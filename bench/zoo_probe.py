@@ -53,15 +53,16 @@ def main() -> None:
     warnings.simplefilter("ignore")
     model = sweep_model(args.model)
     size = input_size(model)
-    x, labels = sweep_batch(size)
     if args.fashion:
         from bench.zoo_check import train_deterministic
 
         batches = fashion_batches(size, args.fashion + 1)
         x, labels = batches[0]  # calibration
-        model = sweep_model(args.model)  # input_size ran the first one
-    if args.small_head:  # a fresh model, as the check's retry builds it (input_size ran the first one)
+    else:
+        x, labels = sweep_batch(size)
+    if args.fashion or args.small_head:  # a fresh model, as the check's retry builds it (input_size ran this one)
         model = sweep_model(args.model)
+    if args.small_head:
         if not small_head(model):
             ap.error(f"{args.model} has no single Linear or 1x1-conv classifier to redraw")
     if args.zero_init:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .sign import binary_sign_grad, sign_values
+
 
 class _RPReLUOut(torch.autograd.Function):
     @staticmethod
@@ -60,16 +62,12 @@ class _ShiftedSign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, tk, mode):
-        from .sign import sign_values
-
         ctx.save_for_backward(x, alpha, tk)
         ctx.mode = mode
         return sign_values(x - alpha)
 
     @staticmethod
     def backward(ctx, g):
-        from .sign import binary_sign_grad
-
         x, alpha, tk = ctx.saved_tensors
         gs = binary_sign_grad(g, x - alpha, tk, ctx.mode, False)
         g_alpha = -gs.sum_to_size(alpha.shape) if ctx.needs_input_grad[1] else None

@@ -137,8 +137,10 @@ def plain_input_mode(cls: type) -> Optional[str]:
     return declared_mode(cls, "input_sign")
 
 
+@functools.lru_cache(maxsize=None)
 def declared_mode(cls: type, op: str) -> Optional[str]:
-    """Return the `{op}_mode` (fused sign mode) that the class defining `cls`'s method `op` declares, or None."""
+    """Return the `{op}_mode` (fused sign mode) that the class defining `cls`'s method `op` declares, or None
+    (once per class: RSign's activation asks at every forward)."""
     owner = next(k for k in cls.__mro__ if op in vars(k))
     return vars(owner).get(f"{op}_mode")
 
