@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .analyze import Analysis
-from .layers import BinaryMixin
+from .layers import BinaryMixin, set_mode
 from .plan import Plan
 
 LIVE = 1e-3  # a W1A1 input with fewer than 0.1% of its bits of one sign is as good as constant
@@ -115,7 +115,7 @@ def calibrate(model: nn.Module, analysis: Analysis, batch: Batch) -> tuple[Plan,
                    if keep_relus else "; it stays so with Hardtanh in place of its ReLUs"
                    if analysis.layers[name].sources else
                    "; no ReLU reaches it that a Hardtanh could replace (a sigmoid or softmax gate, a functional relu)")
-            model.get_submodule(name).binary_mode = "W1A32"
+            set_mode(model.get_submodule(name), "W1A32")
             lp = layers[name]
             layers[name] = dataclasses.replace(lp, mode="W1A32", reason=f"{lp.reason}; W1A32 as its input bits were dead")
             warnings.append(f"{name}: W1A32, as {why} on the calibration batch{how}")

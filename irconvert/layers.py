@@ -263,6 +263,21 @@ def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gai
     return module
 
 
+def set_mode(module: nn.Module, mode: str) -> None:
+    """Make binary `module` a `mode` layer with its method's parameters registered anew for that mode: a
+    parameter only W1A1 uses (RSign's alpha, SD-BNN's input shift) goes with W1A1, so the layer's
+    state_dict is the one a layer made in `mode` has (what a file's reload builds). For a layer fresh
+    from conversion (calibration): parameters it already trained would start again."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == module.binary_mode:
+        return
+    for name in module.binary_params:
+        delattr(module, name)
+    module.binary_mode = mode
+    module.binary.params = module.binarizer.init(module)
+
+
 def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield (name, module) for every binarized layer of `model`."""
     for name, m in model.named_modules():

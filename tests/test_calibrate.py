@@ -84,6 +84,21 @@ def test_input_that_no_hardtanh_can_fix_becomes_w1a32_with_a_warning_naming_it(t
     assert irconvert.verify.max_abs_diff(net, loaded, x) == 0
 
 
+@pytest.mark.parametrize("fields, only_w1a1", [({"rsign": True}, "rsign_alpha"), ({"method": "sdbnn"}, "input_shift")])
+def test_a_layer_made_w1a32_loses_the_parameters_only_w1a1_has_and_its_latent_file_reloads(tmp_path, fields, only_w1a1):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    net, _ = _binarize(SEBlock(gate="sigmoid"), calibrate=x, **fields)
+    assert net.conv2.binary_mode == "W1A32" and net.conv1.binary_mode == "W1A1"
+    assert hasattr(net.conv1, only_w1a1) and not hasattr(net.conv2, only_w1a1)
+    assert only_w1a1 not in net.conv2.binary_params
+    assert not any(k.startswith(f"conv2.{only_w1a1}") for k in net.state_dict())
+    # the rebuild makes conv2 W1A32 from the start: the state_dicts match key for key
+    loaded = irconvert.load(irconvert.save_latent(net, tmp_path / "m.safetensors"), model=SEBlock("sigmoid"))
+    assert loaded.state_dict().keys() == net.state_dict().keys()
+    assert irconvert.verify.max_abs_diff(net, loaded, x) == 0
+
+
 def test_pooled_input_whose_bits_are_the_same_for_every_sample_becomes_w1a32():
     torch.manual_seed(0)
     # the pooled features share their signs across samples (a channel's constant offset dominates)
