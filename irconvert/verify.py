@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from .attention import prepare_attention
@@ -29,14 +30,15 @@ from .ops import input_channels
 from .pack import binary_weight
 from .plan import LayerPlan, Plan, Policy
 from .swap import fuse_hardtanh, swap
+from .version import __version__
 
 
 
 def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Module:
     """Return the unbinarized architecture: `model` if given, else built from the metadata."""
+    policy = _policy(meta, path)
     try:
         origin = json.loads(meta.get("model") or "null")
-        policy = Policy.model_validate_json(meta["policy"])
         decisions = json.loads(meta["plan"])
         gains = json.loads(meta.get("gain") or "{}")  # absent in files written before the gain existed
         scales = json.loads(meta.get("grad_scale") or "{}")  # absent before calibration existed
@@ -59,6 +61,22 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
                                 rprelu=rprelu))
     except AttributeError as exc:
         raise IRConvertError(f"{path}: its layers do not fit this architecture ({exc})") from None
+
+
+def _policy(meta: dict[str, str], path) -> Policy:
+    """Return the policy a file's metadata records; a policy with fields this version does not know (a
+    newer irconvert's options) is an error that names them and the version that wrote the file."""
+    try:
+        return Policy.model_validate_json(meta["policy"])
+    except KeyError:
+        raise IRConvertError(f"{path}: metadata has no 'policy' entry; export it again") from None
+    except ValidationError as exc:
+        unknown = [".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if unknown and len(unknown) == len(exc.errors()):
+            raise IRConvertError(f"{path}: its policy has fields this irconvert {__version__} does not know "
+                                 f"({', '.join(unknown)}): it was written by irconvert "
+                                 f"{meta.get('irconvert_version', '?')}; read it with that version or newer") from None
+        raise IRConvertError(f"{path}: metadata 'policy' is invalid ({exc.errors()[0]['msg']}); export it again") from None
 
 
 def _architecture(meta: dict[str, str], path, origin: Optional[dict]) -> nn.Module:

@@ -133,6 +133,20 @@ def test_other_format_version_and_wrong_kind_are_named(tmp_path, packed_file):
         irconvert.load_packed(tmp_path / "plain.safetensors")
 
 
+def test_a_policy_field_from_a_newer_irconvert_is_named_with_the_version_that_wrote_it(tmp_path, packed_file):
+    policy = json.loads(irconvert.load_packed(packed_file, model=timm.create_model("resnet18", num_classes=10))
+                        .irconvert_plan.policy.model_dump_json())
+    newer = tmp_path / "newer.safetensors"
+    rewrite_metadata(packed_file, newer, policy=json.dumps(policy | {"future_knob": 1}), irconvert_version="0.9.0")
+    with pytest.raises(IRConvertError, match=r"newer.safetensors: its policy has fields this irconvert \S+ does not "
+                                             r"know \(future_knob\): it was written by irconvert 0.9.0; read it with"):
+        irconvert.load_packed(newer, model=timm.create_model("resnet18", num_classes=10))
+    bad = tmp_path / "bad.safetensors"
+    rewrite_metadata(packed_file, bad, policy=json.dumps(policy | {"rsign": "maybe"}))
+    with pytest.raises(IRConvertError, match=r"bad.safetensors: metadata 'policy' is invalid \(.*\); export it again"):
+        irconvert.load_packed(bad, model=timm.create_model("resnet18", num_classes=10))
+
+
 def test_format_1_files_still_load(tmp_path, packed_file):
     old = tmp_path / "v1.safetensors"  # /1 had no thresholds or float scales: an IR-Net file is the same bytes
     rewrite_metadata(packed_file, old, format="irconvert-packed/1")
