@@ -31,7 +31,7 @@ import torch
 
 from ..fused import binary_sign
 from ..ops import sign
-from .ede import layer_tk
+from .ede import mode_tk
 from .quantizers import ste_sign
 
 
@@ -149,4 +149,4 @@ def clipped_sign(x: torch.Tensor, layer) -> torch.Tensor:
     """Return sign(hardtanh(x)) = sign(x) with the layer's input-sign gradient times Hardtanh(-1, 1)'s: a
     Hardtanh in front of the layer fused into the sign (swap.fuse_hardtanh; plain_input_mode methods only)."""
     mode = plain_input_mode(type(layer.binarizer))
-    return binary_sign(x, mode, layer_tk(layer, x.device) if mode == "ede" else None, clip=True)
+    return binary_sign(x, mode, mode_tk(layer, mode, x.device), clip=True)

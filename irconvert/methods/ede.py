@@ -11,6 +11,7 @@ large support), late it approaches the true derivative of sign.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -63,6 +64,11 @@ def layer_tk(layer, device=None) -> torch.Tensor:
     """Return the layer's [t, k] buffer (set_ede keeps it), else a tensor of its floats t and k."""
     tk = getattr(layer, "ede_tk", None)
     return tk if tk is not None else torch.tensor([float(layer.ede_t), float(layer.ede_k)], device=device)
+
+
+def mode_tk(layer, mode: Optional[str], device=None) -> Optional[torch.Tensor]:
+    """Return the [t, k] that a fused sign of `mode` reads: the layer's (layer_tk) for "ede", else None."""
+    return layer_tk(layer, device) if mode == "ede" else None
 
 
 class EDE:

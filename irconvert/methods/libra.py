@@ -87,10 +87,10 @@ class LibraPB:
         mode = _fused_mode(type(self))
         if mode is None or w.dtype == torch.float64:
             return super().weight(w, layer)
-        from .ede import layer_tk
+        from .ede import mode_tk
         from .libra_pb import libra_pb
 
-        return libra_pb(w, mode, layer_tk(layer, w.device) if mode == "ede" else None)
+        return libra_pb(w, mode, mode_tk(layer, mode, w.device))
 
     def standardize(self, w: torch.Tensor, layer) -> torch.Tensor:
         return balance(w)

@@ -38,7 +38,7 @@ from torch import nn
 from ..fused.rprelu import rprelu_keeping_output, shifted_sign
 from ..ops import input_channels, per_input_channel
 from .base import Binarizer, declared_mode
-from .ede import layer_tk
+from .ede import mode_tk
 
 RPRELU_BETA = 0.25
 
@@ -63,7 +63,7 @@ class RSign:
         keeps x, which the activation in front keeps anyway, not the shifted copy (fused/rprelu.py)."""
         mode = declared_mode(type(self), "input_sign")
         if mode is not None and layer.binary_mode == "W1A1":
-            tk = layer_tk(layer, x.device) if mode == "ede" else None
+            tk = mode_tk(layer, mode, x.device)
             signs = shifted_sign(x, per_input_channel(layer.rsign_alpha, x, layer), tk, mode)
             if signs is not None:
                 return signs
