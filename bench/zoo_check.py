@@ -157,24 +157,34 @@ def grad_norm(net, x, labels) -> float:
     return norm
 
 
+def adamw_steps(net, batches) -> list[float]:
+    """One AdamW step (lr 1e-3) per (input, labels) of `batches`; return the loss before each step."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step, (x, labels) in enumerate(batches):
+        loss = loss_of(net(x), labels)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {float(loss)} at step {step}")
+        losses.append(float(loss))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return losses
+
+
 def loss_curve(net, x, labels, steps: int = ADAMW_STEPS) -> list[float]:
     """Run `steps` AdamW steps (lr 1e-3) on the batch; return the loss before each step and after the last."""
     import torch
 
     train_deterministic(net)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for step in range(steps + 1):
-        loss = loss_of(net(x), labels)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {float(loss)} at step {step}")
-        losses.append(float(loss))
-        if step < steps:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return losses
+    losses = adamw_steps(net, [(x, labels)] * steps)
+    last = loss_of(net(x), labels)
+    if not torch.isfinite(last):
+        raise RuntimeError(f"loss became {float(last)} at step {steps}")
+    return losses + [float(last)]
 
 
 def _record(name: str, source: str) -> dict:

@@ -46,8 +46,8 @@ def main() -> None:
     import torch
 
     import irconvert
-    from bench.zoo_check import (LAST_STEPS, input_size, loss_curve, relative_drop, small_head, sweep_batch,
-                                 sweep_model)
+    from bench.zoo_check import (LAST_STEPS, adamw_steps, input_size, loss_curve, relative_drop, small_head,
+                                 sweep_batch, sweep_model)
 
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -85,7 +85,7 @@ def main() -> None:
         ap.error("no parameter is left to train")
     if args.fashion:
         train_deterministic(net)
-        losses = fashion_steps(net, batches[1:])
+        losses = adamw_steps(net, batches[1:])
         print(" ".join(f"{v:.2f}" for v in losses[::10]))
         top1 = fashion_top1(net.eval(), size)
         print(f"Fashion-MNIST top-1 after {args.fashion} steps: {top1:.1f}% on {FASHION_EVAL} test images "
@@ -122,23 +122,6 @@ def fashion_batches(size: tuple[int, ...], n: int) -> list:
     import itertools
 
     return list(itertools.islice(_fashion("train", size), n))
-
-
-def fashion_steps(net, batches) -> list[float]:
-    """One AdamW step (lr 1e-3) per batch; return the losses."""
-    import torch
-
-    from bench.zoo_check import loss_of
-
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for x, y in batches:
-        loss = loss_of(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    return losses
 
 
 def fashion_top1(net, size: tuple[int, ...]) -> float:
