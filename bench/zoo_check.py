@@ -157,6 +157,16 @@ def grad_norm(net, x, labels) -> float:
     return norm
 
 
+def finite_loss(net, x, labels, step: int):
+    """Return the loss of `net` on the batch; RuntimeError naming `step` if it is not finite."""
+    import torch
+
+    loss = loss_of(net(x), labels)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss became {float(loss)} at step {step}")
+    return loss
+
+
 def adamw_steps(net, batches) -> list[float]:
     """One AdamW step (lr 1e-3) per (input, labels) of `batches`; return the loss before each step."""
     import torch
@@ -164,9 +174,7 @@ def adamw_steps(net, batches) -> list[float]:
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step, (x, labels) in enumerate(batches):
-        loss = loss_of(net(x), labels)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {float(loss)} at step {step}")
+        loss = finite_loss(net, x, labels, step)
         losses.append(float(loss))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,14 +185,9 @@ def adamw_steps(net, batches) -> list[float]:
 
 def loss_curve(net, x, labels, steps: int = ADAMW_STEPS) -> list[float]:
     """Run `steps` AdamW steps (lr 1e-3) on the batch; return the loss before each step and after the last."""
-    import torch
-
     train_deterministic(net)
     losses = adamw_steps(net, [(x, labels)] * steps)
-    last = loss_of(net(x), labels)
-    if not torch.isfinite(last):
-        raise RuntimeError(f"loss became {float(last)} at step {steps}")
-    return losses + [float(last)]
+    return losses + [float(finite_loss(net, x, labels, steps))]
 
 
 def _record(name: str, source: str) -> dict:

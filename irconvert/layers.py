@@ -247,12 +247,17 @@ def can_binarize(module: nn.Module) -> bool:
     return w.dim() == want_dim and w.shape[0] == out
 
 
+def _check_mode(mode: str) -> None:
+    """ValueError unless `mode` is one of MODES."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
 def make_binary(module: nn.Module, binarizer: Binarizer, mode: str = "W1A1", gain: int = 0,
                 grad_scale: float = 1.0) -> nn.Module:
     """Turn `module` into a binary layer in place (its class gains BinaryMixin), its weight times 2^gain,
     its input's gradient times grad_scale; return it."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode)
     module.__class__ = binary_class(type(module))
     module.binary = BinaryState(binarizer, mode, int(gain))
     w = module._parameters["weight"]
@@ -268,8 +273,7 @@ def set_mode(module: nn.Module, mode: str) -> None:
     parameter only W1A1 uses (RSign's alpha, SD-BNN's input shift) goes with W1A1, so the layer's
     state_dict is the one a layer made in `mode` has (what a file's reload builds). For a layer fresh
     from conversion (calibration): parameters it already trained would start again."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode)
     if mode == module.binary_mode:
         return
     for name in module.binary_params:

@@ -71,12 +71,13 @@ def _policy(meta: dict[str, str], path) -> Policy:
     except KeyError:
         raise IRConvertError(f"{path}: metadata has no 'policy' entry; export it again") from None
     except ValidationError as exc:
-        unknown = [".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
-        if unknown and len(unknown) == len(exc.errors()):
+        errors = exc.errors()
+        unknown = [".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+        if unknown and len(unknown) == len(errors):
             raise IRConvertError(f"{path}: its policy has fields this irconvert {__version__} does not know "
                                  f"({', '.join(unknown)}): it was written by irconvert "
                                  f"{meta.get('irconvert_version', '?')}; read it with that version or newer") from None
-        raise IRConvertError(f"{path}: metadata 'policy' is invalid ({exc.errors()[0]['msg']}); export it again") from None
+        raise IRConvertError(f"{path}: metadata 'policy' is invalid ({errors[0]['msg']}); export it again") from None
 
 
 def _architecture(meta: dict[str, str], path, origin: Optional[dict]) -> nn.Module:
