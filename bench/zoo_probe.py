@@ -6,7 +6,9 @@
     python -m bench.zoo_probe mobilevitv2_050 --freeze-binary         # only the full-precision parts train
     python -m bench.zoo_probe mobilevitv2_050 --train-only head       # only parameters under `head` train
     python -m bench.zoo_probe efficientvit_b0 --threads 2             # the same run, sums in another order
+    python -m bench.zoo_probe mobilenetv2_100 --ede-t 1               # EDE's t held at 1 (a soft clip)
     python -m bench.zoo_probe mobilenetv2_100 --fashion 300           # 300 steps on real Fashion-MNIST instead
+    python -m bench.zoo_probe mobilenetv2_100 --fashion 300 --record zoo-probe-mobilenetv2  # and keep the result
 
 Each run builds the model as bench/zoo_check.py does (seed 0, 10 classes, the smallest input size it runs
 on, the same batch and labels), binarizes it with the default policy (or `--set field=json` Policy
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 
 def main() -> None:
@@ -36,10 +39,31 @@ def main() -> None:
     ap.add_argument("--zero-init", metavar="SUFFIX", help="zero the scale of every module whose name ends so")
     ap.add_argument("--freeze-binary", action="store_true", help="no parameter of a binary layer trains")
     ap.add_argument("--train-only", metavar="PREFIX", help="only parameters whose name starts so train")
+    ap.add_argument("--ede-t", type=float, metavar="T", help="EDE's t for every binary layer (default: its start, 1e-3)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="a Policy field")
     ap.add_argument("--fashion", type=int, metavar="STEPS",
                     help="train STEPS steps on real Fashion-MNIST instead of the sweep's batch; print test top-1")
+    ap.add_argument("--record", metavar="NAME",
+                    help="also add this run to bench/results/NAME.{json,md} (a row per distinct command)")
     args = ap.parse_args()
+    t0 = time.perf_counter()
+    policy = {}
+    for item in args.set:
+        field, eq, value = item.partition("=")
+        try:
+            policy[field] = json.loads(value) if eq else None
+        except ValueError:
+            policy[field] = None
+        if policy[field] is None and value != "null":
+            ap.error(f"--set {item}: the value is not JSON; a string needs its quotes: --set '{field}=\"{value}\"'")
+    from pydantic import ValidationError
+
+    from irconvert.plan import Policy
+
+    try:
+        Policy(**policy)
+    except ValidationError as exc:
+        ap.error("--set: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
     import warnings
 
@@ -72,8 +96,9 @@ def main() -> None:
         with torch.no_grad():
             for m in hit:
                 m.weight.zero_()
-    policy = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     net = model if args.fp else irconvert.binarize(model, inplace=True, calibrate=x, **policy)
+    if args.ede_t is not None:
+        irconvert.set_ede(net, args.ede_t)
     if args.freeze_binary:
         for _, layer in irconvert.binary_layers(net):
             for p in layer.parameters(recurse=False):
@@ -90,10 +115,53 @@ def main() -> None:
         top1 = fashion_top1(net.eval(), size)
         print(f"Fashion-MNIST top-1 after {args.fashion} steps: {top1:.1f}% on {FASHION_EVAL} test images "
               f"(chance 10%)")
+        if args.record:
+            record(args.record, {"top1": round(top1, 1), "losses": [round(v, 3) for v in losses[::10]],
+                                 "seconds": round(time.perf_counter() - t0, 1)})
         return
     curve = loss_curve(net, x, labels)
     print(" ".join(f"{v:.2f}" for v in curve))
     print(f"drop {100 * relative_drop(curve):.1f}% (mean of the last {LAST_STEPS} against the first)")
+    if args.record:
+        record(args.record, {"drop": relative_drop(curve), "losses": [round(v, 3) for v in curve],
+                             "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def record(name: str, row: dict) -> None:
+    """Add `row` (this command's result) to bench/results/NAME.json, replacing an earlier run of the same
+    command, and rewrite NAME.md; a lock file lets probes that run side by side record into one table."""
+    import fcntl
+    import sys
+    from datetime import datetime, timezone
+
+    from bench.common import RESULTS, write_results
+
+    argv = sys.argv[1:]
+    if "--record" in argv:  # the command as it is run without recording
+        i = argv.index("--record")
+        argv = argv[:i] + argv[i + 2:]
+    argv = [a if a.replace("=", "").replace("_", "").replace("-", "").replace(".", "").isalnum() else f"'{a}'"
+            for a in argv]
+    row = {"command": " ".join(["python -m bench.zoo_probe", *argv]),
+           "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **row}
+    path = RESULTS / f"{name}.json"
+    with open(RESULTS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = [r for r in rows if r["command"] != row["command"]] + [row]
+        write_results(name, rows, table(rows), results=RESULTS, quiet=True)
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of recorded probe runs, one row per command."""
+    lines = ["| command | Fashion-MNIST top-1 (%) | loss drop on the batch | loss, first -> last | seconds |",
+             "|---|---:|---:|---|---:|"]
+    for r in rows:
+        top1 = f"{r['top1']:.1f}" if "top1" in r else "-"
+        drop = f"{100 * r['drop']:.1f}%" if "drop" in r else "-"
+        lines.append(f"| `{r['command']}` | {top1} | {drop} | {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f} "
+                     f"| {r['seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 FASHION_BATCH = 64

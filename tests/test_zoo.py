@@ -6,7 +6,10 @@ sweep over every timm family and torchvision classifier is `python -m bench.zoo`
 """
 
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -311,3 +314,29 @@ def test_a_chaotic_model_that_does_not_learn_says_so():
                                      "chaotic: a ±1e-5 step on every parameter moves the loss by 20.5% "
                                      "(FP: 0.27%)")
     assert criteria_failure(dict(rec, sensitivity=0.01)).endswith("(< 10%)")
+
+
+@pytest.mark.parametrize("value, says", [("shortcut=gated", "a string needs its quotes: --set 'shortcut=\"gated\"'"),
+                                          ("no_such=1", "no_such: Extra inputs are not permitted")])
+def test_probe_refuses_a_bad_policy_field_in_one_line(value, says):
+    proc = subprocess.run([sys.executable, "-m", "bench.zoo_probe", "resnet18", "--set", value],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert says in proc.stderr.strip().splitlines()[-1]
+
+
+def test_probe_records_one_row_per_command_without_its_record_flag(tmp_path, monkeypatch):
+    import json
+
+    import bench.common
+    from bench import zoo_probe
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    for argv, top1 in ((["m", "--fashion", "3"], 20.0), (["m", "--fashion", "3", "--set", 'a="b"'], 30.0),
+                       (["m", "--fashion", "3"], 25.0)):
+        monkeypatch.setattr(sys, "argv", ["zoo_probe.py", *argv, "--record", "t"])
+        zoo_probe.record("t", {"top1": top1, "losses": [2.3, 1.0], "seconds": 1.0})
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["command"], r["top1"]) for r in rows] == [
+        ("python -m bench.zoo_probe m --fashion 3 --set 'a=\"b\"'", 30.0), ("python -m bench.zoo_probe m --fashion 3", 25.0)]
+    assert "| `python -m bench.zoo_probe m --fashion 3` | 25.0 | - | 2.30 -> 1.00 | 1 |" in (tmp_path / "t.md").read_text()
