@@ -9,6 +9,7 @@
     python -m bench.zoo_probe mobilenetv2_100 --ede-t 1               # EDE's t held at 1 (a soft clip)
     python -m bench.zoo_probe mobilenetv2_100 --fashion 300           # 300 steps on real Fashion-MNIST instead
     python -m bench.zoo_probe mobilenetv2_100 --fashion 300 --record zoo-probe-mobilenetv2  # and keep the result
+    python -m bench.zoo_probe mobilenetv2_100 --fashion 300 --pretrain 300   # convert a trained model instead
 
 Each run builds the model as bench/zoo_check.py does (seed 0, 10 classes, the smallest input size it runs
 on, the same batch and labels), binarizes it with the default policy (or `--set field=json` Policy
@@ -43,10 +44,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="a Policy field")
     ap.add_argument("--fashion", type=int, metavar="STEPS",
                     help="train STEPS steps on real Fashion-MNIST instead of the sweep's batch; print test top-1")
+    ap.add_argument("--pretrain", type=int, metavar="STEPS",
+                    help="with --fashion: first train the FP model STEPS steps on the same batches, then convert it "
+                         "(a recipe's teacher fine-tune: the conversion of a trained model)")
     ap.add_argument("--record", metavar="NAME",
                     help="also add this run to bench/results/NAME.{json,md} (a row per distinct command)")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    if args.pretrain and not args.fashion:
+        ap.error("--pretrain trains on Fashion-MNIST: give --fashion STEPS too")
     policy = {}
     for item in args.set:
         field, eq, value = item.partition("=")
@@ -80,7 +86,7 @@ def main() -> None:
     if args.fashion:
         from bench.zoo_check import train_deterministic
 
-        batches = fashion_batches(size, args.fashion + 1)
+        batches = fashion_batches(size, max(args.fashion, args.pretrain or 0) + 1)
         x, labels = batches[0]  # calibration
     else:
         x, labels = sweep_batch(size)
@@ -96,6 +102,12 @@ def main() -> None:
         with torch.no_grad():
             for m in hit:
                 m.weight.zero_()
+    fp_top1 = None
+    if args.pretrain:
+        train_deterministic(model)
+        adamw_steps(model, batches[1:args.pretrain + 1])
+        fp_top1 = fashion_top1(model.eval(), size)
+        print(f"FP model after {args.pretrain} steps: {fp_top1:.1f}%")
     net = model if args.fp else irconvert.binarize(model, inplace=True, calibrate=x, **policy)
     if args.ede_t is not None:
         irconvert.set_ede(net, args.ede_t)
@@ -110,14 +122,15 @@ def main() -> None:
         ap.error("no parameter is left to train")
     if args.fashion:
         train_deterministic(net)
-        losses = adamw_steps(net, batches[1:])
+        losses = adamw_steps(net, batches[1:args.fashion + 1])
         print(" ".join(f"{v:.2f}" for v in losses[::10]))
         top1 = fashion_top1(net.eval(), size)
         print(f"Fashion-MNIST top-1 after {args.fashion} steps: {top1:.1f}% on {FASHION_EVAL} test images "
               f"(chance 10%)")
         if args.record:
             record(args.record, {"top1": round(top1, 1), "losses": [round(v, 3) for v in losses[::10]],
-                                 "seconds": round(time.perf_counter() - t0, 1)})
+                                 "seconds": round(time.perf_counter() - t0, 1),
+                                 **({"pretrained_top1": round(fp_top1, 1)} if fp_top1 is not None else {})})
         return
     curve = loss_curve(net, x, labels)
     print(" ".join(f"{v:.2f}" for v in curve))
@@ -154,12 +167,13 @@ def record(name: str, row: dict) -> None:
 
 def table(rows: list[dict]) -> str:
     """The Markdown table of recorded probe runs, one row per command."""
-    lines = ["| command | Fashion-MNIST top-1 (%) | loss drop on the batch | loss, first -> last | seconds |",
-             "|---|---:|---:|---|---:|"]
+    lines = ["| command | FP top-1 after --pretrain (%) | Fashion-MNIST top-1 (%) | loss drop on the batch "
+             "| loss, first -> last | seconds |", "|---|---:|---:|---:|---|---:|"]
     for r in rows:
         top1 = f"{r['top1']:.1f}" if "top1" in r else "-"
         drop = f"{100 * r['drop']:.1f}%" if "drop" in r else "-"
-        lines.append(f"| `{r['command']}` | {top1} | {drop} | {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f} "
+        pre = f"{r['pretrained_top1']:.1f}" if "pretrained_top1" in r else "-"
+        lines.append(f"| `{r['command']}` | {pre} | {top1} | {drop} | {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f} "
                      f"| {r['seconds']:.0f} |")
     return "\n".join(lines)
 

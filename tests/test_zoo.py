@@ -339,4 +339,4 @@ def test_probe_records_one_row_per_command_without_its_record_flag(tmp_path, mon
     rows = json.loads((tmp_path / "t.json").read_text())
     assert [(r["command"], r["top1"]) for r in rows] == [
         ("python -m bench.zoo_probe m --fashion 3 --set 'a=\"b\"'", 30.0), ("python -m bench.zoo_probe m --fashion 3", 25.0)]
-    assert "| `python -m bench.zoo_probe m --fashion 3` | 25.0 | - | 2.30 -> 1.00 | 1 |" in (tmp_path / "t.md").read_text()
+    assert "| `python -m bench.zoo_probe m --fashion 3` | - | 25.0 | - | 2.30 -> 1.00 | 1 |" in (tmp_path / "t.md").read_text()
