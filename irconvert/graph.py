@@ -7,6 +7,8 @@ conv/linear one leaf node, and the layers at the graph's two ends.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import fx, nn
 
 from .ops import SUPPORTED
@@ -34,8 +36,21 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.Graph:
-    """Return the fx graph of `model` (raises whatever fx raises when it cannot trace)."""
-    return _Tracer().trace(model)
+    """Return the fx graph of `model` run as it is called, `model(x)` (raises whatever fx raises when it
+    cannot trace): the forward's arguments that have a default are fixed at it."""
+    return _Tracer().trace(model, concrete_args=defaults(model))
+
+
+def defaults(model: nn.Module) -> dict[str, object]:
+    """The forward's arguments with a default value, at that value. fx makes every argument it is not
+    given a proxy, and a proxy is never None: timm's Hiera, `if mask is None: x = self.forward_head(x)`,
+    traced without its head, so its classifier was not the last layer and became binary."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward with no signature to read (a C extension)
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
 
 def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -11,6 +11,22 @@ from irconvert.analyze import analyze
 from irconvert.layers import BinaryMixin
 
 
+class Masked(nn.Module):
+    """A head run only for the default argument, as timm's Hiera: `if mask is None: x = self.forward_head(x)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.mid = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x, mask=None):
+        x = self.mid(torch.relu(self.conv(x)))
+        if mask is None:
+            x = self.fc(x.mean((2, 3)))
+        return x
+
+
 CASES = [
     # (builder, first, last, depthwise count)
     (lambda: timm.create_model("resnet18"), {"conv1"}, {"fc"}, 0),
@@ -18,6 +34,9 @@ CASES = [
     (lambda: timm.create_model("efficientnet_b0"), {"conv_stem"}, {"classifier"}, 16),
     (lambda: timm.create_model("convnext_atto"), {"stem.0"}, {"head.fc"}, 12),
     (lambda: timm.create_model("vit_tiny_patch16_224"), {"patch_embed.proj"}, {"head"}, 0),
+    # the head behind `if mask is None` (fx would trace the proxy `mask` as not None and leave it out)
+    (Masked, {"conv"}, {"fc"}, 0),
+    (lambda: timm.create_model("hiera_tiny_224"), {"patch_embed.proj"}, {"head.fc"}, 0),
     (lambda: torchvision.models.resnet18(), {"conv1"}, {"fc"}, 0),
     (lambda: torchvision.models.mobilenet_v3_small(), {"features.0.0"}, {"classifier.3"}, 11),
     # googlenet in training mode: the two auxiliary classifiers reach the output too

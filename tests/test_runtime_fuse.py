@@ -243,3 +243,37 @@ def test_a_failed_plan_runs_the_model_unfused(monkeypatch, tmp_path):
     assert type(net) is TwoConvs and set(net.irconvert_runtime.fusion.values()) == {"not fused: planning failed (KeyError)"}
     x = torch.randn(1, 3, 12, 12)
     assert torch.equal(net(x), sim(x))
+
+
+class MaskedHead(nn.Module):
+    """Two binary convs and a head run only for the default argument, as timm's Hiera."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x, mask=None):
+        x = nn.functional.hardtanh(self.bn0(self.stem(x)))
+        x = self.bn2(self.b(nn.functional.hardtanh(self.bn1(self.a(x))))) + x
+        if mask is None:
+            x = self.fc(x.mean((2, 3)))
+        return x
+
+
+@torch.no_grad()
+def test_a_head_behind_a_default_argument_stays_in_the_fused_model(backends, monkeypatch, tmp_path):
+    # fx makes `mask` a proxy, never None: the fused graph lost the head and returned the features
+    torch.manual_seed(6)
+    model = irconvert.binarize(randomize_bn(MaskedHead().eval()))
+    sim, net = packed_pair(model, tmp_path, MaskedHead)
+    assert isinstance(net, torch.fx.GraphModule)
+    assert net.irconvert_runtime.fusion["b"].startswith("fused"), net.irconvert_runtime.fusion
+    x = torch.randn(2, 3, 10, 10)
+    assert sim(x).shape == (2, 3)
+    assert_bit_identical(sim, net, x, monkeypatch, backends)

@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..graph import defaults
 from ..layers import BinaryMixin
 from ..methods.react import RPReLU
 from .layers import (AffineMaxPool2d, BitwiseConv2d, BitwiseLinear, ChannelsLastMaxPool2d, FusedConv2d,
@@ -228,7 +229,7 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
     """Return a GraphModule of `net` with BatchNorm, residual sums and activations folded into its bitwise convs
     and packed bits passed between them; `report.fusion` says what happened to each bitwise conv."""
     try:
-        graph = _Tracer().trace(net)
+        graph = _Tracer().trace(net, concrete_args=defaults(net))  # as called: net(x)
     except Exception as exc:  # data-dependent control flow and the like: keep the module as it is
         why = f"not fused: the model does not trace with torch.fx ({type(exc).__name__})"
         report.fusion.update({n: why for n, v in report.items() if v == "bitwise"})
