@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import zoo_lists
 from bench.zoo_check import (ADAMW_STEPS, BATCH, LAST_STEPS, MAX_GRAD_RATIO, MIN_LOSS_DROP, TOLERANCE, _record,
-                             check_model)
+                             at_label_prior, check_model, label_prior_loss)
 
 HERE = Path(__file__).resolve().parent
 
@@ -302,6 +302,8 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
         w1a32 = [r["model"] for r in ok if r.get("w1a32_layers")]
         norms = sorted((r["grad_ratio"], r["model"]) for r in ok if r.get("grad_ratio") is not None)
         slow = sorted(ok, key=lambda r: -r["seconds"])[:5]
+        prior = [f"{r['model']} ({r['loss_last']:.3f} vs {label_prior_loss(r['input_size']):.3f})"
+                 for r in ok if at_label_prior(r)]
         lines += ["", "## Passing models", "",
                   f"Median packed/latent size ratio {med:.3f}; median binary share of MACs {100 * share:.1f}%. "
                   f"{len(untraced)} converted through the module-order fallback because torch.fx cannot trace "
@@ -311,6 +313,9 @@ def markdown(results: list[dict], families: dict, wall: float, jobs: int, peers:
                   f"or the classifier's feature layer, binarize.features). "
                   + (f"Gradient norm over the FP model's: median {norms[len(norms) // 2][0]:.3g}, largest "
                      + ", ".join(f"{n:.3g} ({m})" for n, m in norms[:-4:-1]) + ". " if norms else "")
+                  + f"{len(prior)} pass at the label prior (their loss stops, flat, within 3% of the entropy of the "
+                  f"batch's labels, what predicting the label frequencies gives: the classifier learned them, the "
+                  f"features do not yet tell the images apart): {', '.join(prior) or 'none'}. "
                   + "Slowest: " + ", ".join(f"{r['model']} {r['seconds']:.0f} s" for r in slow) + "."]
     lines += ["", "## Every model", "",
               "live: the smallest share of the minority sign among the W1A1 inputs (calibrated); grad: gradient "

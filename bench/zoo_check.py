@@ -344,6 +344,29 @@ def reached(losses: list[float]) -> float:
     return sum(tail) / len(tail)
 
 
+def label_prior_loss(size: tuple[int, ...]) -> float:
+    """Return the entropy of the sweep batch's labels at input size `size`: the cross-entropy of predicting
+    the label frequencies for every image (1.04 for labels like [2, 3, 1, 2], ln 4 for four different ones)."""
+    import torch
+
+    _, labels = sweep_batch(tuple(size))
+    p = torch.bincount(labels, minlength=CLASSES).double() / len(labels)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def at_label_prior(rec: dict, within: float = 0.03) -> bool:
+    """True if a model's steps stopped at the label prior: the loss they reached is within `within` of
+    label_prior_loss and the last 10 losses are flat. From ln 10 (equal logits) that is a drop of 55% for
+    labels like [2, 3, 1, 2], which passes the check while the features do not yet tell the images apart."""
+    curve = rec.get("loss_curve")
+    if not curve or rec.get("loss_last") is None or not rec.get("input_size"):
+        return False
+    prior = label_prior_loss(rec["input_size"])
+    tail = curve[-10:]
+    return abs(rec["loss_last"] - prior) < within * prior and max(tail) - min(tail) < 0.05
+
+
 def relative_drop(losses: list[float]) -> float:
     """Return 1 - reached / first loss, rounded (0 for a loss that starts at 0)."""
     first = losses[0]

@@ -340,3 +340,18 @@ def test_probe_records_one_row_per_command_without_its_record_flag(tmp_path, mon
     assert [(r["command"], r["top1"]) for r in rows] == [
         ("python -m bench.zoo_probe m --fashion 3 --set 'a=\"b\"'", 30.0), ("python -m bench.zoo_probe m --fashion 3", 25.0)]
     assert "| `python -m bench.zoo_probe m --fashion 3` | - | 25.0 | - | 2.30 -> 1.00 | 1 |" in (tmp_path / "t.md").read_text()
+
+
+def test_a_curve_that_stops_at_the_label_prior_is_named():
+    from bench.zoo_check import at_label_prior, label_prior_loss, sweep_batch
+
+    size = [3, 224, 224]
+    labels = sweep_batch(tuple(size))[1]
+    counts = torch.bincount(labels, minlength=10)[torch.bincount(labels, minlength=10) > 0].double() / 4
+    assert label_prior_loss(size) == pytest.approx(float(-(counts * counts.log()).sum()))
+    prior = label_prior_loss(size)
+    flat = [2.3026, 1.7, 1.2] + [prior + 0.001] * 18
+    rec = {"loss_curve": flat, "loss_last": prior + 0.001, "input_size": size}
+    assert at_label_prior(rec)
+    assert not at_label_prior(dict(rec, loss_curve=flat[:-10] + [0.5] * 10, loss_last=0.5))
+    assert not at_label_prior(dict(rec, loss_curve=None))
