@@ -8,7 +8,7 @@
     python -m bench.zoo_probe efficientvit_b0 --threads 2             # the same run, sums in another order
     python -m bench.zoo_probe mobilenetv2_100 --ede-t 1               # EDE's t held at 1 (a soft clip)
     python -m bench.zoo_probe mobilenetv2_100 --fashion 300           # 300 steps on real Fashion-MNIST instead
-    python -m bench.zoo_probe mobilenetv2_100 --fashion 300 --record zoo-probe-mobilenetv2  # and keep the result
+    python -m bench.zoo_probe mobilenetv2_100 --fashion 300 --record zoo-probe-fashion  # and keep the result
     python -m bench.zoo_probe mobilenetv2_100 --fashion 300 --pretrain 300   # convert a trained model instead
 
 Each run builds the model as bench/zoo_check.py does (seed 0, 10 classes, the smallest input size it runs
