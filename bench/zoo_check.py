@@ -44,6 +44,7 @@ path around them 5-40% (README, zoo section).
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -344,12 +345,17 @@ def reached(losses: list[float]) -> float:
     return sum(tail) / len(tail)
 
 
-def label_prior_loss(size: tuple[int, ...]) -> float:
+def label_prior_loss(size) -> float:
     """Return the entropy of the sweep batch's labels at input size `size`: the cross-entropy of predicting
     the label frequencies for every image (1.04 for labels like [2, 3, 1, 2], ln 4 for four different ones)."""
+    return _label_entropy(tuple(size))
+
+
+@functools.lru_cache(maxsize=None)
+def _label_entropy(size: tuple[int, ...]) -> float:
     import torch
 
-    _, labels = sweep_batch(tuple(size))
+    _, labels = sweep_batch(size)
     p = torch.bincount(labels, minlength=CLASSES).double() / len(labels)
     p = p[p > 0]
     return float(-(p * p.log()).sum())

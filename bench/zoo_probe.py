@@ -55,12 +55,10 @@ def main() -> None:
         ap.error("--pretrain trains on Fashion-MNIST: give --fashion STEPS too")
     policy = {}
     for item in args.set:
-        field, eq, value = item.partition("=")
+        field, _, value = item.partition("=")
         try:
-            policy[field] = json.loads(value) if eq else None
+            policy[field] = json.loads(value)
         except ValueError:
-            policy[field] = None
-        if policy[field] is None and value != "null":
             ap.error(f"--set {item}: the value is not JSON; a string needs its quotes: --set '{field}=\"{value}\"'")
     from pydantic import ValidationError
 
@@ -144,6 +142,7 @@ def record(name: str, row: dict) -> None:
     """Add `row` (this command's result) to bench/results/NAME.json, replacing an earlier run of the same
     command, and rewrite NAME.md; a lock file lets probes that run side by side record into one table."""
     import fcntl
+    import shlex
     import sys
     from datetime import datetime, timezone
 
@@ -153,9 +152,7 @@ def record(name: str, row: dict) -> None:
     if "--record" in argv:  # the command as it is run without recording
         i = argv.index("--record")
         argv = argv[:i] + argv[i + 2:]
-    argv = [a if a.replace("=", "").replace("_", "").replace("-", "").replace(".", "").isalnum() else f"'{a}'"
-            for a in argv]
-    row = {"command": " ".join(["python -m bench.zoo_probe", *argv]),
+    row = {"command": " ".join(["python -m bench.zoo_probe", *map(shlex.quote, argv)]),
            "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **row}
     path = RESULTS / f"{name}.json"
     with open(RESULTS / f".{name}.lock", "w") as lock:

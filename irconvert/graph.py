@@ -14,7 +14,17 @@ from torch import fx, nn
 from .ops import SUPPORTED
 
 
-class _Tracer(fx.Tracer):
+class CalledTracer(fx.Tracer):
+    """fx tracer of a model as it is called, `model(x)`: the forward's arguments that have a default are
+    fixed at it (`defaults`) unless `concrete_args` says otherwise."""
+
+    def trace(self, root, concrete_args=None):
+        if concrete_args is None and isinstance(root, nn.Module):
+            concrete_args = defaults(root)
+        return super().trace(root, concrete_args)
+
+
+class _Tracer(CalledTracer):
     """fx tracer with timm's leaf modules/functions registered and every conv/linear a leaf."""
 
     def __init__(self):
@@ -38,7 +48,7 @@ class _Tracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.Graph:
     """Return the fx graph of `model` run as it is called, `model(x)` (raises whatever fx raises when it
     cannot trace): the forward's arguments that have a default are fixed at it."""
-    return _Tracer().trace(model, concrete_args=defaults(model))
+    return _Tracer().trace(model)
 
 
 def defaults(model: nn.Module) -> dict[str, object]:

@@ -235,11 +235,9 @@ class _Timed(torch.fx.Interpreter):
 def op_shares(net: nn.Module, x: torch.Tensor, repeat: int = 5) -> dict[str, tuple[float, float]]:
     """Return {op kind: (ms per forward, share of the forward time)} of `net` on x, timed node by node in its
     torch.fx graph (the interpreter adds a few microseconds per node)."""
-    from ..graph import defaults
     from .fuse import _Tracer
 
-    gm = net if isinstance(net, torch.fx.GraphModule) else torch.fx.GraphModule(
-        net, _Tracer().trace(net, concrete_args=defaults(net)))
+    gm = net if isinstance(net, torch.fx.GraphModule) else torch.fx.GraphModule(net, _Tracer().trace(net))
     spent: dict[str, float] = {}
     _Timed(gm, {}).run(x)
     for _ in range(repeat):

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph import defaults
+from ..graph import CalledTracer
 from ..layers import BinaryMixin
 from ..methods.react import RPReLU
 from .layers import (AffineMaxPool2d, BitwiseConv2d, BitwiseLinear, ChannelsLastMaxPool2d, FusedConv2d,
@@ -67,7 +67,7 @@ except ImportError:  # pragma: no cover - timm is a dependency, but the runtime 
     BatchNormAct2d = None
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(CalledTracer):
     def is_leaf_module(self, m: nn.Module, name: str) -> bool:
         # ReActNet's RPReLU stays one float module op: the chain stops at it by name (not at its `sub`)
         return (isinstance(m, (BinaryMixin, BitwiseConv2d, BitwiseLinear, RPReLU))
@@ -229,7 +229,7 @@ def fuse(net: nn.Module, report: RuntimeReport) -> nn.Module:
     """Return a GraphModule of `net` with BatchNorm, residual sums and activations folded into its bitwise convs
     and packed bits passed between them; `report.fusion` says what happened to each bitwise conv."""
     try:
-        graph = _Tracer().trace(net, concrete_args=defaults(net))  # as called: net(x)
+        graph = _Tracer().trace(net)  # as called: net(x)
     except Exception as exc:  # data-dependent control flow and the like: keep the module as it is
         why = f"not fused: the model does not trace with torch.fx ({type(exc).__name__})"
         report.fusion.update({n: why for n, v in report.items() if v == "bitwise"})
