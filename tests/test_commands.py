@@ -356,12 +356,13 @@ def test_eval_needs_a_recipe_and_a_packed_file_for_runtime(run_dir, capsys):
 
 def test_hub_weights_without_network_are_one_line(monkeypatch, capsys, tmp_path):
     import timm
-    import requests
     import torchvision
+    from huggingface_hub.errors import LocalEntryNotFoundError  # what timm's hub client raises offline
     from urllib.error import URLError
 
     def offline_timm(*a, **k):
-        raise requests.exceptions.ConnectionError("Name or service not known")
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot "
+                                      "find the requested files in the local cache.")
 
     def offline_torchvision(*a, **k):
         raise URLError("[Errno -2] Name or service not known")
