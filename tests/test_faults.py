@@ -103,6 +103,16 @@ def _fake_run(ckpt) -> callable:
     return make
 
 
+def _finished_run(ws: Path) -> None:
+    """A finished run folder `done/`: the recipe, a report, the model files; no checkpoint (export removed it)."""
+    from irconvert.recipe import load_recipe
+
+    (ws / "done").mkdir()
+    (ws / "done" / "recipe.yaml").write_text(load_recipe(ws / "r.yaml").to_yaml())
+    (ws / "done" / "report.json").write_text(json.dumps({"model": "test_resnet", "binary": {"top1": 12.5}}))
+    (ws / "done" / "model.safetensors").write_bytes(b"the run's model")
+
+
 def _weights_of(name: str, file: str = "w.safetensors", **kwargs) -> callable:
     def make(ws: Path) -> None:
         from irconvert.models import create_model
@@ -185,6 +195,11 @@ CASES = [
     ("out-under-file", _file("taken", "x"), [*RUN, "--out", "taken/run"], "lies under"),
     ("out-holds-other-files", _file("other/notes.txt", "mine"), [*RUN, "--out", "other"], "holds no irconvert run"),
     ("out-holds-a-run", _fake_run(b"x"), [*RUN, "--out", "run"], "already holds a run"),
+    # issue 30: a finished run is not offered --resume (it has nothing to continue)
+    ("out-holds-a-finished-run", _finished_run, [*RUN, "--out", "done"],
+     "holds a finished run (report.json); pass --overwrite to run it again, or another --out"),
+    ("resume-finished-other-recipe", _finished_run, [*RUN, "--out", "done", "--resume", "--set", "train.lr=0.5"],
+     "different recipe"),
     ("resume-no-run", None, [*RUN, "--out", "empty", "--resume"], "holds no run to resume"),
     ("resume-truncated-checkpoint", _fake_run(b"PK\x03\x04truncated"), [*RUN, "--out", "run", "--resume"],
      "not a readable irconvert checkpoint"),
@@ -234,6 +249,16 @@ CASES = [
      "a model list is a YAML list"),
     ("models-bad-entry", _file("m.yaml", "- {name: resnet18, set: train.lr=1}\n"), ["--models", "m.yaml", "--convert-only"],
      "entry 1"),
+    # issue 30: every entry is checked before the first model runs (the README's list converted the
+    # others, then failed with exit 1)
+    ("models-set-without-recipe", _file("m.yaml", "- test_resnet\n- name: torchvision:mobilenet_v3_small\n"
+                                                  "  set: [train.lr=0.002]\n"),
+     ["--models", "m.yaml", "--convert-only", "--out", "b"],
+     "m.yaml: entry 2 (torchvision:mobilenet_v3_small): --set 'train.lr=0.002': without --recipe"),
+    ("models-set-bad-policy", _file("m.yaml", "- test_resnet\n- {name: resnet18, set: [binarize.mode=W2A2]}\n"),
+     ["--models", "m.yaml", "--convert-only", "--out", "b"], "entry 2 (resnet18): --set: binarize.mode"),
+    ("models-set-unknown-recipe-key", _file("m.yaml", "- test_resnet\n- {name: resnet18, set: [train.epoch=2]}\n"),
+     ["--models", "m.yaml", "--recipe", "r.yaml", "--out", "b"], "entry 2 (resnet18): r.yaml: train.epoch: unknown key"),
     ("models-billion-laughs", _file("m.yaml", BILLION_LAUGHS), ["--models", "m.yaml", "--convert-only"],
      "expands to more than"),
     ("batch-no-models", None, ["batch", "--convert-only"], "no model given"),
@@ -388,6 +413,17 @@ def test_kill_9_then_resume_is_bit_identical(ws, uninterrupted, when):
     a, b = load_file(uninterrupted), load_file(ws / "part" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((ws / "part").glob(".*.tmp"))
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(ws, capsys):
+    # issue 30: the export had removed the checkpoint, so --resume trained again from scratch and
+    # rewrote every file; exit 0, as the run asked for is there (a loop re-running the line ends)
+    _finished_run(ws)
+    before = snapshot(ws)
+    code, out, err = cli(capsys, *RUN, "--out", "done", "--resume")
+    assert code == 0 and err == "" and snapshot(ws) == before, err
+    assert out.strip() == ("done: the run is finished (report.json, binary top-1 12.50%); nothing to continue, "
+                           "nothing changed; pass --overwrite to run it again")
 
 
 def test_resume_refuses_a_run_folder_of_another_recipe_before_its_first_checkpoint(ws, capsys):
