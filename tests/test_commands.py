@@ -77,7 +77,7 @@ def test_first_kernel_build_is_announced_and_cuda_noise_silenced(tmp_path, monke
     finally:
         kernels._build.cache_clear()  # the next caller builds (or finds) the real kernel
     assert ext is None and "no compiler here" in why
-    assert "building the bitwise kernel (once, ~1-2 min)" in capsys.readouterr().err
+    assert "building the bitwise kernel (once per torch install and CPU, ~1-2 min)" in capsys.readouterr().err
     assert logging.getLogger("torch.utils.cpp_extension").level == logging.ERROR
 
 
