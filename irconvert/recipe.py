@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import shipped
 from .errors import IRConvertError
 from .plan import Policy
 
@@ -284,7 +285,7 @@ def _relative_to(raw: dict, folder: Path) -> None:
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
-        raise IRConvertError(f"{path}: recipe not found; pass an existing YAML file (see recipes/)")
+        raise IRConvertError(f"{path}: recipe not found; pass an existing YAML file")
     if path.resolve() in chain:
         raise IRConvertError(f"{path}: 'extends' loops back to itself")
     raw = read_yaml_file(path)
@@ -334,7 +335,7 @@ def resolve_recipe(recipe: Union[Recipe, str, os.PathLike], overrides: list[str]
     if isinstance(recipe, Recipe):
         raw, origin = recipe.model_dump(mode="json"), "recipe"
     else:
-        raw, origin = _read_yaml(Path(recipe)), str(recipe)
+        raw, origin = _read_yaml(shipped.find(recipe)), str(recipe)
     raw = apply_overrides(raw, list(overrides))
     for key, value in (fields or {}).items():
         if value is not None:
@@ -379,7 +380,8 @@ def policy_from_sets(overrides: list[str]) -> Policy:
 
 
 def load_recipe(path: Union[str, os.PathLike], overrides: list[str] = ()) -> Recipe:
-    """Return the validated Recipe in `path` (with `extends` resolved and `overrides` applied)."""
-    path = Path(path)
+    """Return the validated Recipe in `path` (a file, or a shipped recipe's name; with `extends` resolved
+    and `overrides` applied)."""
+    path = shipped.find(path)
     raw = apply_overrides(_read_yaml(path), list(overrides))
     return validate(raw, str(path))
