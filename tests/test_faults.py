@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -365,8 +366,8 @@ def test_non_finite_run_stops_with_exit_2_and_keeps_a_resumable_checkpoint(ws, c
     assert code == 2 and "after binary epoch 1" in err and "Traceback" not in err
 
 
-def _cli(ws: Path, *args) -> subprocess.Popen:
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+def _cli(ws: Path, *args, **env_vars) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), **env_vars}
     return subprocess.Popen([sys.executable, "-m", "irconvert", *args], cwd=ws, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -424,6 +425,67 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(ws, capsys):
     assert code == 0 and err == "" and snapshot(ws) == before, err
     assert out.strip() == ("done: the run is finished (report.json, binary top-1 12.50%); nothing to continue, "
                            "nothing changed; pass --overwrite to run it again")
+
+
+# a recipe in its own folder whose weights path is relative to it (the quickstart's shape), with one
+# binary epoch long enough to interrupt before its checkpoint
+SLOW_EPOCH = """\
+model: {name: test_resnet, first_stride: 1, stem_pool: false, pretrained: ../w.safetensors}
+data: {dataset: fashion-mnist, root: data, batch_size: 16, download: false}
+train: {epochs: 1, optimizer: adamw}
+output: {plot: false}
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_checkpoint_then_the_printed_line_finishes_the_run(tmp_path, capsys):
+    # issue 30: the printed `--resume` line failed "made by a different recipe", and without --resume
+    # the folder "already holds a run; pass --resume": a loop
+    from irconvert.models import create_model
+    from safetensors.torch import save_file
+
+    ws = tmp_path / "ws"
+    tiny_data(ws / "data", n=256)
+    (ws / "rec").mkdir()
+    (ws / "rec" / "r.yaml").write_text(SLOW_EPOCH)
+    save_file(create_model("test_resnet", num_classes=10, in_chans=1).state_dict(), ws / "w.safetensors")
+    python_sign = {"IRCONVERT_TRAIN_KERNELS": "python"}  # the same numbers, no kernel build to wait for
+    part = _cli(ws, "test_resnet", "--recipe", "rec/r.yaml", "--out", "int", **python_sign)
+    deadline = time.time() + 300
+    while not _started(ws / "int"):
+        assert part.poll() is None and time.time() < deadline, part.stderr.read()
+        time.sleep(0.01)
+    part.send_signal(signal.SIGINT)
+    err = part.communicate(timeout=120)[1]
+    assert part.returncode == 130 and not (ws / "int" / "checkpoint.pt").exists(), err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "continue with: irconvert " in line, err
+    again = _cli(ws, *shlex.split(line.partition("continue with: irconvert ")[2]), **python_sign)
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    assert (ws / "int" / "packed.safetensors").is_file() and (ws / "int" / "report.json").is_file()
+
+    # the run's own recipe.yaml rebuilds the same model from another folder (it named the weights
+    # relative to the working folder, then resolved them relative to itself: "weights file not found")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, out, err = _in(elsewhere, capsys, "test_resnet", "--recipe", ws / "int" / "recipe.yaml", "--convert-only",
+                         "--out", "check")
+    assert code == 0 and (elsewhere / "check" / "packed.safetensors").is_file(), err
+    # ... and is the same recipe there: --resume finds the finished run, not "a different recipe"
+    before = snapshot(ws / "int")
+    code, out, err = _in(elsewhere, capsys, "test_resnet", "--recipe", ws / "int" / "recipe.yaml", "--out",
+                         ws / "int", "--resume")
+    assert code == 0 and "the run is finished" in out and snapshot(ws / "int") == before, err
+
+
+def _in(folder: Path, capsys, *args) -> tuple[int, str, str]:
+    """Run `irconvert ARGS` in this process with `folder` as the working folder."""
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        return cli(capsys, *args)
+    finally:
+        os.chdir(here)
 
 
 def test_resume_refuses_a_run_folder_of_another_recipe_before_its_first_checkpoint(ws, capsys):
