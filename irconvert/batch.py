@@ -15,11 +15,11 @@ from typing import Optional
 
 from .errors import IRConvertError
 from .fileformat import atomic_path, write_text
-from .recipe import read_yaml_file
+from .recipe import policy_from_sets, read_yaml_file
 
 
 def read_model_list(path: os.PathLike | str) -> list[dict]:
-    """Return [{'name': ..., 'set': [...]}] from a YAML list of names or {name, set} mappings."""
+    """Return [{'name': ..., 'set': [...], 'entry': N}] from a YAML list of names or {name, set} mappings."""
     path = Path(path)
     if not path.is_file():
         raise IRConvertError(f"{path}: model list not found; pass an existing YAML file")
@@ -34,8 +34,28 @@ def read_model_list(path: os.PathLike | str) -> list[dict]:
         if (not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "set"}
                 or not isinstance(sets, list) or not all(isinstance(s, str) for s in sets)):
             raise IRConvertError(f"{path}: entry {i + 1} must be a name or {{name: ..., set: [key=value, ...]}}")
-        out.append({"name": item["name"], "set": list(sets)})
+        out.append({"name": item["name"], "set": list(sets), "entry": i + 1})
     return out
+
+
+def check_entries(models: list[dict], models_file: Optional[str], recipe_path: Optional[str],
+                  overrides: tuple[str, ...] = ()) -> None:
+    """Refuse, before the first model's process starts and so before anything is written, an entry
+    whose --set values its process would refuse: the recipe's fields with a recipe, else the
+    policy's (--convert-only without a recipe takes binarize.* only)."""
+    from .run import recipe_for
+
+    for m in models:
+        sets = (*overrides, *m["set"])
+        try:
+            if recipe_path:
+                recipe_for(m["name"], recipe_path, sets)
+            elif sets:
+                policy_from_sets(list(sets))
+        except IRConvertError as exc:
+            if not m["set"]:  # the command line's own values: one message for every model
+                raise
+            raise IRConvertError(f"{models_file}: entry {m['entry']} ({m['name']}): {exc}") from None
 
 
 def model_dir(out: Path, name: str) -> Path:

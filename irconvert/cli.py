@@ -21,6 +21,7 @@ from typing import Optional
 
 import click
 
+from . import shipped
 from .errors import IRConvertError
 
 # options of the run modes that take a value (the rest are flags): the router skips their values
@@ -68,9 +69,9 @@ def _check_sets(args: list[str]) -> None:
 def _need_recipe(recipe_path: Optional[str]) -> None:
     """Refuse a training run without an existing recipe file, before anything heavy is imported."""
     if not recipe_path:
-        raise IRConvertError("--recipe: a recipe is needed (see recipes/), or --convert-only to skip training")
-    if not Path(recipe_path).is_file():
-        raise IRConvertError(f"{recipe_path}: recipe not found; pass an existing YAML file (see recipes/)")
+        raise IRConvertError("--recipe: a recipe is needed (a YAML file, or a shipped one's name: irconvert "
+                             "list-recipes), or --convert-only to skip training")
+    shipped.find(recipe_path)
 
 
 def _one_of_resume_overwrite(options: dict) -> None:
@@ -100,7 +101,7 @@ def cli():
 def _recipe_options(f):
     """The options every run mode shares."""
     for opt in reversed([
-        click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe YAML (see recipes/)."),
+        click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe YAML, or a shipped recipe's name (irconvert list-recipes)."),
         click.option("--out", type=click.Path(file_okay=False), help="Run folder (batch: one sub-folder per model)."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a recipe field, e.g. train.epochs=2."),
@@ -222,6 +223,15 @@ def verify_cmd(**options):
 def bench_runtime_cmd(**options):
     """Time PACKED run by the bitwise runtime against its fp32 model (median ms, full-precision share)."""
     _do("bench_runtime", **options)
+
+
+@cli.command("list-recipes")
+def list_recipes_cmd():
+    """List the recipes shipped with irconvert: pass one with --recipe NAME from any folder."""
+    width = max(map(len, shipped.names()))
+    for name in shipped.names():
+        click.echo(f"{name:<{width}}  {shipped.describe(name)}")
+    click.echo(f"(in {shipped.FOLDER}; e.g. irconvert resnet18 --recipe quickstart)")
 
 
 def main(argv: list[str] | None = None) -> None:

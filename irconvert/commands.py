@@ -8,12 +8,13 @@ from typing import Optional
 
 import click
 
-from .batch import model_dir, child_argv, read_model_list, run_batch, write_reports
+from .batch import check_entries, model_dir, child_argv, read_model_list, run_batch, write_reports
 from .errors import IRConvertError, logged_warnings
 from .layer_summary import summary as layer_summary
 from .models import create_model, split_name
 from .plan import Policy
 from .data import DataInfo, data_info
+from .recipe import policy_from_sets
 from .run import build_model, convert_only, convert_recipe, evaluate_file, recipe_for, run
 from .runtime.bench import bench_packed
 from .runfolder import export_run
@@ -33,9 +34,7 @@ def check(model: str, recipe_path: Optional[str], out: Optional[str], overrides:
     if recipe_path:
         convert_recipe(model, recipe_path, out, weights, overrides, overwrite, log=click.echo)
     else:
-        if overrides:
-            raise IRConvertError("--set: needs --recipe (the overrides change a recipe's fields)")
-        convert_only(model, out, Policy(), weights=weights, overwrite=overwrite, log=click.echo)
+        convert_only(model, out, policy_from_sets(list(overrides)), weights=weights, overwrite=overwrite, log=click.echo)
 
 
 def batch(models: tuple[str, ...], models_file: Optional[str], report_path: Optional[str],
@@ -44,6 +43,7 @@ def batch(models: tuple[str, ...], models_file: Optional[str], report_path: Opti
     names = [{"name": m, "set": []} for m in models] + (read_model_list(models_file) if models_file else [])
     if not names:
         raise IRConvertError("no model given: name one (e.g. resnet18) or pass --models FILE")
+    check_entries(names, models_file, options["recipe_path"], options["overrides"])
     out = Path(options.pop("out") or "runs/batch")
     report, junit = Path(report_path or out / "batch.json"), Path(junit_path or out / "junit.xml")
     for folder in {out, report.parent, junit.parent}:

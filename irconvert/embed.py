@@ -126,8 +126,12 @@ def export_architecture(model: nn.Module, path: Path, example: Optional[torch.Te
     model's input size)."""
     points = swap_points(model)
     if example is None:
-        size = getattr(model, "irconvert_input_size", None) or default_input_size(model)
-        example = torch.randn((2,) + tuple(size), generator=torch.Generator().manual_seed(0))
+        if not getattr(model, "irconvert_input_size", None) and not (getattr(model, "pretrained_cfg", None) or {}).get(
+                "input_size"):  # 224x224 would be a guess, and the reload would refuse any other size
+            raise IRConvertError(f"embed: the input size of this {type(model).__name__} is unknown (it was not "
+                                 "calibrated on a batch); pass save_packed(..., embed=example_batch), or "
+                                 "binarize(..., calibrate=batch) first")
+        example = torch.randn((2,) + tuple(default_input_size(model)), generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch")
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -75,7 +75,11 @@ def _kib(n: int) -> str:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """Return (C, H, W): channels of the first conv, size from timm's pretrained_cfg (else 224x224)."""
+    """Return (C, H, W): the size the model was calibrated or trained on (`irconvert_input_size`), else
+    channels of the first conv and the size from timm's pretrained_cfg (else 224x224)."""
+    seen = getattr(model, "irconvert_input_size", None)
+    if seen:
+        return tuple(seen)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))
     for m in model.modules():

@@ -1,7 +1,11 @@
 """Native code built on first use: a C++ source of irconvert/csrc compiled with torch's JIT extension loader
-for this machine's CPU (-march), cached per source, torch version and CPU in IRCONVERT_CACHE (default
-~/.cache/irconvert). The bitwise runtime (runtime/kernels.py) and the fused training sign (fused/sign.py)
-are built here."""
+for this machine's CPU (-march), cached in IRCONVERT_CACHE (default ~/.cache/irconvert) under a key of
+everything the binary depends on: the source, the flags, the CPU, and the torch it links against (its
+version, git commit, C++ ABI and install folder, whose headers it includes) with the Python ABI. Two
+environments with the same torch version but their own installs then keep one build each, instead of
+rebuilding each other's (ninja rebuilds when a build folder's flags change). Every build is announced
+on stderr before it starts. The bitwise runtime (runtime/kernels.py) and the fused training sign
+(fused/sign.py) are built here."""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import sysconfig
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +36,33 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def _torch_build() -> str:
+    """Return what identifies the torch a binary links against and the Python it is loaded into."""
+    parts = (torch.__version__, getattr(torch.version, "git_version", ""), str(Path(torch.__file__).resolve().parent),
+             str(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", "")), sysconfig.get_config_var("EXT_SUFFIX") or "",
+             sys.implementation.cache_tag or "")
+    return "|".join(parts)
+
+
+def build_key(code: bytes, march: str) -> str:
+    """Return the cache key of a build of `code` with -march=`march`: it changes with anything the binary depends on."""
+    return hashlib.sha256(code + f"|{_torch_build()}|{march}|{_cpu_signature()}".encode()).hexdigest()[:16]
+
+
+def _up_to_date(build_dir: Path, name: str) -> bool:
+    """Whether `build_dir` holds a built `name` that ninja would not rebuild (its sources and headers unchanged)."""
+    if not any(build_dir.glob(f"{name}*.so")) or not (build_dir / "build.ninja").is_file():
+        return False
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        return False
+    try:
+        dry = subprocess.run([ninja, "-C", str(build_dir), "-n"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return dry.returncode == 0 and "no work to do" in dry.stdout
+
+
 def _cache_dir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "irconvert"
     return Path(os.environ.get("IRCONVERT_CACHE") or default)
@@ -41,14 +75,14 @@ def build(march: str, source: str = "bitwise.cpp") -> tuple[Optional[ModuleType]
     src = resources.files("irconvert") / "csrc" / source
     try:
         code = src.read_bytes()
-        key = hashlib.sha256(code + f"|{torch.__version__}|{march}|{_cpu_signature()}".encode()).hexdigest()[:16]
-        name = f"irconvert_{source.rsplit('.', 1)[0]}_{key}"
+        name = f"irconvert_{source.rsplit('.', 1)[0]}_{build_key(code, march)}"
         build_dir = _cache_dir() / name
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob(f"{name}*.so")):  # a first build takes minutes: say so before it starts
+        if not _up_to_date(build_dir, name):  # a build takes from seconds to minutes: say so before it starts
             what = "bitwise" if source == "bitwise.cpp" else source.rsplit(".", 1)[0]
-            print(f"irconvert: building the {what} kernel (once, ~1-2 min) in {build_dir} ...", file=sys.stderr,
-                  flush=True)
+            again = "rebuilding" if any(build_dir.glob(f"{name}*.so")) else "building"
+            print(f"irconvert: {again} the {what} kernel (once per torch install and CPU, ~1-2 min) in {build_dir} ...",
+                  file=sys.stderr, flush=True)
         # torch logs "No CUDA runtime is found" on import where CUDA_HOME exists: irrelevant to a CPU kernel
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load

@@ -3,8 +3,13 @@
 Sections: model, data, teacher, binarize (the Policy), train, output. Unknown keys are errors.
 A recipe may start with `extends: other.yaml` (a path relative to the recipe's folder): the other
 recipe is loaded first and this one's keys are merged over it, section by section. A relative
-`model.pretrained` weights path in a recipe file is relative to that file's folder too.
+`model.pretrained` weights path in a recipe file is relative to that file's folder too; one given
+by `--set` or from Python is relative to the working folder, as `data.root` always is.
 `--set key.path=value` overrides are applied after merging, with YAML typing of the value.
+
+Paths are stored absolute and resolved (symlinks, `..`, `~`): a run's recipe.yaml then rebuilds the
+same run from any folder, and the recipe hash does not depend on how a path was spelled.
+A recipe shipped with irconvert (`shipped.py`) is also found by its name: `--recipe quickstart`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import shipped
 from .errors import IRConvertError
 from .plan import Policy
 
@@ -26,6 +32,11 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def canonical_path(path: str) -> str:
+    """Return `path` absolute, with `~`, `..` and symlinks resolved (relative: to the working folder)."""
+    return str(Path(path).expanduser().resolve())
 
 
 class ModelSection(_Section):
@@ -37,6 +48,11 @@ class ModelSection(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)  # constructor kwargs: num_classes, in_chans, ...
     first_stride: Optional[int] = Field(None, ge=1)  # small images: stride of the first conv
     stem_pool: bool = True  # small images: false drops the max-pool right after the stem
+
+    @field_validator("pretrained")
+    @classmethod
+    def _absolute(cls, v):
+        return canonical_path(v) if isinstance(v, str) and v else v
 
 
 class DataSection(_Section):
@@ -54,6 +70,11 @@ class DataSection(_Section):
     hflip: float = Field(0.5, ge=0, le=1)
     crop_padding: int = Field(0, ge=0)  # small datasets: random crop after zero padding
     timm_transform: dict[str, Any] = Field(default_factory=dict)  # imagefolder: timm create_transform kwargs
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v):
+        return canonical_path(v) if v else v
 
 
 class Schedule(_Section):
@@ -258,12 +279,13 @@ def _relative_to(raw: dict, folder: Path) -> None:
     model = raw.get("model")
     weights = model.get("pretrained") if isinstance(model, dict) else None
     if isinstance(weights, str) and weights and not Path(weights).expanduser().is_absolute():
-        model["pretrained"] = str(folder / weights)
+        # resolved before joining: `recipes/` may be a link, and `recipes/../x` is then not `./x`
+        model["pretrained"] = str(folder.resolve() / weights)
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
-        raise IRConvertError(f"{path}: recipe not found; pass an existing YAML file (see recipes/)")
+        raise IRConvertError(f"{path}: recipe not found; pass an existing YAML file")
     if path.resolve() in chain:
         raise IRConvertError(f"{path}: 'extends' loops back to itself")
     raw = read_yaml_file(path)
@@ -313,7 +335,7 @@ def resolve_recipe(recipe: Union[Recipe, str, os.PathLike], overrides: list[str]
     if isinstance(recipe, Recipe):
         raw, origin = recipe.model_dump(mode="json"), "recipe"
     else:
-        raw, origin = _read_yaml(Path(recipe)), str(recipe)
+        raw, origin = _read_yaml(shipped.find(recipe)), str(recipe)
     raw = apply_overrides(raw, list(overrides))
     for key, value in (fields or {}).items():
         if value is not None:
@@ -340,8 +362,26 @@ def validate(raw: dict, origin: str = "recipe") -> Recipe:
         raise IRConvertError(f"{origin}: {loc}: {msg}{more}") from None
 
 
+def policy_from_sets(overrides: list[str]) -> Policy:
+    """Return the default Policy with `binarize.KEY=VALUE` overrides: what --set can change when
+    --convert-only runs without a recipe (there is no training, so no other field means anything)."""
+    other = [s for s in overrides if not s.startswith("binarize.")]
+    if other:
+        raise IRConvertError(f"--set {other[0]!r}: without --recipe, --convert-only takes only binarize.* fields "
+                             "(it trains nothing); pass --recipe R for the others, or drop it")
+    raw = apply_overrides({"binarize": {}}, list(overrides))["binarize"]
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        raise IRConvertError(f"--set: binarize.{loc}: {e['msg']}{got}") from None
+
+
 def load_recipe(path: Union[str, os.PathLike], overrides: list[str] = ()) -> Recipe:
-    """Return the validated Recipe in `path` (with `extends` resolved and `overrides` applied)."""
-    path = Path(path)
+    """Return the validated Recipe in `path` (a file, or a shipped recipe's name; with `extends` resolved
+    and `overrides` applied)."""
+    path = shipped.find(path)
     raw = apply_overrides(_read_yaml(path), list(overrides))
     return validate(raw, str(path))

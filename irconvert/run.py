@@ -26,7 +26,7 @@ from .errors import IRConvertError, logged_warnings
 from .fileformat import write_text
 from .models import create_model, split_name
 from .recipe import Recipe, resolve_recipe
-from .runfolder import RunFolder, check_out_path, out_dir, reload_diff, report_fields, write_files
+from .runfolder import RunFolder, check_out_path, finished_run, out_dir, reload_diff, report_fields, write_files
 from .layer_summary import default_input_size, summary
 from .swap import binarize
 from .train import Stage, check_schedule, evaluate, fit
@@ -39,6 +39,12 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     """Run the recipe on `model` (a name, overriding the recipe's, or a module) and return the report."""
     recipe = resolve_recipe(recipe, overrides, _fields(model, seed, device))
     out = check_inputs(recipe, out, resume, overwrite)
+    done = finished_run(out, recipe.digest(), resume)
+    if done is not None:  # exit 0: the run asked for is there, so a loop re-running the resume line ends
+        top1 = (done.get("binary") or {}).get("top1")
+        log(f"{out}: the run is finished (report.json{f', binary top-1 {top1:.2f}%' if isinstance(top1, (int, float)) else ''}); "
+            "nothing to continue, nothing changed; pass --overwrite to run it again")
+        return done
     dev, world = distributed.start(recipe.train.device, recipe.train.backend)
     log = log if world.main else (lambda *a, **k: None)  # one process speaks
     clock = Clock()

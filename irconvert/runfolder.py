@@ -80,6 +80,10 @@ def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Op
         return None
     if not (out / "recipe.yaml").is_file():
         raise IRConvertError(f"output.dir: {out} is not empty and holds no irconvert run; choose another --out")
+    if (out / "report.json").is_file():  # finish() writes it last: the run is done, whatever else is there
+        what = "--resume: nothing to continue" if resume else "output.dir"
+        raise IRConvertError(f"{what}: {out} holds a finished run (report.json); pass --overwrite to run it "
+                             "again, or another --out")
     if resume:
         ckpt = out / CHECKPOINT
         if not ckpt.is_file():  # stopped before its first checkpoint: resuming is starting again
@@ -94,6 +98,22 @@ def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Op
         return None
     raise IRConvertError(f"output.dir: {out} already holds a run; pass --resume to continue it, "
                          "--overwrite to replace it, or another --out")
+
+
+def finished_run(out: Path, digest: str, resume: bool) -> Optional[dict]:
+    """Return the report of the finished run in `out` when --resume asks to continue it (there is
+    nothing left to do), else None; a finished run of another recipe is refused."""
+    if not resume or not (out / "report.json").is_file() or not (out / "recipe.yaml").is_file():
+        return None
+    _same_recipe(out, digest)
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        report = None
+    if not isinstance(report, dict):
+        raise IRConvertError(f"{out / 'report.json'}: is not a readable report, so the run cannot be told finished; "
+                             "pass --overwrite to run it again")
+    return report
 
 
 def _partial(p: Path) -> bool:

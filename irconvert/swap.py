@@ -130,6 +130,9 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     if not inplace:
         model = copy.deepcopy(model)
     model.irconvert_origin = origin
+    seen = _seen_size(calibrate)
+    if seen:  # the size the model has seen: summary's MACs and an embedded architecture use it
+        model.irconvert_input_size = seen
     prepare_attention(model)
     analysis = analyze(model)
     the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
@@ -152,6 +155,13 @@ def _probe_args(model: nn.Module, calibrate) -> tuple[torch.Tensor, ...]:
     if calibrate is None or calibrate is True or calibrate is False:
         return (_default_batch(model),)
     return (calibrate,) if isinstance(calibrate, torch.Tensor) else tuple(calibrate)
+
+
+def _seen_size(calibrate) -> Optional[tuple[int, ...]]:
+    """Return the input size (without the batch) of a calibration batch, or None where none is given."""
+    first = calibrate if isinstance(calibrate, torch.Tensor) else (
+        calibrate[0] if isinstance(calibrate, (tuple, list)) and calibrate else None)
+    return tuple(first.shape[1:]) if isinstance(first, torch.Tensor) and first.dim() >= 2 else None
 
 
 def _default_batch(model: nn.Module) -> torch.Tensor:

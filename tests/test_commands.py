@@ -77,7 +77,7 @@ def test_first_kernel_build_is_announced_and_cuda_noise_silenced(tmp_path, monke
     finally:
         kernels._build.cache_clear()  # the next caller builds (or finds) the real kernel
     assert ext is None and "no compiler here" in why
-    assert "building the bitwise kernel (once, ~1-2 min)" in capsys.readouterr().err
+    assert "building the bitwise kernel (once per torch install and CPU, ~1-2 min)" in capsys.readouterr().err
     assert logging.getLogger("torch.utils.cpp_extension").level == logging.ERROR
 
 
@@ -431,3 +431,47 @@ def test_every_readme_command_runs_on_the_first_commands_outputs(run_dir, tmp_pa
             code, out, err = cli(capsys, *args)
             assert code == 0, f"{line}: {err[-2000:]}"
             assert "Traceback" not in err
+
+
+# -- shipped recipes (issue 30) -------------------------------------------------------------------------
+
+def test_list_recipes_names_every_shipped_recipe(capsys):
+    code, out, err = cli(capsys, "list-recipes")
+    assert code == 0, err
+    shipped = sorted(p.stem for p in (ROOT / "irconvert" / "recipes").glob("*.yaml"))
+    assert [line.split()[0] for line in out.splitlines()[:-1]] == shipped and "quickstart" in shipped
+    assert re.search(r"^quickstart +The README's first command: convert a pretrained model$", out, re.M)
+
+
+def test_a_shipped_recipe_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    # the recipes lived outside the package, and quickstart named its weights by a checkout's layout
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "resnet18", "--recipe", "quickstart", "--convert-only", "--out", "c")
+    assert code == 0, err
+    assert (tmp_path / "c" / "packed.safetensors").is_file()
+    # a name that is no file and no shipped recipe lists the shipped ones
+    code, _, err = cli(capsys, "resnet18", "--recipe", "quickstrat")
+    assert code == 2 and "recipe not found" in err and "quickstart" in err and "list-recipes" in err
+
+
+def test_the_repository_recipes_folder_is_the_shipped_one():
+    # `--recipe recipes/quickstart.yaml` from the repository root (the README's first command) reads the
+    # same file as `--recipe quickstart`
+    from irconvert.recipe import load_recipe
+
+    assert (ROOT / "recipes" / "quickstart.yaml").resolve() == ROOT / "irconvert" / "recipes" / "quickstart.yaml"
+    assert load_recipe(QUICKSTART).digest() == load_recipe("quickstart").digest()
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_recipes_and_the_weights_they_name(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(ROOT)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("irconvert-*.whl"))).namelist()
+    for recipe in (ROOT / "irconvert" / "recipes").glob("*.yaml"):
+        assert f"irconvert/recipes/{recipe.name}" in names
+    assert "irconvert/pretrained/fashion-mnist-resnet18-w16.safetensors" in names  # quickstart's ../pretrained/

@@ -217,3 +217,21 @@ def test_archives_that_would_run_code_are_refused(saved, tmp_path, member, chang
     bad = _doctored(saved[0] / "packed.arch.pt2", tmp_path / "bad.arch.pt2", member, change)
     with pytest.raises(irconvert.IRConvertError, match=message):
         _read_program(bad)
+
+
+def test_embedding_uses_the_size_the_model_was_calibrated_on(tmp_path):
+    # issue 30: a model calibrated on 28x28 was exported at 224x224, so its reload refused 28x28
+    # input, and summary counted MACs at 224
+    torch.manual_seed(0)
+    net = irconvert.binarize(SmallNet(), calibrate=torch.randn(8, 3, 28, 28)).eval()
+    assert irconvert.summary(net).input_size == (3, 28, 28)
+    back = irconvert.load_packed(irconvert.save_packed(net, tmp_path / "p.safetensors", embed=True))
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(back(x), net(x), rtol=0, atol=1e-5)
+
+
+def test_embedding_without_a_known_input_size_is_refused(tmp_path):
+    net = irconvert.binarize(SmallNet(), calibrate=False).eval()  # no batch seen, no pretrained_cfg
+    with pytest.raises(irconvert.IRConvertError, match=r"input size of this SmallNet is unknown.*embed=example_batch"):
+        irconvert.save_packed(net, tmp_path / "p.safetensors", embed=True)
+    assert not (tmp_path / "p.arch.pt2").exists() and not (tmp_path / "p.safetensors").exists()

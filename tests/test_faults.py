@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -103,6 +104,16 @@ def _fake_run(ckpt) -> callable:
     return make
 
 
+def _finished_run(ws: Path) -> None:
+    """A finished run folder `done/`: the recipe, a report, the model files; no checkpoint (export removed it)."""
+    from irconvert.recipe import load_recipe
+
+    (ws / "done").mkdir()
+    (ws / "done" / "recipe.yaml").write_text(load_recipe(ws / "r.yaml").to_yaml())
+    (ws / "done" / "report.json").write_text(json.dumps({"model": "test_resnet", "binary": {"top1": 12.5}}))
+    (ws / "done" / "model.safetensors").write_bytes(b"the run's model")
+
+
 def _weights_of(name: str, file: str = "w.safetensors", **kwargs) -> callable:
     def make(ws: Path) -> None:
         from irconvert.models import create_model
@@ -185,6 +196,11 @@ CASES = [
     ("out-under-file", _file("taken", "x"), [*RUN, "--out", "taken/run"], "lies under"),
     ("out-holds-other-files", _file("other/notes.txt", "mine"), [*RUN, "--out", "other"], "holds no irconvert run"),
     ("out-holds-a-run", _fake_run(b"x"), [*RUN, "--out", "run"], "already holds a run"),
+    # issue 30: a finished run is not offered --resume (it has nothing to continue)
+    ("out-holds-a-finished-run", _finished_run, [*RUN, "--out", "done"],
+     "holds a finished run (report.json); pass --overwrite to run it again, or another --out"),
+    ("resume-finished-other-recipe", _finished_run, [*RUN, "--out", "done", "--resume", "--set", "train.lr=0.5"],
+     "different recipe"),
     ("resume-no-run", None, [*RUN, "--out", "empty", "--resume"], "holds no run to resume"),
     ("resume-truncated-checkpoint", _fake_run(b"PK\x03\x04truncated"), [*RUN, "--out", "run", "--resume"],
      "not a readable irconvert checkpoint"),
@@ -234,6 +250,16 @@ CASES = [
      "a model list is a YAML list"),
     ("models-bad-entry", _file("m.yaml", "- {name: resnet18, set: train.lr=1}\n"), ["--models", "m.yaml", "--convert-only"],
      "entry 1"),
+    # issue 30: every entry is checked before the first model runs (the README's list converted the
+    # others, then failed with exit 1)
+    ("models-set-without-recipe", _file("m.yaml", "- test_resnet\n- name: torchvision:mobilenet_v3_small\n"
+                                                  "  set: [train.lr=0.002]\n"),
+     ["--models", "m.yaml", "--convert-only", "--out", "b"],
+     "m.yaml: entry 2 (torchvision:mobilenet_v3_small): --set 'train.lr=0.002': without --recipe"),
+    ("models-set-bad-policy", _file("m.yaml", "- test_resnet\n- {name: resnet18, set: [binarize.mode=W2A2]}\n"),
+     ["--models", "m.yaml", "--convert-only", "--out", "b"], "entry 2 (resnet18): --set: binarize.mode"),
+    ("models-set-unknown-recipe-key", _file("m.yaml", "- test_resnet\n- {name: resnet18, set: [train.epoch=2]}\n"),
+     ["--models", "m.yaml", "--recipe", "r.yaml", "--out", "b"], "entry 2 (resnet18): r.yaml: train.epoch: unknown key"),
     ("models-billion-laughs", _file("m.yaml", BILLION_LAUGHS), ["--models", "m.yaml", "--convert-only"],
      "expands to more than"),
     ("batch-no-models", None, ["batch", "--convert-only"], "no model given"),
@@ -340,8 +366,8 @@ def test_non_finite_run_stops_with_exit_2_and_keeps_a_resumable_checkpoint(ws, c
     assert code == 2 and "after binary epoch 1" in err and "Traceback" not in err
 
 
-def _cli(ws: Path, *args) -> subprocess.Popen:
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+def _cli(ws: Path, *args, **env_vars) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), **env_vars}
     return subprocess.Popen([sys.executable, "-m", "irconvert", *args], cwd=ws, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -388,6 +414,78 @@ def test_kill_9_then_resume_is_bit_identical(ws, uninterrupted, when):
     a, b = load_file(uninterrupted), load_file(ws / "part" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((ws / "part").glob(".*.tmp"))
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(ws, capsys):
+    # issue 30: the export had removed the checkpoint, so --resume trained again from scratch and
+    # rewrote every file; exit 0, as the run asked for is there (a loop re-running the line ends)
+    _finished_run(ws)
+    before = snapshot(ws)
+    code, out, err = cli(capsys, *RUN, "--out", "done", "--resume")
+    assert code == 0 and err == "" and snapshot(ws) == before, err
+    assert out.strip() == ("done: the run is finished (report.json, binary top-1 12.50%); nothing to continue, "
+                           "nothing changed; pass --overwrite to run it again")
+
+
+# a recipe in its own folder whose weights path is relative to it (the quickstart's shape), with one
+# binary epoch long enough to interrupt before its checkpoint
+SLOW_EPOCH = """\
+model: {name: test_resnet, first_stride: 1, stem_pool: false, pretrained: ../w.safetensors}
+data: {dataset: fashion-mnist, root: data, batch_size: 16, download: false}
+train: {epochs: 1, optimizer: adamw}
+output: {plot: false}
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_checkpoint_then_the_printed_line_finishes_the_run(tmp_path, capsys):
+    # issue 30: the printed `--resume` line failed "made by a different recipe", and without --resume
+    # the folder "already holds a run; pass --resume": a loop
+    from irconvert.models import create_model
+    from safetensors.torch import save_file
+
+    ws = tmp_path / "ws"
+    tiny_data(ws / "data", n=256)
+    (ws / "rec").mkdir()
+    (ws / "rec" / "r.yaml").write_text(SLOW_EPOCH)
+    save_file(create_model("test_resnet", num_classes=10, in_chans=1).state_dict(), ws / "w.safetensors")
+    python_sign = {"IRCONVERT_TRAIN_KERNELS": "python"}  # the same numbers, no kernel build to wait for
+    part = _cli(ws, "test_resnet", "--recipe", "rec/r.yaml", "--out", "int", **python_sign)
+    deadline = time.time() + 300
+    while not _started(ws / "int"):
+        assert part.poll() is None and time.time() < deadline, part.stderr.read()
+        time.sleep(0.01)
+    part.send_signal(signal.SIGINT)
+    err = part.communicate(timeout=120)[1]
+    assert part.returncode == 130 and not (ws / "int" / "checkpoint.pt").exists(), err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "continue with: irconvert " in line, err
+    again = _cli(ws, *shlex.split(line.partition("continue with: irconvert ")[2]), **python_sign)
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    assert (ws / "int" / "packed.safetensors").is_file() and (ws / "int" / "report.json").is_file()
+
+    # the run's own recipe.yaml rebuilds the same model from another folder (it named the weights
+    # relative to the working folder, then resolved them relative to itself: "weights file not found")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, out, err = _in(elsewhere, capsys, "test_resnet", "--recipe", ws / "int" / "recipe.yaml", "--convert-only",
+                         "--out", "check")
+    assert code == 0 and (elsewhere / "check" / "packed.safetensors").is_file(), err
+    # ... and is the same recipe there: --resume finds the finished run, not "a different recipe"
+    before = snapshot(ws / "int")
+    code, out, err = _in(elsewhere, capsys, "test_resnet", "--recipe", ws / "int" / "recipe.yaml", "--out",
+                         ws / "int", "--resume")
+    assert code == 0 and "the run is finished" in out and snapshot(ws / "int") == before, err
+
+
+def _in(folder: Path, capsys, *args) -> tuple[int, str, str]:
+    """Run `irconvert ARGS` in this process with `folder` as the working folder."""
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        return cli(capsys, *args)
+    finally:
+        os.chdir(here)
 
 
 def test_resume_refuses_a_run_folder_of_another_recipe_before_its_first_checkpoint(ws, capsys):

@@ -21,10 +21,28 @@ def test_weights_path_in_a_recipe_is_relative_to_that_recipe(tmp_path):
     (tmp_path / "sub" / "base.yaml").write_text("model: {name: resnet18, pretrained: w/x.safetensors}\n"
                                                 "data: {dataset: mnist}\n")
     (tmp_path / "child.yaml").write_text("extends: sub/base.yaml\n")
-    assert load_recipe(tmp_path / "child.yaml").model.pretrained == str(tmp_path / "sub" / "w" / "x.safetensors")
+    assert load_recipe(tmp_path / "child.yaml").model.pretrained == str(tmp_path.resolve() / "sub" / "w" / "x.safetensors")
     # a --set value is the user's own path (relative to the working directory), and true stays the hub
-    assert load_recipe(tmp_path / "child.yaml", ["model.pretrained=y.pth"]).model.pretrained == "y.pth"
+    assert load_recipe(tmp_path / "child.yaml", ["model.pretrained=y.pth"]).model.pretrained == str(Path("y.pth").resolve())
     assert load_recipe(tmp_path / "child.yaml", ["model.pretrained=true"]).model.pretrained is True
+
+
+def test_a_saved_recipe_is_the_same_recipe_from_any_folder(tmp_path, monkeypatch):
+    # issue 30: recipe.yaml stored the weights path relative to the working folder, and reading it back
+    # made it relative to the run folder: another hash (so --resume refused) and "weights file not found"
+    monkeypatch.chdir(ROOT)
+    given = load_recipe("recipes/quickstart.yaml", ["data.root=data"])
+    saved = tmp_path / "runs" / "q" / "recipe.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(given.to_yaml())
+    monkeypatch.chdir(tmp_path)
+    again = load_recipe(saved)
+    assert again.digest() == given.digest() and Path(again.model.pretrained) == WEIGHTS
+    assert again.data.root == str(ROOT / "data")  # data.root stays the folder it named where the run started
+    # the hash does not depend on how a path was spelled
+    spelled = load_recipe(saved, [f"model.pretrained={ROOT}/recipes/../irconvert/./pretrained/{WEIGHTS.name}",
+                                  f"data.root={ROOT}/bench/../data"])
+    assert spelled.digest() == given.digest()
 
 
 def test_set_on_a_null_section_creates_it():

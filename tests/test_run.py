@@ -94,7 +94,13 @@ def test_existing_run_is_refused_and_left_untouched(quick_run):
     out, _ = quick_run
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     res = run_cli("resnet18", "--recipe", RECIPES / "quickstart.yaml", "--out", out, *sets(QUICK))
-    assert res.returncode == 2 and "already holds a run" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.returncode == 2 and "holds a finished run" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "--resume" not in res.stderr  # issue 30: a finished run has nothing to continue
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # --resume of it (its checkpoint removed by the export) used to train again from scratch and
+    # rewrite every file
+    res = run_cli("resnet18", "--recipe", RECIPES / "quickstart.yaml", "--out", out, *sets(QUICK), "--resume")
+    assert res.returncode == 0 and "the run is finished" in res.stdout and "nothing changed" in res.stdout, res.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 

@@ -8,6 +8,8 @@ the bias, so it may differ from that by a few ulp, bounded here by 1e-6 * (|b| +
 """
 
 import math
+import shutil
+import subprocess
 
 import pytest
 import timm
@@ -227,6 +229,48 @@ def test_failed_build_is_caught(monkeypatch, tmp_path):
     monkeypatch.setenv("IRCONVERT_CACHE", str(tmp_path))
     ext, why = kernels._build("no-such-cpu")  # the compiler rejects -march at once
     assert ext is None and why
+
+
+def test_the_kernel_cache_is_keyed_by_the_torch_install_not_only_its_version(monkeypatch):
+    # issue 30: two environments with the same torch version shared one build folder, and ninja
+    # rebuilt it (~17 s) each time the other one had used it, since the include paths differ
+    from irconvert import native
+
+    key = native.build_key(b"source", "native")
+    assert native.build_key(b"source", "native") == key
+    monkeypatch.setattr(torch, "__file__", "/another/env/site-packages/torch/__init__.py")
+    assert native.build_key(b"source", "native") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.version, "git_version", "0" * 40)  # another build of the same version
+    assert native.build_key(b"source", "native") != key
+
+
+@pytest.mark.skipif(shutil.which("ninja") is None, reason="ninja decides what is up to date")
+@pytest.mark.parametrize("stale", [True, False])
+def test_every_build_is_announced_not_only_the_first(tmp_path, monkeypatch, capsys, stale):
+    import torch.utils.cpp_extension as cpp
+    from importlib import resources
+
+    from irconvert import native
+
+    monkeypatch.setenv("IRCONVERT_CACHE", str(tmp_path))
+    code = (resources.files("irconvert") / "csrc" / "bitwise.cpp").read_bytes()
+    name = f"irconvert_bitwise_{native.build_key(code, 'nocpu')}"
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / f"{name}.so").write_bytes(b"built before")
+    (folder / "input.h").write_text("a header")
+    (folder / "build.ninja").write_text("rule cp\n  command = cp $in $out\nbuild out.o: cp input.h\ndefault out.o\n")
+    if not stale:  # built, as torch's loader builds: ninja keeps the command in its log
+        subprocess.run(["ninja"], cwd=folder, check=True, capture_output=True)
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: "built")
+    native.build.cache_clear()
+    try:
+        assert native.build("nocpu") == ("built", "")
+    finally:
+        native.build.cache_clear()
+    err = capsys.readouterr().err
+    assert ("rebuilding the bitwise kernel" in err) == stale, err
 
 
 def test_functional_rejects_mismatched_words():

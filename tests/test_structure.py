@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "irconvert"
 # stages as the data walks them (load -> analyze -> plan -> swap -> train -> pack -> write -> verify),
 # then what runs them. A module may import only modules listed before it.
 ORDER = [
-    "version", "errors", "ops", "fileformat", "graph", "native",
+    "version", "errors", "shipped", "ops", "fileformat", "graph", "native",
     "fused",  # the fused training ops: the binary sign with its surrogate gradients, saved int8 signs
     "methods",  # the papers' parts and the method registry (its own modules import one another freely)
     "layers", "shortcut", "attention",
