@@ -14,6 +14,12 @@ class IRConvertError(Exception):
     """
 
 
+def result_log(log: Callable[..., None]) -> Callable[..., None]:
+    """Return where a command's results go (tables, figures, files written): `log.result` where `log` has
+    one (the CLI's console: results to stdout, progress and warnings to stderr), else `log` itself."""
+    return getattr(log, "result", log)
+
+
 @contextmanager
 def logged_warnings(log: Callable[..., None]) -> Iterator[None]:
     """Catch every warning raised inside the block and pass each to `log` as 'warning: ...' at its end."""

@@ -25,9 +25,10 @@ from torch import nn
 
 from . import distributed
 from .data import build_data, calibration_batch
-from .errors import IRConvertError
+from .errors import IRConvertError, result_log
 from .fileformat import atomic_path, describe, write_text
 from .models import from_origin
+from .plan import method_label
 from .recipe import Recipe, load_recipe, validate
 from .layer_summary import Summary, summary
 from .swap import binarize
@@ -218,16 +219,19 @@ class RunFolder:
         student.irconvert_input_size = self.input_size
         if not self.recipe.output.export:
             return student, None
-        log("[4/4] exporting and verifying")
+        log("      writing model.safetensors and packed.safetensors, and checking that the packed file reloads "
+            "to the same outputs")
         self.files = write_files(student, self.out, self.recipe.digest())
         return student, max_abs_diff(student, load_packed(self.out / "packed.safetensors"), x.cpu())
 
-    def finish(self, student: nn.Module, acc: dict, verified: Optional[float], seconds: dict, log=print) -> dict:
+    def finish(self, student: nn.Module, acc: dict, verified: Optional[float], seconds: dict, log=print,
+               world: Optional[distributed.World] = None, device: Optional[torch.device] = None) -> dict:
         """Write report.json, curves.png and metrics.jsonl; log the table and the accuracies; return the report."""
         r = self.recipe
         size = summary(student, self.input_size)
         report = report_fields(r.model.name, r.binarize, size, verified, seconds, self.files,
-                               source=r.model.source, recipe_hash=r.digest(), **acc)
+                               source=r.model.source, recipe_hash=r.digest(), **acc,
+                               **run_place(world or distributed.World(), device))
         write_text(self.out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False))
         if r.output.plot:
             title = f"{r.model.name}: {r.binarize.method} {r.binarize.mode} on {r.data.dataset}"
@@ -237,6 +241,7 @@ class RunFolder:
             self.writer.close()
         if self.files and not r.output.keep_checkpoint:  # exported: the checkpoint is no longer needed
             (self.out / CHECKPOINT).unlink(missing_ok=True)
+        log = result_log(log)
         log(str(size))
         log(f"top-1: full precision {acc['fp']['top1']:.2f}%   binary ({r.binarize.mode}) {acc['binary']['top1']:.2f}%   "
             f"packed reload max |diff| {verified if verified is not None else 'n/a'}")
@@ -284,13 +289,25 @@ def report_fields(model: str, policy, size: Summary, diff: Optional[float], seco
         **extra,
         "mode": policy.mode,
         "method": policy.method,
+        "method_as_trained": method_label(policy),
         "packed_max_abs_diff": diff,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "size": {k: v for k, v in size.to_dict().items() if k != "rows"},
         "binary_layers": sum(row.binary != "fp32" for row in size.rows),
         "kept_layers": sum(row.binary == "fp32" for row in size.rows),
         "files": files,
+        "file_bytes": {k: os.path.getsize(v) for k, v in files.items() if os.path.isfile(v)},
     }
+
+
+def run_place(world: distributed.World, device: Optional[torch.device]) -> dict:
+    """Return where a run ran: its processes, the device type, and how many devices they shared (one GPU per
+    process, distributed.start; one CPU per machine, torchrun's LOCAL_WORLD_SIZE processes on each)."""
+    if device is None:
+        return {"processes": world.size}
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world.size)))
+    devices = world.size if device.type == "cuda" else max(1, world.size // per_machine)
+    return {"processes": world.size, "device": device.type, "devices": devices}
 
 
 def write_files(student: nn.Module, out: Path, digest: Optional[str] = None) -> dict[str, str]:
@@ -353,18 +370,24 @@ def plot_curves(path: Path, stages: list[Stage], title: str = "", fp_top1: Optio
 def export_run(path: Union[str, os.PathLike], out: Union[str, os.PathLike, None] = None,
                recipe: Union[str, os.PathLike, None] = None, overwrite: bool = False, log=print) -> dict[str, str]:
     """Write model.safetensors and packed.safetensors from a run folder (its checkpoint, else its
-    model.safetensors), a checkpoint.pt, or a model.safetensors (packed only), into `out` (default:
-    beside the input). A file already there with the same contents is left as it is."""
+    model.safetensors), a checkpoint.pt, or a model.safetensors, into `out` (default: beside the input);
+    return their paths. A file already there with the same contents is left as it is."""
     path = Path(path)
     if path.is_dir() and not (path / CHECKPOINT).is_file() and (path / "model.safetensors").is_file():
         path = path / "model.safetensors"  # a finished run whose checkpoint was removed
     if path.is_file() and path.suffix == ".safetensors":
-        student, names = load(path), ("packed",)
-        digest, home = _metadata(path).get("recipe_hash") or None, path.parent
-    else:
-        student, home, digest = _student_from_checkpoint(path, recipe)
-        names = ("model", "packed")
-    return _write_changed(student.cpu().eval(), Path(out) if out else home, names, digest, overwrite, log)
+        student, digest, home = load(path), _metadata(path).get("recipe_hash") or None, path.parent
+        target = Path(out) if out else home
+        # both files in the target folder: the latent one there is this very file, or a copy written from it
+        names = ("packed",) if _same_file(target / "model.safetensors", path) else ("model", "packed")
+        files = _write_changed(student.cpu().eval(), target, names, digest, overwrite, log)
+        return {"model": str(target / "model.safetensors"), **files}
+    student, home, digest = _student_from_checkpoint(path, recipe)
+    return _write_changed(student.cpu().eval(), Path(out) if out else home, ("model", "packed"), digest, overwrite, log)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -398,10 +421,10 @@ def _write_changed(student: nn.Module, out: Path, names: tuple[str, ...], digest
                                  "to replace them, or --out DIR to write elsewhere")
         for n in names:
             if same[n]:
-                log(f"{targets[n]} is up to date")
+                result_log(log)(f"{targets[n]} is up to date")
             else:
                 os.replace(tmp[n], targets[n])
-                log(f"wrote {targets[n]}")
+                result_log(log)(f"wrote {targets[n]}")
         return {n: str(t) for n, t in targets.items()}
     finally:
         for t in tmp.values():
