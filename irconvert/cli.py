@@ -122,6 +122,9 @@ def cli():
     irconvert resnet18 mobilenetv3_small_100 --recipe R   a batch, each model in its own process
     irconvert --models list.yaml --convert-only           binarize, export, verify; no training
     irconvert summary resnet18                            per-layer table of the binarized model
+    irconvert list-models 'resnet*'                       model names, with what the zoo sweep verified
+
+    Results go to stdout, progress and warnings to stderr; --quiet and --json are for scripts.
     """
 
 
@@ -259,7 +262,8 @@ def verify_cmd(**options):
 @click.option("--repeat", type=int, default=10, show_default=True, help="Timed runs per batch size.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON here.")
 def bench_runtime_cmd(**options):
-    """Time PACKED run by the bitwise runtime against its fp32 model (median ms, full-precision share)."""
+    """Time PACKED (a packed.safetensors or a run folder) run by the bitwise runtime against its fp32 model
+    (median ms, full-precision share)."""
     _do("bench_runtime", **options)
 
 
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="irconvert", standalone_mode=False)
     except IRConvertError as exc:
-        click.echo(f"irconvert: error: {' '.join(str(exc).split())}", err=True)
+        click.echo(f"irconvert: error: {' '.join(exc.cli().split())}", err=True)
         sys.exit(2)
     except click.exceptions.Abort as exc:
         # click turns both Ctrl-C and an EOFError raised anywhere inside into Abort

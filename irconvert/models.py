@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .errors import IRConvertError
+from .errors import IRConvertError, flag
 from .graph import last_layers, trace
 
 SOURCES = ("timm", "torchvision")
@@ -200,7 +200,7 @@ def _hub(name: str) -> Iterator[None]:
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise IRConvertError(f"model.pretrained: cannot download the hub weights of {name!r} ({type(exc).__name__}: "
-                             f"{first}); without network pass a local file: --weights FILE or model.pretrained: PATH") from None
+                             f"{first}); without network pass a local file: {flag('weights')} or model.pretrained: PATH") from None
 
 
 def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
@@ -232,7 +232,8 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
         if "state_dict" in str(exc) or "size mismatch" in str(exc):
             raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({state_dict_problem(str(exc))}); "
                                  "check the model name "
-                                 "and its kwargs, or --set model.pretrained=false to start from random weights") from None
+                                 f"and its kwargs, or {flag('set', 'model.pretrained=false')} to start from random "
+                                 "weights") from None
         raise
 
 
@@ -272,7 +273,7 @@ def _refuse_partial_load(model: nn.Module, report: dict[str, list[str]], where, 
         parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({'; '.join(parts)}); "
-                             "check the model name and its kwargs, or --set model.pretrained=false to start from "
+                             f"check the model name and its kwargs, or {flag('set', 'model.pretrained=false')} to start from "
                              "random weights")
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import IRConvertError
+from .errors import IRConvertError, flag
 from .plan import Policy
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
@@ -285,13 +285,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, eq, text = item.partition("=")
         if not eq or not key:
-            raise IRConvertError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=2")
+            raise IRConvertError(f"{flag('set', item, label=True)}: expected key.path=value, e.g. train.epochs=2")
         try:
             value = safe_yaml(text)
         except (yaml.YAMLError, RecursionError):
             value = text
-        _check_key(key, f"--set {item}")
-        _set(raw, key, value, f"--set {item!r}")
+        _check_key(key, flag("set", item, label=True))
+        _set(raw, key, value, flag("set", item, label=True))
     return raw
 
 

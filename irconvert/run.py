@@ -22,7 +22,7 @@ from torch import nn
 
 from . import distributed
 from .data import DataInfo, build_data, calibration_batch, data_info
-from .errors import IRConvertError, logged_warnings, result_log
+from .errors import IRConvertError, flag, logged_warnings, result_log
 from .fileformat import write_text
 from .models import create_model, split_name
 from .plan import method_label, plan_counts
@@ -199,7 +199,7 @@ def convert_recipe(model: Optional[str], recipe: Union[Recipe, str, os.PathLike]
 def _check_out(out: Path, overwrite: bool) -> None:
     check_out_path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise IRConvertError(f"output.dir: {out} is not empty; pass --overwrite or another --out")
+        raise IRConvertError(f"output.dir: {out} is not empty; pass {flag('overwrite')} or another {flag('out')}")
 
 
 def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], policy=None,
@@ -279,7 +279,8 @@ def evaluate_file(path: Union[str, os.PathLike], recipe: Union[Recipe, str, os.P
         recipe = recipe if recipe is not None else path / "recipe.yaml"
         path = path / "packed.safetensors"
     if recipe is None:
-        raise IRConvertError(f"--recipe: {path} needs a recipe for its validation data (e.g. the run's recipe.yaml)")
+        raise IRConvertError(f"{flag('recipe', label=True)}: {path} needs a recipe for its validation data "
+                             "(e.g. the run's recipe.yaml)")
     recipe = resolve_recipe(recipe, overrides, {"train.device": device})
     net = _eval_model(path, runtime)
     info = data_info(recipe.data)
@@ -304,7 +305,7 @@ def _eval_model(path: Path, runtime: bool) -> nn.Module:
         raise IRConvertError(f"{path}: file not found; pass a packed.safetensors, a model.safetensors or a run folder")
     if _format(path).startswith("irconvert-latent"):
         if runtime:
-            raise IRConvertError(f"{path}: --runtime runs a packed file; pass packed.safetensors")
+            raise IRConvertError(f"{path}: {flag('runtime')} runs a packed file; pass packed.safetensors")
         return load(path)
     if runtime:
         from . import runtime as bitwise

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import distributed
 from .data import build_data, calibration_batch
-from .errors import IRConvertError, result_log
+from .errors import IRConvertError, flag, result_log
 from .fileformat import atomic_path, describe, write_text
 from .models import from_origin
 from .plan import method_label
@@ -52,7 +52,7 @@ def check_out_path(out: Path, resume: bool = False, overwrite: bool = False) -> 
             where = "is a file" if p == out else f"lies under {p}, which is a file"
             raise IRConvertError(f"output.dir: {out} {where}; choose a folder")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        raise IRConvertError(f"output.dir: {out} is not writable; choose another --out")
+        raise IRConvertError(f"output.dir: {out} is not writable; choose another {flag('out')}")
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -61,11 +61,11 @@ def read_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, a pickle with other globals, not a torch file at all
         raise IRConvertError(f"{path}: not a readable irconvert checkpoint ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:100]}); start the run again with --overwrite") from None
+                             f"{' '.join(str(exc).split())[:100]}); start the run again with {flag('overwrite')}") from None
     keys = ("recipe_hash", "stage", "epoch", "model", "teacher", "history", "optimizer")
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise IRConvertError(f"{path}: not an irconvert checkpoint (it lacks {', '.join(keys)}); "
-                             "start the run again with --overwrite")
+                             f"start the run again with {flag('overwrite')}")
     return state
 
 
@@ -179,7 +179,7 @@ class RunFolder:
             kept = (f"the checkpoint of {self.state_label()} is kept" if (self.out / CHECKPOINT).is_file()
                     else "no checkpoint was kept")
             raise Diverged(f"train: {bad} after {stage.name} epoch {epoch}; {kept}; "
-                           "lower the lr or set train.grad_clip, then start again with --overwrite")
+                           f"lower the lr or set train.grad_clip, then start again with {flag('overwrite')}")
         if self.recipe.output.checkpoint:
             body = {"recipe_hash": self.recipe.digest(), "recipe": self.recipe.to_yaml(), "stage": stage.name, "epoch": epoch,
                     "model": stage.model.state_dict(),
@@ -406,7 +406,7 @@ def _write_changed(student: nn.Module, out: Path, names: tuple[str, ...], digest
     metadata (which holds the SHA-256 of every tensor), refuse to replace one that differs unless
     `overwrite`, and rename the rest into place."""
     if out.exists() and not out.is_dir():
-        raise IRConvertError(f"--out: {out} is a file; choose a folder")
+        raise IRConvertError(f"{flag('out', label=True)}: {out} is a file; choose a folder")
     save = {"model": save_latent, "packed": save_packed}
     targets = {n: out / f"{n}.safetensors" for n in names}
     tmp = {n: out / f".{n}.safetensors.export.tmp" for n in names}
@@ -417,8 +417,8 @@ def _write_changed(student: nn.Module, out: Path, names: tuple[str, ...], digest
         same = {n: targets[n].is_file() and _metadata(targets[n]) == _metadata(tmp[n]) for n in names}
         clash = [str(targets[n]) for n in names if targets[n].exists() and not same[n]]
         if clash and not overwrite:
-            raise IRConvertError(f"export: {', '.join(clash)} already exist with other contents; pass --overwrite "
-                                 "to replace them, or --out DIR to write elsewhere")
+            raise IRConvertError(f"export: {', '.join(clash)} already exist with other contents; pass {flag('overwrite')} "
+                                 f"to replace them, or {flag('out')} to write elsewhere")
         for n in names:
             if same[n]:
                 result_log(log)(f"{targets[n]} is up to date")
@@ -441,10 +441,10 @@ def _checkpoint_recipe(state: dict, ckpt: Path, recipe: Union[str, os.PathLike, 
         found = load_recipe(recipe if recipe is not None else beside)
     else:
         raise IRConvertError(f"{ckpt}: holds no recipe and has no recipe.yaml beside it; pass the run's recipe "
-                             "with --recipe (its recipe.yaml)")
+                             f"with {flag('recipe')} (its recipe.yaml)")
     if found.digest() != state.get("recipe_hash"):
         raise IRConvertError(f"{recipe or beside}: is not the recipe of {ckpt} (hash {found.digest()}, checkpoint "
-                             f"{state.get('recipe_hash')}); pass the run's recipe.yaml with --recipe")
+                             f"{state.get('recipe_hash')}); pass the run's recipe.yaml with {flag('recipe')}")
     return found
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import prepare_attention
 from .embed import load_architecture
-from .errors import IRConvertError
+from .errors import IRConvertError, flag
 from .fileformat import LATENT_FORMAT, PACKED_FORMAT, packed_in, read
 from .layer_summary import default_input_size, summary
 from .layers import BinaryMixin
@@ -228,8 +228,8 @@ def verify_file(packed: os.PathLike | str, latent: Optional[os.PathLike | str] =
     `packed` may be a run folder."""
     packed = packed_in(packed)
     if latent is not None and not Path(latent).is_file():
-        raise IRConvertError(f"--latent {latent}: file not found; pass the model.safetensors to compare with, "
-                             "or leave --latent out to use the one beside the packed file")
+        raise IRConvertError(f"{flag('latent', label=True)} {latent}: file not found; pass the model.safetensors to "
+                             f"compare with, or leave {flag('latent', label=True)} out to use the one beside the packed file")
     net = load_packed(packed)
     size_in = net.irconvert_input_size or default_input_size(net)
     latent = Path(latent) if latent else packed.with_name("model.safetensors")
