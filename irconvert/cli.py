@@ -10,7 +10,9 @@ Every error a user can cause is an IRConvertError, printed as one line on stderr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
 import shlex
 import sys
@@ -80,9 +82,35 @@ def _one_of_resume_overwrite(options: dict) -> None:
         raise IRConvertError("--resume and --overwrite: pass one of them (continue the run, or replace it)")
 
 
-def _do(command: str, **options) -> None:
-    """Run commands.<command>(**options): the one place the heavy modules are imported."""
-    getattr(importlib.import_module(".commands", __package__), command)(**options)
+def _do(command: str, quiet: bool = False, as_json: bool = False, **options):
+    """Run commands.<command>(**options), the one place the heavy modules are imported, and return what it
+    returns. The rule of every command: stdout carries what the command produces (tables, figures, the files
+    written), stderr its progress and warnings, and errors. `quiet` drops both (errors still reach stderr);
+    `as_json` prints the command's result as one JSON object on stdout instead, its lines going to stderr."""
+    real_out = sys.stdout
+    with contextlib.ExitStack() as stack:
+        if quiet:
+            null = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(null))
+            stack.enter_context(contextlib.redirect_stderr(null))
+        elif as_json:  # nothing but the JSON object reaches stdout, whatever a library prints
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        result = getattr(importlib.import_module(".commands", __package__), command)(**options)
+    if as_json:
+        real_out.write(json.dumps(result, indent=2, default=str) + "\n")
+        real_out.flush()
+    return result
+
+
+def _script_options(f):
+    """--quiet and --json, for scripts."""
+    for opt in reversed([
+        click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (the exit code tells the rest)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the result (e.g. the report) as one JSON object on stdout; progress goes to stderr."),
+    ]):
+        f = opt(f)
+    return f
 
 
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,6 +123,9 @@ def cli():
     irconvert resnet18 mobilenetv3_small_100 --recipe R   a batch, each model in its own process
     irconvert --models list.yaml --convert-only           binarize, export, verify; no training
     irconvert summary resnet18                            per-layer table of the binarized model
+    irconvert list-models 'resnet*'                       model names, with what the zoo sweep verified
+
+    Results go to stdout, progress and warnings to stderr; --quiet and --json are for scripts.
     """
 
 
@@ -127,6 +158,8 @@ def _train_options(f):
 @_recipe_options
 @_train_options
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local pretrained weights (.safetensors or .pth).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and the conversion plan (each layer's mode and why); write nothing.")
+@_script_options
 def run_cmd(**options):
     """Convert MODEL with a recipe: load, fine-tune, binarize, distill, evaluate, export."""
     _need_recipe(options["recipe_path"])
@@ -158,6 +191,8 @@ def batch_cmd(**options):
 @_recipe_options
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local pretrained weights (.safetensors or .pth).")
 @click.option("--convert-only", is_flag=True, hidden=True, help="The flag that chooses this command.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and the conversion plan (each layer's mode and why); write nothing.")
+@_script_options
 def check_cmd(convert_only, **options):
     """Binarize MODEL (the recipe's policy, or the default), export it and verify the exact reload; no training."""
     _do("check", **options)
@@ -176,6 +211,7 @@ def check_cmd(convert_only, **options):
                    "scaled, irnet_scaled) or module:Class.")
 @click.option("--input-size", help="C,H,W used to count MACs (default: the model's own, or the recipe's data).")
 @click.option("--num-classes", type=int, help="Classifier size (default: the model's own).")
+@_script_options
 def summary_cmd(**options):
     """Print the per-layer summary of MODEL binarized with the default policy."""
     _do("summary", **options)
@@ -187,6 +223,7 @@ def summary_cmd(**options):
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="The run's recipe, for a checkpoint.pt written before checkpoints held it.")
 @click.option("--overwrite", is_flag=True, help="Replace model/packed files that differ from what export writes.")
+@_script_options
 def export_cmd(**options):
     """Write model.safetensors and packed.safetensors from a run folder, checkpoint or model.safetensors.
     Files already there with the same contents are left as they are."""
@@ -200,6 +237,7 @@ def export_cmd(**options):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. data.val_subset=1000.")
 @click.option("--runtime", "use_runtime", is_flag=True, help="Run the W1A1 layers through the bitwise kernels (packed files).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N (default: the recipe's).")
+@_script_options
 def eval_cmd(**options):
     """Top-1 / top-5 of PATH (packed.safetensors, model.safetensors or a run folder) on the recipe's validation data."""
     _do("evaluate", **options)
@@ -208,10 +246,14 @@ def eval_cmd(**options):
 @cli.command("verify")
 @click.argument("packed", type=click.Path())
 @click.option("--latent", type=click.Path(dir_okay=False), help="model.safetensors to compare with (default: beside PACKED).")
-@click.option("--tolerance", type=float, default=1e-5, show_default=True)
+@click.option("--tolerance", type=float, default=1e-5, show_default=True,
+              help="Largest max |packed - latent| output difference that passes (exit code 1 above it).")
+@_script_options
 def verify_cmd(**options):
-    """Rebuild PACKED, check its outputs against the latent model, print summary and sizes."""
-    _do("verify", **options)
+    """Rebuild PACKED (a packed.safetensors or a run folder), check its outputs against the latent model,
+    print summary and sizes."""
+    if _do("verify", **options).get("ok") is False:
+        raise SystemExit(1)
 
 
 @cli.command("bench-runtime")
@@ -221,7 +263,8 @@ def verify_cmd(**options):
 @click.option("--repeat", type=int, default=10, show_default=True, help="Timed runs per batch size.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON here.")
 def bench_runtime_cmd(**options):
-    """Time PACKED run by the bitwise runtime against its fp32 model (median ms, full-precision share)."""
+    """Time PACKED (a packed.safetensors or a run folder) run by the bitwise runtime against its fp32 model
+    (median ms, full-precision share)."""
     _do("bench_runtime", **options)
 
 
@@ -234,6 +277,17 @@ def list_recipes_cmd():
     click.echo(f"(in {shipped.FOLDER}; e.g. irconvert resnet18 --recipe quickstart)")
 
 
+@cli.command("list-models")
+@click.argument("pattern", required=False)
+@click.option("--source", type=click.Choice(["timm", "torchvision"]), help="Only this library's models.")
+@click.option("--verified", is_flag=True, help="Only the models the zoo sweep checked (ok or failed).")
+@_script_options
+def list_models_cmd(**options):
+    """List the model names irconvert loads (timm's, and torchvision's as torchvision:NAME) matching PATTERN
+    (wildcards as in timm.list_models: 'resnet*', '*vit*'), with what the model-zoo sweep verified."""
+    _do("list_models", **options)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors become one line on stderr and exit code 2; Ctrl-C says how to resume
     (exit 130); any other error is a bug: one line and the path of a log with its traceback (exit 1)."""
@@ -241,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="irconvert", standalone_mode=False)
     except IRConvertError as exc:
-        click.echo(f"irconvert: error: {' '.join(str(exc).split())}", err=True)
+        click.echo(f"irconvert: error: {' '.join(exc.cli().split())}", err=True)
         sys.exit(2)
     except click.exceptions.Abort as exc:
         # click turns both Ctrl-C and an EOFError raised anywhere inside into Abort

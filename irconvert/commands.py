@@ -15,26 +15,51 @@ from .models import create_model, split_name
 from .plan import Policy
 from .data import DataInfo, data_info
 from .recipe import policy_from_sets
-from .run import build_model, convert_only, convert_recipe, evaluate_file, recipe_for, run
+from .run import build_model, convert_only, convert_recipe, dry_run, evaluate_file, recipe_for, run
 from .runtime.bench import bench_packed
 from .runfolder import export_run
 from .swap import binarize
 from .verify import verify_file
 
 
-def run_one(model: str, recipe_path: Optional[str], **options) -> None:
-    """`irconvert MODEL --recipe R`: one run (run.py)."""
-    run(model, recipe_path, log=click.echo, **options)
+class Console:
+    """Where a command's lines go: progress and warnings (`console(line)`) to stderr, results
+    (`console.result(line)`: tables, figures, files written) to stdout, so that `> file` or a pipe gets the
+    results and the terminal still shows the rest."""
+
+    def __call__(self, line: str = "") -> None:
+        click.echo(line, err=True)
+
+    def result(self, line: str = "") -> None:
+        click.echo(line)
+
+
+console = Console()
+
+
+def run_one(model: str, recipe_path: Optional[str], dry_run: bool = False, **options) -> dict:
+    """`irconvert MODEL --recipe R`: one run (run.py); with `dry_run`, what it would do."""
+    if dry_run:
+        return plan_only(model, recipe_path, options["out"], options["weights"], options["overrides"])
+    return run(model, recipe_path, log=console, **options)
+
+
+def plan_only(model: str, recipe_path: Optional[str], out: Optional[str], weights: Optional[str],
+              overrides: tuple[str, ...]) -> dict:
+    """`--dry-run`: the resolved recipe and the conversion plan; nothing written."""
+    return dry_run(model, recipe_path, out, weights, overrides, log=console)
 
 
 def check(model: str, recipe_path: Optional[str], out: Optional[str], overrides: tuple[str, ...],
-          overwrite: bool, weights: Optional[str]) -> None:
+          overwrite: bool, weights: Optional[str], dry_run: bool = False) -> dict:
     """`irconvert MODEL --convert-only`: binarize, export, verify; with a recipe, its model and policy."""
+    if dry_run:
+        return plan_only(model, recipe_path, out, weights, overrides)
     out = Path(out) if out else model_dir(Path("runs"), model)
     if recipe_path:
-        convert_recipe(model, recipe_path, out, weights, overrides, overwrite, log=click.echo)
-    else:
-        convert_only(model, out, policy_from_sets(list(overrides)), weights=weights, overwrite=overwrite, log=click.echo)
+        return convert_recipe(model, recipe_path, out, weights, overrides, overwrite, log=console)
+    return convert_only(model, out, policy_from_sets(list(overrides)), weights=weights, overwrite=overwrite,
+                        log=console)
 
 
 def batch(models: tuple[str, ...], models_file: Optional[str], report_path: Optional[str],
@@ -59,7 +84,7 @@ def batch(models: tuple[str, ...], models_file: Optional[str], report_path: Opti
 
 
 def summary(model: str, weights: Optional[str], recipe_path: Optional[str], in_chans: Optional[int],
-            mode: Optional[str], method: Optional[str], input_size: Optional[str], num_classes: Optional[int]) -> None:
+            mode: Optional[str], method: Optional[str], input_size: Optional[str], num_classes: Optional[int]) -> dict:
     """`irconvert summary MODEL`: the per-layer table of MODEL binarized with the default policy (or the recipe's)."""
     size = parse_size(input_size)
     if recipe_path:
@@ -75,9 +100,11 @@ def summary(model: str, weights: Optional[str], recipe_path: Optional[str], in_c
         policy = Policy.model_validate(policy.model_dump())
     except ValueError as exc:
         raise IRConvertError(f"--method: {exc.errors()[0]['msg']}") from None
-    with logged_warnings(lambda line: click.echo(line, err=True)):
+    with logged_warnings(console):
         b = binarize(net, policy, inplace=True)
-    click.echo(str(layer_summary(b, size)))
+    table = layer_summary(b, size)
+    click.echo(str(table))
+    return table.to_dict()
 
 
 def _summary_model(model: str, weights: Optional[str], in_chans: Optional[int], num_classes: Optional[int]):
@@ -92,20 +119,25 @@ def _summary_model(model: str, weights: Optional[str], in_chans: Optional[int], 
     return create_model(model, weights=weights, adapt=adapt, **kwargs)
 
 
-def export(path: str, out: Optional[str], recipe_path: Optional[str], overwrite: bool) -> None:
+def export(path: str, out: Optional[str], recipe_path: Optional[str], overwrite: bool) -> dict:
     """`irconvert export RUN|CHECKPOINT|model.safetensors [--out DIR]`."""
-    export_run(path, out, recipe_path, overwrite=overwrite, log=click.echo)
+    return export_run(path, out, recipe_path, overwrite=overwrite, log=console)
 
 
 def evaluate(path: str, recipe_path: Optional[str], overrides: tuple[str, ...], use_runtime: bool,
-             device: Optional[str]) -> None:
+             device: Optional[str]) -> dict:
     """`irconvert eval PATH [--recipe R] [--runtime]`: top-1 / top-5 on the recipe's validation data."""
-    evaluate_file(path, recipe_path, overrides, use_runtime, device, log=click.echo)
+    return evaluate_file(path, recipe_path, overrides, use_runtime, device, log=console)
 
 
-def verify(packed: str, latent: Optional[str], tolerance: float) -> None:
-    """`irconvert verify packed.safetensors`: rebuild, compare with the latent model, sizes; exit 1 on a mismatch."""
+def verify(packed: str, latent: Optional[str], tolerance: float) -> dict:
+    """`irconvert verify packed.safetensors|RUN`: rebuild, compare with the latent model, sizes; the result's
+    'ok' is False on a mismatch (the CLI's exit code 1)."""
     r = verify_file(packed, latent)
+    result = {"packed": r["packed"], "latent": r["latent"], "packed_bytes": r["packed_bytes"],
+              "latent_bytes": r["latent_bytes"], "max_abs_diff": r["max_abs_diff"], "tolerance": tolerance,
+              "ok": None if r["max_abs_diff"] is None else r["max_abs_diff"] <= tolerance,
+              "size": {k: v for k, v in r["summary"].to_dict().items() if k != "rows"}}
     click.echo(str(r["summary"]))
     line = f"packed file: {r['packed_bytes'] / 2**20:.2f} MiB"
     if r["latent_bytes"]:
@@ -113,11 +145,10 @@ def verify(packed: str, latent: Optional[str], tolerance: float) -> None:
     click.echo(line)
     if r["max_abs_diff"] is None:
         click.echo("no latent model at hand: rebuilt, outputs not compared")
-        return
-    ok = r["max_abs_diff"] <= tolerance
-    click.echo(f"max |packed - latent| = {r['max_abs_diff']:.3g} ({'ok' if ok else 'MISMATCH'}, tolerance {tolerance:g})")
-    if not ok:
-        raise SystemExit(1)
+        return result
+    click.echo(f"max |packed - latent| = {r['max_abs_diff']:.3g} ({'ok' if result['ok'] else 'MISMATCH'}, "
+               f"tolerance {tolerance:g})")
+    return result
 
 
 def bench_runtime(packed: str, batches: tuple[int, ...], input_size: Optional[str], repeat: int,
@@ -137,3 +168,24 @@ def parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if len(size) != 3 or min(size) <= 0:
         raise IRConvertError(f"--input-size: {text!r} is not C,H,W (e.g. 3,224,224)")
     return size
+
+
+def list_models(pattern: Optional[str], source: Optional[str], verified: bool) -> list[dict]:
+    """`irconvert list-models [PATTERN]`: model names, with what the zoo sweep verified."""
+    from .models import list_models as find
+
+    rows = find(pattern or "", source, verified)
+    width = max([len(r["name"]) for r in rows] + [10])
+    for r in rows:
+        z = r["zoo"]
+        if z is None:
+            click.echo(r["name"])
+        elif z["status"] == "ok":
+            click.echo(f"{r['name']:<{width}}  zoo: ok, {100 * z['binary_mac_share']:.1f}% of MACs binary, packed "
+                       f"{100 * z['size_ratio']:.1f}% of fp32")
+        else:
+            click.echo(f"{r['name']:<{width}}  zoo: fail ({z['reason']})")
+    ok = sum(1 for r in rows if r["zoo"] and r["zoo"]["status"] == "ok")
+    console(f"{len(rows)} models; {ok} verified in the zoo sweep (binarized, trained 20 steps, exported and "
+            f"rebuilt exactly), {sum(1 for r in rows if r['zoo']) - ok} failed it, the rest not in it")
+    return rows

@@ -93,6 +93,17 @@ def describe(model: nn.Module, recipe_hash: Optional[str] = None) -> dict[str, s
     }
 
 
+def packed_in(path: os.PathLike | str) -> Path:
+    """Return `path`, or for a run folder the packed.safetensors in it (what verify, eval and bench-runtime read)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "packed.safetensors").is_file():
+            raise IRConvertError(f"{path}: a folder without packed.safetensors; pass a run folder (export it first: "
+                                 f"irconvert export {path}) or a packed.safetensors file")
+        return path / "packed.safetensors"
+    return path
+
+
 def read(path: os.PathLike | str, want_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Return (tensors, metadata) of an irconvert file, or raise IRConvertError naming the problem."""
     from safetensors import SafetensorError

@@ -51,8 +51,10 @@ class Summary:
         return d
 
     def __str__(self) -> str:
-        head = (f"{'layer':<40} {'type':<16} {'binary':<6} {'params':>10} {'bits/w':>6} {'memory':>10} {'MACs':>12} "
-                f"{'+1 in':>6}")
+        # '+1 in' comes from the calibration batch: a model rebuilt from a file has none, and no such column
+        plus = any(r.plus_share is not None for r in self.rows)
+        head = (f"{'layer':<40} {'type':<16} {'binary':<6} {'params':>10} {'bits/w':>6} {'memory':>10} {'MACs':>12}"
+                + (f" {'+1 in':>6}" if plus else ""))
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append((
@@ -61,7 +63,8 @@ class Summary:
                 + (f"{100 * r.plus_share:>5.1f}%" if r.plus_share is not None else "")
             ).rstrip())
         lines.append("-" * len(head))
-        lines.append("+1 in: share of +1 bits of a W1A1 layer's input on the calibration batch")
+        if plus:
+            lines.append("+1 in: share of +1 bits of a W1A1 layer's input on the calibration batch")
         lines.append(f"parameters: {self.params:,}   MACs at input {self.input_size}: {self.macs:,}")
         lines.append(
             f"fp32 size: {_kib(self.fp32_bytes)}   with 1-bit weights: {_kib(self.binary_bytes)}   "
@@ -134,7 +137,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Summ
 
     other = sum(t.numel() for t in list(model.parameters()) + list(model.buffers())
                 if id(t) not in counted and t.is_floating_point())
-    params = sum(p.numel() for p in model.parameters())
+    # a packed reload's layers hold what their method learned (RSign's alpha, a scale) folded into the weight
+    # and the input threshold: the same parameters as the model that was trained and exported
+    params = sum(p.numel() for p in model.parameters()) + sum(getattr(m, "frozen_params", 0) for m in model.modules())
     fp32 = 4 * other + sum(4 * r.params for r in rows)
     binary = 4 * other + sum(r.bytes for r in rows)
     total = sum(r.macs for r in rows)

@@ -141,6 +141,8 @@ class BinaryMixin:
     def freeze(self, weight: torch.Tensor, threshold: Optional[torch.Tensor] = None) -> None:
         """Make this a deployment layer: weight = the stored scale * B as it is, the method's own
         parameters gone, the input binarized as sign(x - threshold)."""
+        # what the method learned is now in the weight and the threshold: still counted as the model's parameters
+        self.frozen_params = sum(self._parameters[n].numel() for n in self.binary_params)
         for name in self.binary_params:
             del self._parameters[name]
         self.binary_params = ()

@@ -16,6 +16,7 @@ import difflib
 import logging
 import os
 import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .errors import IRConvertError
+from .errors import IRConvertError, flag
 from .graph import last_layers, trace
 
 SOURCES = ("timm", "torchvision")
@@ -41,6 +42,24 @@ def split_name(name: str, source: str | None = None) -> tuple[str, str]:
 def _suggest(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def state_dict_problem(text: str, limit: int = 3) -> str:
+    """Return torch's load_state_dict error `text` as one short line: which tensors do not fit and how
+    ('fc.weight: file [10, 128], model [1000, 128]; missing: a, b; and 4 more'), never cut inside a word."""
+    shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    parts = [f"{k}: file {a}, model {b}" for k, a, b in shapes]
+    for line in text.splitlines():  # torch writes one line per kind of problem
+        for label in ("missing", "unexpected"):
+            if line.strip().startswith(f"{label.capitalize()} key(s)"):
+                keys = re.findall(r'"([^"]+)"', line)
+                parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
+    if not parts:  # another wording: its first sentence, whole words only
+        words = " ".join(text.split())
+        return words if len(words) <= 200 else words[:200].rsplit(" ", 1)[0] + " ..."
+    more = len(parts) - limit
+    return "; ".join(parts[:limit]) + (f"; and {more} more" if more > 0 else "")
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
@@ -181,14 +200,19 @@ def _hub(name: str) -> Iterator[None]:
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise IRConvertError(f"model.pretrained: cannot download the hub weights of {name!r} ({type(exc).__name__}: "
-                             f"{first}); without network pass a local file: --weights FILE or model.pretrained: PATH") from None
+                             f"{first}); without network pass a local file: {flag('weights')} or model.pretrained: PATH") from None
 
 
 def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
-        raise IRConvertError(f"model.name: unknown timm model {name!r}{_suggest(name, timm.list_models())}")
+        import torchvision  # a torchvision name given without its prefix is the likeliest slip
+
+        tv = torchvision.models.list_models(module=torchvision.models)
+        hint = (f"; did you mean torchvision:{name}?" if name in tv else
+                _suggest(name, timm.list_models()) or _suggest(name, tv).replace("mean ", "mean torchvision:"))
+        raise IRConvertError(f"model.name: unknown timm model {name!r}{hint}")
     try:
         if where is None:
             return timm.create_model(name, pretrained=False, **kwargs)
@@ -206,9 +230,10 @@ def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
         raise IRConvertError(f"model.kwargs: timm model {name!r} rejects its arguments ({exc})") from None
     except RuntimeError as exc:
         if "state_dict" in str(exc) or "size mismatch" in str(exc):
-            first = " ".join(str(exc).split())[:300]
-            raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({first}); check the model name "
-                                 "and its kwargs, or --set model.pretrained=false to start from random weights") from None
+            raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({state_dict_problem(str(exc))}); "
+                                 "check the model name "
+                                 f"and its kwargs, or {flag('set', 'model.pretrained=false')} to start from random "
+                                 "weights") from None
         raise
 
 
@@ -248,7 +273,7 @@ def _refuse_partial_load(model: nn.Module, report: dict[str, list[str]], where, 
         parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise IRConvertError(f"{where}: weights do not fit timm model {name!r} ({'; '.join(parts)}); "
-                             "check the model name and its kwargs, or --set model.pretrained=false to start from "
+                             f"check the model name and its kwargs, or {flag('set', 'model.pretrained=false')} to start from "
                              "random weights")
 
 
@@ -279,7 +304,10 @@ def _create_torchvision(name: str, where, kwargs: dict) -> nn.Module:
 
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
-        raise IRConvertError(f"model.name: unknown torchvision classifier {name!r}{_suggest(name, names)}")
+        import timm
+
+        hint = f"; did you mean the timm model {name!r} (no prefix)?" if timm.is_model(name) else _suggest(name, names)
+        raise IRConvertError(f"model.name: unknown torchvision classifier {name!r}{hint}")
     try:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     except TypeError as exc:
@@ -299,3 +327,33 @@ def _create_torchvision(name: str, where, kwargs: dict) -> nn.Module:
 def _head_names(model: nn.Module) -> tuple[str, ...]:
     """Names of the classifier layers (the last conv/linear by graph), whose shape num_classes may change."""
     return last_layers(model)
+
+
+def zoo_verified() -> dict[str, dict]:
+    """Return what the model-zoo sweep verified per model name ('resnet18', 'torchvision:resnet18'):
+    irconvert/zoo_verified.json, which `python -m bench.zoo_verified` writes from bench/results."""
+    import json
+
+    return json.loads((Path(__file__).with_name("zoo_verified.json")).read_text())["models"]
+
+
+def list_models(pattern: str = "", source: Optional[str] = None, verified: bool = False) -> list[dict]:
+    """Return the models irconvert can load whose name matches the fnmatch `pattern` (timm's wildcards;
+    torchvision ones named 'torchvision:NAME', matched with or without the prefix), each with what the
+    zoo sweep verified (None: not in the sweep)."""
+    import fnmatch
+
+    import timm
+    import torchvision
+
+    pattern = pattern or "*"
+    names = []
+    if source in (None, "timm"):
+        names += timm.list_models(pattern.removeprefix("timm:"))
+    if source in (None, "torchvision"):
+        bare = pattern.removeprefix("torchvision:")
+        names += [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)
+                  if fnmatch.fnmatchcase(n, bare)]
+    zoo = zoo_verified()
+    rows = [{"name": n, "zoo": zoo.get(n)} for n in names]
+    return [r for r in rows if r["zoo"] is not None] if verified else rows

@@ -254,3 +254,31 @@ def plan(analysis: Analysis, policy: Policy, modules: dict[str, "torch.nn.Module
                             "Bi-Real shortcut (no BatchNorm right after them, or shapes that do not allow one)")
     return Plan(policy=policy, layers=layers, hardtanh=tuple(sorted(hardtanh)), warnings=tuple(warnings),
                 shortcuts=tuple(shortcuts))
+
+
+def method_label(policy: Policy) -> str:
+    """Return the binarization as trained, in words: 'irnet + RSign + RPReLU + Bi-Real shortcut (gated)'."""
+    parts = [policy.method]
+    if policy.rsign:
+        parts.append("RSign")
+    if policy.activation == "rprelu":
+        parts.append("RPReLU")
+    if policy.shortcut:
+        parts.append("Bi-Real shortcut" + (" (gated)" if policy.shortcut == "gated" else ""))
+    return " + ".join(parts)
+
+
+def plan_counts(p: Plan) -> str:
+    """Return the plan in one line: '16 layers W1A1, 6 kept full precision (first layer 1, pattern *.downsample.0 4, ...)'."""
+    modes: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    for lp in p.layers.values():
+        if lp.mode is None:
+            why = lp.reason.split(";")[0]
+            kept[why] = kept.get(why, 0) + 1
+        else:
+            modes[lp.mode] = modes.get(lp.mode, 0) + 1
+    binary = ", ".join(f"{n} layer{'s' if n != 1 else ''} {m}" for m, n in sorted(modes.items())) or "no binary layer"
+    total = sum(kept.values())
+    why = ", ".join(f"{w} {n}" for w, n in kept.items())
+    return f"{binary}, {total} kept full precision" + (f" ({why})" if why else "")

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import shipped
-from .errors import IRConvertError
+from .errors import IRConvertError, flag
 from .plan import Policy
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
@@ -307,13 +307,53 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, eq, text = item.partition("=")
         if not eq or not key:
-            raise IRConvertError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=2")
+            raise IRConvertError(f"{flag('set', item, label=True)}: expected key.path=value, e.g. train.epochs=2")
         try:
             value = safe_yaml(text)
         except (yaml.YAMLError, RecursionError):
             value = text
-        _set(raw, key, value, f"--set {item!r}")
+        _check_key(key, flag("set", item, label=True))
+        _set(raw, key, value, flag("set", item, label=True))
     return raw
+
+
+def _section_class(annotation) -> Optional[type]:
+    """Return the pydantic model a field holds (through Optional / Union), or None (a value, a free dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def unknown_key(path: list[str], schema: type = None) -> Optional[tuple[str, list[str]]]:
+    """Return (the first unknown dotted key of `path`, the close known keys) against the recipe's schema,
+    or None where every part is known (parts under a free mapping such as model.kwargs are not checked)."""
+    import difflib
+
+    schema = schema or Recipe
+    for i, part in enumerate(path):
+        fields = schema.model_fields
+        if part not in fields:
+            prefix = ".".join(path[:i])
+            keys = [f"{prefix}.{k}" if prefix else k for k in fields]
+            wrong = ".".join(path[:i + 1])
+            return wrong, difflib.get_close_matches(wrong, keys, n=3, cutoff=0.6)
+        schema = _section_class(fields[part].annotation)
+        if schema is None:
+            return None
+    return None
+
+
+def _check_key(key: str, what: str) -> None:
+    """Refuse an override of a key the recipe has not, suggesting the close ones."""
+    found = unknown_key(key.split("."))
+    if found:
+        wrong, close = found
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; see the recipe fields (docs: recipes)"
+        raise IRConvertError(f"{what}: the recipe has no key {wrong}{hint}")
 
 
 def _set(raw: dict, key: str, value: Any, what: str) -> None:
@@ -353,7 +393,10 @@ def validate(raw: dict, origin: str = "recipe") -> Recipe:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling against the recipe fields in README.md"
+            found = unknown_key([str(p) for p in e["loc"]])
+            close = found[1] if found else []
+            msg = f"unknown key; did you mean {' or '.join(close)}?" if close else \
+                "unknown key; check its spelling against the recipe fields (docs: recipes)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif "input" in e and not isinstance(e["input"], dict):

@@ -22,9 +22,10 @@ from torch import nn
 
 from . import distributed
 from .data import DataInfo, build_data, calibration_batch, data_info
-from .errors import IRConvertError, logged_warnings
+from .errors import IRConvertError, flag, logged_warnings, result_log
 from .fileformat import write_text
 from .models import create_model, split_name
+from .plan import method_label, plan_counts
 from .recipe import Recipe, resolve_recipe
 from .runfolder import RunFolder, check_out_path, finished_run, out_dir, reload_diff, report_fields, write_files
 from .layer_summary import default_input_size, summary
@@ -47,10 +48,12 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
         return done
     dev, world = distributed.start(recipe.train.device, recipe.train.backend)
     log = log if world.main else (lambda *a, **k: None)  # one process speaks
-    clock = Clock()
+    clock, t_start = Clock(), time.time()
 
     # -- load: data and the FP model; every input error is found before the first file is written
     with clock("load"):
+        log(f"[1/4] loading {describe_model(recipe, weights) if not isinstance(model, nn.Module) else 'the model'} "
+            f"and the {recipe.data.dataset} data")
         data = build_data(recipe.data)
         torch.manual_seed(recipe.train.seed)  # a random-init model is the same again on --resume
         fp = model if isinstance(model, nn.Module) else build_model(recipe, data.info, weights)
@@ -66,12 +69,14 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     # -- binarize: analyze -> plan -> swap
     with clock("binarize"), logged_warnings(log):
         student = binarize(fp, recipe.binarize, calibrate=calibration_batch(data))
+    log(f"[2/4] binarized with {method_label(recipe.binarize)}: {plan_counts(student.irconvert_plan)}")
     # -- binary fine-tune with distillation and EDE's schedule
     with clock("train"):
         train_binary(student, fp, folder, loaders, dev, log)
     # -- evaluate both
     with clock("evaluate"):
-        log("[3/4] evaluating")
+        log(f"[4/4] evaluating the full-precision and the binary model on {len(loaders[1].dataset):,} "
+            "validation images")
         acc = {k: evaluate(m, loaders[1], dev, recipe.train.amp) for k, m in (("fp", fp), ("binary", student))}
     if not world.main:  # the main process writes the results; the others are done
         distributed.teardown()
@@ -79,7 +84,8 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     # -- export and verify: pack -> write -> verify
     with clock("export"):
         student, verified = folder.export(student, next(iter(loaders[1]))[0][:16], log)
-    report = folder.finish(student, acc, verified, clock.seconds, log)
+    clock.seconds["total"] = time.time() - t_start
+    report = folder.finish(student, acc, verified, clock.seconds, log, world=world, device=dev)
     distributed.teardown()
     return report
 
@@ -125,6 +131,15 @@ def recipe_for(model: Optional[str], recipe: Union[Recipe, str, os.PathLike], ov
     return resolve_recipe(recipe, overrides, _fields(model, None, None))
 
 
+def describe_model(recipe: Recipe, weights: Optional[str] = None) -> str:
+    """Return the model a recipe loads, in words: 'resnet18 (timm) with the weights in FILE'."""
+    m = recipe.model
+    where = weights or m.pretrained
+    source = ("random weights" if not where else "the hub's pretrained weights" if where is True
+              else f"the weights in {os.path.normpath(where)}")
+    return f"{m.name} ({m.source}) with {source}"
+
+
 def build_model(recipe: Recipe, info: DataInfo, weights: Optional[str] = None) -> nn.Module:
     """Return the full-precision model the recipe names, fitted to the data's classes and channels."""
     m = recipe.model
@@ -148,7 +163,8 @@ def finetune_teacher(fp: nn.Module, folder: RunFolder, loaders, dev: torch.devic
         fp.load_state_dict(folder.state["teacher"])
     if r.teacher.finetune is not None:
         start, opt_state = folder.resume_point("teacher", r.teacher.finetune.epochs)
-        log(f"[1/4] fine-tuning the full-precision teacher ({r.teacher.finetune.epochs} epochs)")
+        log(f"      fine-tuning the full-precision model on this data first ({r.teacher.finetune.epochs} "
+            f"epoch{'s' if r.teacher.finetune.epochs != 1 else ''}): it is the teacher the binary model learns from")
         fit(stage, *loaders, dev, start, opt_state, folder.checkpoint)
     return stage
 
@@ -165,7 +181,10 @@ def train_binary(student: nn.Module, fp: nn.Module, folder: RunFolder, loaders, 
     start, opt_state = folder.resume_point("binary", 0)
     if opt_state is not None:
         student.load_state_dict(opt_state["model"])
-    log(f"[2/4] training the binary model ({r.train.epochs} epochs, {len(list(student.parameters()))} tensors)")
+    steps = min(len(loaders[0]), r.train.max_steps_per_epoch or len(loaders[0]))
+    teach = (f", learning from the full-precision model (distillation)" if teacher is not None else "")
+    log(f"[3/4] training the binary model: {r.train.epochs} epoch{'s' if r.train.epochs != 1 else ''} of {steps} "
+        f"steps, {r.data.batch_size} images a step{teach}" + (f", from {folder.state_label()}" if start else ""))
     fit(stage, *loaders, dev, start, opt_state, folder.checkpoint)
     return stage
 
@@ -186,7 +205,7 @@ def convert_recipe(model: Optional[str], recipe: Union[Recipe, str, os.PathLike]
 def _check_out(out: Path, overwrite: bool) -> None:
     check_out_path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise IRConvertError(f"output.dir: {out} is not empty; pass --overwrite or another --out")
+        raise IRConvertError(f"output.dir: {out} is not empty; pass {flag('overwrite')} or another {flag('out')}")
 
 
 def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], policy=None,
@@ -205,13 +224,54 @@ def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], pol
     diff = reload_diff(student, out, torch.randn((2,) + size_in, generator=torch.Generator().manual_seed(0)))
     name = name or (model if isinstance(model, str) else type(model).__name__)
     report = report_fields(name, student.irconvert_plan.policy, summary(student, size_in), diff,
-                           {"total": time.time() - t0}, files,
-                           file_bytes={k: os.path.getsize(v) for k, v in files.items()})
+                           {"total": time.time() - t0}, files)
     write_text(out / "report.json", json.dumps(report, indent=2))
-    log(f"{report['model']}: {report['binary_layers']} binary / {report['kept_layers']} kept layers, packed "
+    result_log(log)(f"{report['model']}: {report['binary_layers']} binary / {report['kept_layers']} kept layers, packed "
         f"{report['file_bytes']['packed'] / 2**20:.2f} MiB vs {report['file_bytes']['model'] / 2**20:.2f} MiB, "
         f"reload max |diff| {diff:.3g}")
     return report
+
+
+def dry_run(model: Optional[str], recipe: Union[Recipe, str, os.PathLike, None] = None,
+            out: Union[str, os.PathLike, None] = None, weights: Optional[str] = None, overrides: tuple[str, ...] = (),
+            log=print) -> dict:
+    """Return (and log) what a run, or with no recipe a --convert-only check, would do, writing nothing: the
+    resolved recipe and the conversion plan (each conv/linear layer, its mode, and the rule that chose it).
+    Calibration runs on random input here; on the data, a run may make a few more layers W1A32."""
+    if recipe is not None:
+        recipe = recipe_for(model, recipe, overrides)
+        info = data_info(recipe.data)
+        fp, policy = build_model(recipe, info, weights), recipe.binarize
+        size, folder = (info.in_chans, info.image_size, info.image_size), out_dir(out, recipe)
+    else:
+        if overrides:
+            raise IRConvertError("--set: needs --recipe (the overrides change a recipe's fields)")
+        from .plan import Policy
+
+        fp = create_model(model, weights=weights, pretrained=bool(weights))
+        policy, size = Policy(), default_input_size(fp)
+        folder = Path(out) if out else Path("runs") / str(model).replace("/", "_").replace(":", "_")
+    with logged_warnings(log):
+        student = binarize(fp, policy, inplace=True,
+                           calibrate=torch.randn((2,) + tuple(size), generator=torch.Generator().manual_seed(0)))
+    p = student.irconvert_plan
+    layers = [{"layer": n, "type": type(fp.get_submodule(n)).__name__, "mode": lp.mode or "keep", "reason": lp.reason}
+              for n, lp in p.layers.items()]
+    say = result_log(log)
+    if recipe is not None:
+        say("# the recipe, resolved (extends merged, --set applied)")
+        say(recipe.to_yaml().rstrip())
+        say("")
+    width = max([len(r["layer"]) for r in layers] + [5])
+    say(f"{'layer':<{width}}  {'type':<16} {'mode':<6} why")
+    for r in layers:
+        say(f"{r['layer']:<{width}}  {r['type'][:16]:<16} {r['mode']:<6} {r['reason']}")
+    say(f"{method_label(policy)}: {plan_counts(p)}; {len(p.hardtanh)} activations before W1A1 layers become "
+        f"{'RPReLU' if p.rprelu else 'Hardtanh'}" + (f"; {len(p.shortcuts)} Bi-Real shortcuts" if p.shortcuts else ""))
+    say(f"dry run: nothing written (a run would write to {folder}); input {tuple(size)}, calibrated on random input")
+    return {"recipe": recipe.model_dump(mode="json") if recipe is not None else None, "out": str(folder),
+            "input_size": list(size), "method_as_trained": method_label(policy), "layers": layers,
+            "activations": list(p.hardtanh), "shortcuts": [list(s) for s in p.shortcuts]}
 
 
 def evaluate_file(path: Union[str, os.PathLike], recipe: Union[Recipe, str, os.PathLike, None] = None,
@@ -225,7 +285,8 @@ def evaluate_file(path: Union[str, os.PathLike], recipe: Union[Recipe, str, os.P
         recipe = recipe if recipe is not None else path / "recipe.yaml"
         path = path / "packed.safetensors"
     if recipe is None:
-        raise IRConvertError(f"--recipe: {path} needs a recipe for its validation data (e.g. the run's recipe.yaml)")
+        raise IRConvertError(f"{flag('recipe', label=True)}: {path} needs a recipe for its validation data "
+                             "(e.g. the run's recipe.yaml)")
     recipe = resolve_recipe(recipe, overrides, {"train.device": device})
     net = _eval_model(path, runtime)
     info = data_info(recipe.data)
@@ -238,7 +299,7 @@ def evaluate_file(path: Union[str, os.PathLike], recipe: Union[Recipe, str, os.P
     log(f"evaluating {path} on {len(loader.dataset)} {recipe.data.dataset} validation images"
         f"{' through the bitwise kernels' if runtime else ''}")
     result = evaluate(net.to(dev), loader, dev, "off" if runtime else recipe.train.amp)
-    log(f"top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   loss {result['loss']:.4f}")
+    result_log(log)(f"top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   loss {result['loss']:.4f}")
     return result
 
 
@@ -250,7 +311,7 @@ def _eval_model(path: Path, runtime: bool) -> nn.Module:
         raise IRConvertError(f"{path}: file not found; pass a packed.safetensors, a model.safetensors or a run folder")
     if _format(path).startswith("irconvert-latent"):
         if runtime:
-            raise IRConvertError(f"{path}: --runtime runs a packed file; pass packed.safetensors")
+            raise IRConvertError(f"{path}: {flag('runtime')} runs a packed file; pass packed.safetensors")
         return load(path)
     if runtime:
         from . import runtime as bitwise

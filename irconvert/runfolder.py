@@ -25,9 +25,10 @@ from torch import nn
 
 from . import distributed
 from .data import build_data, calibration_batch
-from .errors import IRConvertError
+from .errors import IRConvertError, flag, result_log
 from .fileformat import atomic_path, describe, write_text
 from .models import from_origin
+from .plan import method_label
 from .recipe import Recipe, load_recipe, validate
 from .layer_summary import Summary, summary
 from .swap import binarize
@@ -51,7 +52,7 @@ def check_out_path(out: Path, resume: bool = False, overwrite: bool = False) -> 
             where = "is a file" if p == out else f"lies under {p}, which is a file"
             raise IRConvertError(f"output.dir: {out} {where}; choose a folder")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        raise IRConvertError(f"output.dir: {out} is not writable; choose another --out")
+        raise IRConvertError(f"output.dir: {out} is not writable; choose another {flag('out')}")
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -60,11 +61,11 @@ def read_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, a pickle with other globals, not a torch file at all
         raise IRConvertError(f"{path}: not a readable irconvert checkpoint ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:100]}); start the run again with --overwrite") from None
+                             f"{' '.join(str(exc).split())[:100]}); start the run again with {flag('overwrite')}") from None
     keys = ("recipe_hash", "stage", "epoch", "model", "teacher", "history", "optimizer")
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise IRConvertError(f"{path}: not an irconvert checkpoint (it lacks {', '.join(keys)}); "
-                             "start the run again with --overwrite")
+                             f"start the run again with {flag('overwrite')}")
     return state
 
 
@@ -198,7 +199,7 @@ class RunFolder:
             kept = (f"the checkpoint of {self.state_label()} is kept" if (self.out / CHECKPOINT).is_file()
                     else "no checkpoint was kept")
             raise Diverged(f"train: {bad} after {stage.name} epoch {epoch}; {kept}; "
-                           "lower the lr or set train.grad_clip, then start again with --overwrite")
+                           f"lower the lr or set train.grad_clip, then start again with {flag('overwrite')}")
         if self.recipe.output.checkpoint:
             body = {"recipe_hash": self.recipe.digest(), "recipe": self.recipe.to_yaml(), "stage": stage.name, "epoch": epoch,
                     "model": stage.model.state_dict(),
@@ -238,16 +239,19 @@ class RunFolder:
         student.irconvert_input_size = self.input_size
         if not self.recipe.output.export:
             return student, None
-        log("[4/4] exporting and verifying")
+        log("      writing model.safetensors and packed.safetensors, and checking that the packed file reloads "
+            "to the same outputs")
         self.files = write_files(student, self.out, self.recipe.digest())
         return student, max_abs_diff(student, load_packed(self.out / "packed.safetensors"), x.cpu())
 
-    def finish(self, student: nn.Module, acc: dict, verified: Optional[float], seconds: dict, log=print) -> dict:
+    def finish(self, student: nn.Module, acc: dict, verified: Optional[float], seconds: dict, log=print,
+               world: Optional[distributed.World] = None, device: Optional[torch.device] = None) -> dict:
         """Write report.json, curves.png and metrics.jsonl; log the table and the accuracies; return the report."""
         r = self.recipe
         size = summary(student, self.input_size)
         report = report_fields(r.model.name, r.binarize, size, verified, seconds, self.files,
-                               source=r.model.source, recipe_hash=r.digest(), **acc)
+                               source=r.model.source, recipe_hash=r.digest(), **acc,
+                               **run_place(world or distributed.World(), device))
         write_text(self.out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False))
         if r.output.plot:
             title = f"{r.model.name}: {r.binarize.method} {r.binarize.mode} on {r.data.dataset}"
@@ -257,6 +261,7 @@ class RunFolder:
             self.writer.close()
         if self.files and not r.output.keep_checkpoint:  # exported: the checkpoint is no longer needed
             (self.out / CHECKPOINT).unlink(missing_ok=True)
+        log = result_log(log)
         log(str(size))
         log(f"top-1: full precision {acc['fp']['top1']:.2f}%   binary ({r.binarize.mode}) {acc['binary']['top1']:.2f}%   "
             f"packed reload max |diff| {verified if verified is not None else 'n/a'}")
@@ -304,13 +309,25 @@ def report_fields(model: str, policy, size: Summary, diff: Optional[float], seco
         **extra,
         "mode": policy.mode,
         "method": policy.method,
+        "method_as_trained": method_label(policy),
         "packed_max_abs_diff": diff,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "size": {k: v for k, v in size.to_dict().items() if k != "rows"},
         "binary_layers": sum(row.binary != "fp32" for row in size.rows),
         "kept_layers": sum(row.binary == "fp32" for row in size.rows),
         "files": files,
+        "file_bytes": {k: os.path.getsize(v) for k, v in files.items() if os.path.isfile(v)},
     }
+
+
+def run_place(world: distributed.World, device: Optional[torch.device]) -> dict:
+    """Return where a run ran: its processes, the device type, and how many devices they shared (one GPU per
+    process, distributed.start; one CPU per machine, torchrun's LOCAL_WORLD_SIZE processes on each)."""
+    if device is None:
+        return {"processes": world.size}
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world.size)))
+    devices = world.size if device.type == "cuda" else max(1, world.size // per_machine)
+    return {"processes": world.size, "device": device.type, "devices": devices}
 
 
 def write_files(student: nn.Module, out: Path, digest: Optional[str] = None) -> dict[str, str]:
@@ -373,18 +390,24 @@ def plot_curves(path: Path, stages: list[Stage], title: str = "", fp_top1: Optio
 def export_run(path: Union[str, os.PathLike], out: Union[str, os.PathLike, None] = None,
                recipe: Union[str, os.PathLike, None] = None, overwrite: bool = False, log=print) -> dict[str, str]:
     """Write model.safetensors and packed.safetensors from a run folder (its checkpoint, else its
-    model.safetensors), a checkpoint.pt, or a model.safetensors (packed only), into `out` (default:
-    beside the input). A file already there with the same contents is left as it is."""
+    model.safetensors), a checkpoint.pt, or a model.safetensors, into `out` (default: beside the input);
+    return their paths. A file already there with the same contents is left as it is."""
     path = Path(path)
     if path.is_dir() and not (path / CHECKPOINT).is_file() and (path / "model.safetensors").is_file():
         path = path / "model.safetensors"  # a finished run whose checkpoint was removed
     if path.is_file() and path.suffix == ".safetensors":
-        student, names = load(path), ("packed",)
-        digest, home = _metadata(path).get("recipe_hash") or None, path.parent
-    else:
-        student, home, digest = _student_from_checkpoint(path, recipe)
-        names = ("model", "packed")
-    return _write_changed(student.cpu().eval(), Path(out) if out else home, names, digest, overwrite, log)
+        student, digest, home = load(path), _metadata(path).get("recipe_hash") or None, path.parent
+        target = Path(out) if out else home
+        # both files in the target folder: the latent one there is this very file, or a copy written from it
+        names = ("packed",) if _same_file(target / "model.safetensors", path) else ("model", "packed")
+        files = _write_changed(student.cpu().eval(), target, names, digest, overwrite, log)
+        return {"model": str(target / "model.safetensors"), **files}
+    student, home, digest = _student_from_checkpoint(path, recipe)
+    return _write_changed(student.cpu().eval(), Path(out) if out else home, ("model", "packed"), digest, overwrite, log)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -403,7 +426,7 @@ def _write_changed(student: nn.Module, out: Path, names: tuple[str, ...], digest
     metadata (which holds the SHA-256 of every tensor), refuse to replace one that differs unless
     `overwrite`, and rename the rest into place."""
     if out.exists() and not out.is_dir():
-        raise IRConvertError(f"--out: {out} is a file; choose a folder")
+        raise IRConvertError(f"{flag('out', label=True)}: {out} is a file; choose a folder")
     save = {"model": save_latent, "packed": save_packed}
     targets = {n: out / f"{n}.safetensors" for n in names}
     tmp = {n: out / f".{n}.safetensors.export.tmp" for n in names}
@@ -414,14 +437,14 @@ def _write_changed(student: nn.Module, out: Path, names: tuple[str, ...], digest
         same = {n: targets[n].is_file() and _metadata(targets[n]) == _metadata(tmp[n]) for n in names}
         clash = [str(targets[n]) for n in names if targets[n].exists() and not same[n]]
         if clash and not overwrite:
-            raise IRConvertError(f"export: {', '.join(clash)} already exist with other contents; pass --overwrite "
-                                 "to replace them, or --out DIR to write elsewhere")
+            raise IRConvertError(f"export: {', '.join(clash)} already exist with other contents; pass {flag('overwrite')} "
+                                 f"to replace them, or {flag('out')} to write elsewhere")
         for n in names:
             if same[n]:
-                log(f"{targets[n]} is up to date")
+                result_log(log)(f"{targets[n]} is up to date")
             else:
                 os.replace(tmp[n], targets[n])
-                log(f"wrote {targets[n]}")
+                result_log(log)(f"wrote {targets[n]}")
         return {n: str(t) for n, t in targets.items()}
     finally:
         for t in tmp.values():
@@ -438,10 +461,10 @@ def _checkpoint_recipe(state: dict, ckpt: Path, recipe: Union[str, os.PathLike, 
         found = load_recipe(recipe if recipe is not None else beside)
     else:
         raise IRConvertError(f"{ckpt}: holds no recipe and has no recipe.yaml beside it; pass the run's recipe "
-                             "with --recipe (its recipe.yaml)")
+                             f"with {flag('recipe')} (its recipe.yaml)")
     if found.digest() != state.get("recipe_hash"):
         raise IRConvertError(f"{recipe or beside}: is not the recipe of {ckpt} (hash {found.digest()}, checkpoint "
-                             f"{state.get('recipe_hash')}); pass the run's recipe.yaml with --recipe")
+                             f"{state.get('recipe_hash')}); pass the run's recipe.yaml with {flag('recipe')}")
     return found
 
 

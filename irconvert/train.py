@@ -222,7 +222,7 @@ def _progress(bar, lines: bool, what: str, i: int, steps: int, loss: float, acc:
     bar.update()
     bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}", **more)
     if lines and (i + 1) % max(1, steps // 10) == 0:
-        print(f"{what} step {i + 1}/{steps}: loss {loss:.4f}  acc {acc:.1f}%", flush=True)
+        print(f"{what} step {i + 1}/{steps}: loss {loss:.4f}  acc {acc:.1f}%", file=sys.stderr, flush=True)
 
 
 def training_net(model: nn.Module, compile: "str | bool", device: torch.device) -> nn.Module:
@@ -313,7 +313,7 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
         stage.history.append(row)
         if main:
             tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
-                       f"val top-1 {row['val_top1']:.2f}%  ({row['seconds']:.0f}s)")
+                       f"val top-1 {row['val_top1']:.2f}%  ({row['seconds']:.0f}s)", file=sys.stderr)
         if on_epoch is not None:
             on_epoch(stage, epoch + 1, {"optimizer": opt.state_dict(), "scheduler": sched and sched.state_dict()})
     for tap in taps or ():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -21,11 +22,11 @@ from torch import nn
 
 from .attention import prepare_attention
 from .embed import load_architecture
-from .errors import IRConvertError
-from .fileformat import LATENT_FORMAT, PACKED_FORMAT, read
+from .errors import IRConvertError, flag
+from .fileformat import LATENT_FORMAT, PACKED_FORMAT, packed_in, read
 from .layer_summary import default_input_size, summary
 from .layers import BinaryMixin
-from .models import from_origin
+from .models import from_origin, state_dict_problem
 from .ops import input_channels
 from .pack import binary_weight
 from .plan import LayerPlan, Plan, Policy
@@ -56,7 +57,10 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
                   for n, mode in decisions.items()}
         prepare_attention(model)  # nn.MultiheadAttention's projections are layers of the plan
         for n in layers:
-            model.get_submodule(n)
+            try:
+                model.get_submodule(n)
+            except AttributeError:
+                raise IRConvertError(f"{path}: its layer {n} is not in this architecture") from None
         return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts,
                                 rprelu=rprelu))
     except AttributeError as exc:
@@ -94,12 +98,43 @@ def _architecture(meta: dict[str, str], path, origin: Optional[dict]) -> nn.Modu
                          "architecture: load_packed(path, model=MyNet()), or save with save_packed(..., embed=True)")
 
 
+def _expected(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """Return what architecture a file expects, in words: its origin, else a few of its layers."""
+    try:
+        origin = json.loads(meta.get("model") or "null")
+    except ValueError:
+        origin = None
+    if origin:
+        args = ", ".join([repr(origin["name"])] + [f"{k}={v!r}" for k, v in origin.get("kwargs", {}).items()]
+                         + ([f"adapt={origin['adapt']!r}"] if origin.get("adapt") else []))
+        return (f"{origin['source']} {origin['name']} as create_model({args}) builds it; leave model= out "
+                "and the file builds it itself")
+    layers = [f"{k.removesuffix('.weight.bits')}" for k in tensors if k.endswith(".weight.bits")][:3]
+    return f"the model it was saved from (binary layers {', '.join(layers)} ...)"
+
+
+@contextmanager
+def _fitting(path, meta: dict[str, str], tensors: dict[str, torch.Tensor], model: Optional[nn.Module]):
+    """Turn any misfit of a model= skeleton (a missing module, a shape) into one line saying that the
+    skeleton does not match and what the file expects."""
+    if model is None:
+        yield
+        return
+    try:
+        yield
+    except (IRConvertError, AttributeError, RuntimeError, KeyError) as exc:
+        detail = state_dict_problem(str(exc)) if isinstance(exc, RuntimeError) else str(exc).removeprefix(f"{path}: ")
+        raise IRConvertError(f"{path}: model= is not the architecture this file was made from ({detail}); the file "
+                             f"expects {_expected(meta, tensors)}") from None
+
+
 def load(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
     """Return the binarized, trainable model stored in model.safetensors (latent weights), with the Hardtanh
     modules that only W1A1 layers read fused into their sign, as `binarize` leaves them: training it costs the
     memory training the converted model did."""
     tensors, meta = read(path, LATENT_FORMAT)
-    net = rebuild(meta, path, tensors, model)
+    with _fitting(path, meta, tensors, model):
+        net = rebuild(meta, path, tensors, model)
     net.irconvert_input_size = stored_input_size(meta)  # a re-export keeps it
     return net
 
@@ -125,6 +160,12 @@ def stored_input_size(meta: dict[str, str]) -> Optional[tuple[int, ...]]:
 def load_packed(path: os.PathLike | str, model: Optional[nn.Module] = None) -> nn.Module:
     """Return the deployment model rebuilt from packed.safetensors alone (binary weights frozen to s*B)."""
     tensors, meta = read(path, PACKED_FORMAT)
+    with _fitting(path, meta, dict(tensors), model):
+        return _packed_model(tensors, meta, path, model)
+
+
+def _packed_model(tensors: dict[str, torch.Tensor], meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Module:
+    """Return the frozen deployment model of a packed file's tensors and metadata (see load_packed)."""
     net = _skeleton(meta, path, model)
     try:
         layers = json.loads(meta["layers"])
@@ -183,11 +224,12 @@ def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 def verify_file(packed: os.PathLike | str, latent: Optional[os.PathLike | str] = None, batch: int = 2) -> dict:
     """Rebuild `packed`, compare it with the latent model (model.safetensors beside it by default)
-    on random input, and return the size figures and the max abs difference (None without a latent file)."""
-    packed = Path(packed)
+    on random input, and return the size figures and the max abs difference (None without a latent file);
+    `packed` may be a run folder."""
+    packed = packed_in(packed)
     if latent is not None and not Path(latent).is_file():
-        raise IRConvertError(f"--latent {latent}: file not found; pass the model.safetensors to compare with, "
-                             "or leave --latent out to use the one beside the packed file")
+        raise IRConvertError(f"{flag('latent', label=True)} {latent}: file not found; pass the model.safetensors to "
+                             f"compare with, or leave {flag('latent', label=True)} out to use the one beside the packed file")
     net = load_packed(packed)
     size_in = net.irconvert_input_size or default_input_size(net)
     latent = Path(latent) if latent else packed.with_name("model.safetensors")
@@ -196,5 +238,5 @@ def verify_file(packed: os.PathLike | str, latent: Optional[os.PathLike | str] =
         x = torch.randn((batch,) + size_in, generator=torch.Generator().manual_seed(0))
         diff = max_abs_diff(load(latent), net, x)
     s = summary(net, size_in)
-    return {"summary": s, "max_abs_diff": diff, "latent": str(latent) if latent.is_file() else None,
+    return {"summary": s, "max_abs_diff": diff, "packed": str(packed), "latent": str(latent) if latent.is_file() else None,
             "packed_bytes": packed.stat().st_size, "latent_bytes": latent.stat().st_size if latent.is_file() else None}

@@ -475,3 +475,176 @@ def test_the_wheel_holds_the_recipes_and_the_weights_they_name(tmp_path):
     for recipe in (ROOT / "irconvert" / "recipes").glob("*.yaml"):
         assert f"irconvert/recipes/{recipe.name}" in names
     assert "irconvert/pretrained/fashion-mnist-resnet18-w16.safetensors" in names  # quickstart's ../pretrained/
+# -- issue 30: output streams, scripted use, run folders everywhere, clearer messages ---------------------
+
+def test_a_run_prints_results_on_stdout_and_its_phases_in_words_on_stderr(tmp_path, capsys, fashion_root):
+    """stdout: the table, the accuracies, the folder written; stderr: [1/4]..[4/4] and the epochs. The
+    report says how long, how big, on how many processes and devices, and the method as trained."""
+    out = tmp_path / "run"
+    code, stdout, err = cli(capsys, "resnet18", "--recipe", QUICKSTART, *sets(TINY), "--out", out)
+    assert code == 0, err
+    assert "top-1: full precision" in stdout and "parameters:" in stdout and f"wrote {out}" in stdout
+    assert "[1/4]" not in stdout and "epoch 1/1" not in stdout
+    phases = [line for line in err.splitlines() if re.match(r"\[\d/4\] ", line)]
+    assert [p[:5] for p in phases] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"], err
+    assert "binarized with irnet + RSign + RPReLU" in phases[1] and not re.search(r"\btensors\b", err + stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method_as_trained"] == "irnet + RSign + RPReLU" and report["method"] == "irnet"
+    assert (report["processes"], report["device"], report["devices"]) == (1, "cpu", 1)
+    assert report["seconds"]["total"] >= max(v for k, v in report["seconds"].items() if k != "total")
+    assert report["file_bytes"] == {k: os.path.getsize(out / f"{k}.safetensors") for k in ("model", "packed")}
+
+
+def test_convert_only_dry_run_writes_nothing_and_warnings_go_to_stderr(tmp_path, capsys):
+    out = tmp_path / "never"
+    code, stdout, err = cli(capsys, "mobilenetv3_small_100", "--convert-only", "--dry-run", "--out", out)
+    assert code == 0, err
+    assert not out.exists()
+    assert re.search(r"^conv_stem\s+\S+\s+keep\s+first layer$", stdout, re.M), stdout
+    assert "warning:" in err and "warning:" not in stdout  # mobilenetv3's sigmoid gates and hard-swish
+
+
+def test_dry_run_of_a_recipe_prints_the_resolved_recipe_and_the_plan(tmp_path, capsys):
+    out = tmp_path / "never"
+    code, stdout, err = cli(capsys, "resnet18", "--recipe", QUICKSTART, "--set", "train.epochs=7", "--out", out,
+                            "--dry-run", "--json")
+    assert code == 0, err
+    assert not out.exists()
+    plan = json.loads(stdout)  # --json: one object on stdout, nothing else
+    assert plan["recipe"]["train"]["epochs"] == 7 and plan["recipe"]["binarize"]["rsign"] is True
+    kept = {r["layer"]: r["reason"] for r in plan["layers"] if r["mode"] == "keep"}
+    assert kept == {"conv1": "first layer", "fc": "last layer",
+                    **{f"layer{i}.0.downsample.0": "pattern *.downsample.0" for i in range(1, 5)}}
+    assert "train:\n  epochs: 7" not in err and "[1/4]" not in err  # the recipe is the result, not progress
+
+
+def test_verify_and_bench_runtime_take_a_run_folder(run_dir, capsys, python_kernels):
+    code, out, err = cli(capsys, "verify", run_dir)
+    assert code == 0, err
+    assert "(ok, tolerance" in out
+    report = json.loads((run_dir / "report.json").read_text())
+    # the packed layers hold RSign's learned thresholds: the same parameters as the trained model
+    assert f"parameters: {report['size']['params']:,}" in out
+    assert "+1 in" not in out  # a rebuilt model has no calibration batch: no empty column
+    code, out, err = cli(capsys, "bench-runtime", run_dir, "--batch", "1", "--repeat", "1")
+    assert code == 0, err
+    assert "| model packed.safetensors | 1 |" in out
+    code, out, err = cli(capsys, "verify", run_dir.parent)
+    assert code == 2 and "without packed.safetensors" in err
+
+
+def test_quiet_prints_nothing_and_json_prints_one_object(run_dir, capsys):
+    code, out, err = cli(capsys, "verify", run_dir, "--quiet")
+    assert (code, out, err) == (0, "", "")
+    code, out, err = cli(capsys, "verify", run_dir, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] is True and result["max_abs_diff"] == 0.0
+    assert result["size"]["params"] == json.loads((run_dir / "report.json").read_text())["size"]["params"]
+    code, out, err = cli(capsys, "verify", run_dir, "--quiet", "--latent", run_dir / "missing.safetensors")
+    assert code == 2 and out == "" and "--latent" in err  # errors still reach stderr
+
+
+def test_export_of_a_finished_run_to_another_folder_writes_both_files(run_dir, tmp_path, capsys):
+    run = tmp_path / "done"
+    shutil.copytree(run_dir, run)
+    (run / "checkpoint.pt").unlink()  # a finished run: export deleted its checkpoint
+    code, out, err = cli(capsys, "export", run, "--out", tmp_path / "elsewhere")
+    assert code == 0, err
+    for name in ("model.safetensors", "packed.safetensors"):
+        assert meta(tmp_path / "elsewhere" / name) == meta(run_dir / name)
+        assert f"wrote {tmp_path / 'elsewhere' / name}" in out
+
+
+def test_a_skeleton_of_another_architecture_says_what_the_file_expects(run_dir):
+    import timm
+
+    from irconvert.verify import load_packed
+
+    for kwargs in ({}, {"channels": [8, 16, 32, 64]}):  # a missing downsample; then the stem and head shapes
+        with pytest.raises(IRConvertError, match=r"model= is not the architecture this file was made from .*"
+                                                 r"create_model\('resnet18', channels=\[8, 16, 32, 64\]"):
+            load_packed(run_dir / "packed.safetensors", model=timm.create_model("resnet18", **kwargs))
+
+
+def test_tolerance_has_help(capsys):
+    code, out, _ = cli(capsys, "verify", "--help")
+    assert code == 0 and re.search(r"--tolerance FLOAT\s+Largest max \|packed - latent\|", out), out
+
+
+def test_an_unknown_set_key_is_blamed_on_set_with_close_keys(capsys):
+    code, out, err = cli(capsys, "resnet18", "--recipe", QUICKSTART, "--set", "train.epoch=3")
+    assert code == 2 and out == ""
+    assert err.startswith("irconvert: error: --set train.epoch=3: the recipe has no key train.epoch; did you mean "
+                          "train.epochs"), err
+    assert "quickstart.yaml" not in err
+
+
+def test_a_misspelled_recipe_key_gets_close_keys(tmp_path):
+    from irconvert.recipe import load_recipe
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: {name: resnet18}\ndata: {dataset: mnist}\ntrain: {epoch: 2}\n")
+    with pytest.raises(IRConvertError, match=r"r.yaml: train.epoch: unknown key; did you mean train.epochs"):
+        load_recipe(bad)
+
+
+def test_model_names_of_the_other_library_are_suggested():
+    from irconvert.models import create_model
+
+    with pytest.raises(IRConvertError, match="did you mean torchvision:mobilenet_v3_small"):
+        create_model("mobilenet_v3_small")
+    with pytest.raises(IRConvertError, match="did you mean the timm model 'mobilenetv3_small_100'"):
+        create_model("torchvision:mobilenetv3_small_100")
+
+
+def test_a_weights_mismatch_names_whole_keys_on_one_line(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from irconvert.models import create_model
+
+    small = {"channels": [8, 16, 32, 64]}
+    path = tmp_path / "r18.safetensors"
+    save_file(timm.create_model("resnet18", **small).state_dict(), str(path))
+    with pytest.raises(IRConvertError) as info:
+        create_model("resnet34", weights=path, **small)
+    msg = str(info.value)
+    assert "\n" not in msg and "weights do not fit timm model 'resnet34' (missing: layer1.2.conv1.weight," in msg
+    own = timm.create_model("resnet34", **small).state_dict()
+    listed = re.search(r"missing: (.*?) \.\.\. \((\d+)\)", msg)
+    assert all(k in own for k in listed.group(1).split(", "))  # each key whole, not cut mid-word
+    saved = load_file(path)
+    # the count is of every missing tensor (timm does not load BatchNorm's num_batches_tracked)
+    assert int(listed.group(2)) == len([k for k in own if k not in saved and not k.endswith("num_batches_tracked")])
+
+
+def test_python_errors_name_arguments_and_the_cli_names_flags(run_dir, capsys):
+    from irconvert.errors import flag
+    from irconvert.verify import verify_file
+
+    with pytest.raises(IRConvertError) as info:
+        verify_file(run_dir / "packed.safetensors", latent=run_dir / "missing.safetensors")
+    assert "--" not in str(info.value) and str(info.value).startswith("latent ")
+    assert info.value.cli().startswith("--latent ")
+    e = IRConvertError(f"x: pass {flag('overwrite')} or {flag('set', 'model.pretrained=false')}")
+    assert str(e) == "x: pass overwrite=True or overrides=['model.pretrained=false']"
+    assert e.cli() == "x: pass --overwrite or --set model.pretrained=false"
+
+
+def test_list_models_names_both_libraries_with_what_the_zoo_verified(capsys):
+    code, out, err = cli(capsys, "list-models", "*mobilenet*v3_small*")
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()]
+    assert "torchvision:mobilenet_v3_small" in names and "mobilenetv3_small_100" in names
+    assert re.search(r"^torchvision:mobilenet_v3_small\s+zoo: ok, \d+\.\d% of MACs binary", out, re.M), out
+    code, out, _ = cli(capsys, "list-models", "torchvision:resnet1*", "--json")
+    assert [r["name"] for r in json.loads(out)] == ["torchvision:resnet101", "torchvision:resnet152",
+                                                    "torchvision:resnet18"]
+
+
+def test_the_shipped_zoo_summary_is_what_bench_writes():
+    """irconvert/zoo_verified.json is generated (python -m bench.zoo_verified), never edited by hand."""
+    from bench.zoo_verified import OUT, summarize
+
+    assert json.loads(OUT.read_text()) == summarize()

@@ -202,9 +202,10 @@ def bench_packed(path: os.PathLike | str, batches: tuple[int, ...] = (1, 8), inp
                  repeat: int = 10, json_path: Optional[os.PathLike | str] = None) -> str:
     """Return the Markdown table timing a packed file, whole model and per bitwise layer (see model_rows);
     write the rows to json_path if given."""
+    from ..fileformat import packed_in
     from ..write import write_text
 
-    rows = model_rows(path, tuple(batches), input_size, repeat, per_layer=True)
+    rows = model_rows(packed_in(path), tuple(batches), input_size, repeat, per_layer=True)
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2) + "\n")
     r = rows[0]
