@@ -1,6 +1,6 @@
 """Training throughput, full precision vs binarized (IR-Net W1A1, the fused sign op).
 
-The table (bench/results/throughput.json + .md, in the README):
+The table (bench/results/throughput.json + .md, on docs/benchmarks.md):
 
     python -m bench.throughput --table [--device cuda] [--cases resnet18-28,resnet34-224] [--compile 0,1]
 
@@ -14,7 +14,7 @@ alternate in one process, one process per row. Cases: resnet18 1x28x28 batch 128
 Fashion-MNIST recipe's model) and resnet34 3x224x224 under bf16 autocast (batch 128 on a GPU, 16 on
 the CPU).
 
-Where the memory goes (bench/results/throughput_census.json + .md, in the README):
+Where the memory goes (bench/results/throughput_census.json + .md, on docs/benchmarks.md):
 
     python -m bench.throughput --census
 
@@ -292,7 +292,7 @@ def census(model, x, y) -> dict:
 
 
 def census_table(rows: dict) -> str:
-    """Return the README table of the census: MiB alive after the forward and at the backward's peak, by the
+    """Return the benchmarks page table of the census: MiB alive after the forward and at the backward's peak, by the
     op (module, dtype) that made the tensors, FP beside binary."""
     fp, b = rows["fp"], rows["binary"]
     keys = list(dict.fromkeys([*b["kept"], *fp["kept"], *b["backward_peak"], *fp["backward_peak"]]))
@@ -329,7 +329,7 @@ def _cpu_name() -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    """Return the README table of the rows."""
+    """Return the benchmarks page table of the rows."""
     lines = ["| case | device | card | dtype | compile | batch | FP img/s | binary img/s | binary / FP "
              "| FP peak MiB | binary peak MiB | binary / FP memory |", "|" + "---|" * 12]
     for r in rows:

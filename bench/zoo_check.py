@@ -39,7 +39,7 @@ the FP one. An AdamW step moves every parameter by about its learning rate, so a
 by several percent under steps 100x smaller than the check's cannot show a trend in 20 steps. It does not
 change the verdict either: it names the reason (from CHAOTIC on). Converted ResNets and ConvNeXts measure
 0.5-2%, their FP twins under 0.01%; the failing MobileNet-like chains of W1A1 layers with no real-valued
-path around them 5-40% (README, zoo section).
+path around them 5-40% (docs/benchmarks.md, Model zoo).
 """
 
 from __future__ import annotations

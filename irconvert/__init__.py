@@ -20,6 +20,7 @@ _PUBLIC = {
     "BinaryConv2d": "layers", "BinaryLinear": "layers", "BinaryMixin": "layers",
     "binary_layers": "layers", "set_ede": "layers",
     "METHODS": "methods", "Binarizer": "methods", "register_method": "methods",
+    "list_pretrained": "models", "pretrained": "models",
     "Policy": "plan",
     "summary": "layer_summary",
     "binarize": "swap",

@@ -13,6 +13,7 @@ so timm adapts the classifier to num_classes and the stem to in_chans exactly as
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import pickle
@@ -28,6 +29,7 @@ from .errors import IRConvertError, flag
 from .graph import last_layers, trace
 
 SOURCES = ("timm", "torchvision")
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"  # the models irconvert ships, NAME.safetensors + NAME.json
 
 
 def split_name(name: str, source: str | None = None) -> tuple[str, str]:
@@ -145,6 +147,28 @@ def create_model(
     # what the exporter writes so that a file can rebuild the architecture without this call
     model.irconvert_origin = {"name": name, "source": source, "kwargs": dict(kwargs), "adapt": adapt}
     return model
+
+
+def list_pretrained() -> list[str]:
+    """Return the names of the pretrained models shipped with irconvert (for `pretrained(name)`)."""
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors") if p.with_suffix(".json").is_file())
+
+
+def pretrained(name: str = "fashion-mnist-resnet18-w16") -> nn.Module:
+    """Return the shipped pretrained model `name`, built from its .json record and its weights, offline.
+
+    The record (written by bench/pretrain.py) names the timm architecture, its stage widths, classes,
+    input channels and stem fixes; the model goes through `create_model` like any recipe's model, so
+    it converts, packs and reloads the same way.
+    """
+    names = list_pretrained()
+    if name not in names:
+        raise IRConvertError(f"pretrained: no shipped model {name!r}{_suggest(name, names)}; "
+                             f"the shipped ones are {', '.join(names)}")
+    meta = json.loads((PRETRAINED_DIR / f"{name}.json").read_text())
+    adapt = {"first_stride": meta.get("first_stride"), "stem_pool": meta.get("stem_pool", True)}
+    return create_model(meta["model"], pretrained=PRETRAINED_DIR / f"{name}.safetensors", adapt=adapt,
+                        channels=meta["channels"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
 
 
 def from_origin(origin: dict) -> nn.Module:

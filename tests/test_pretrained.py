@@ -62,3 +62,30 @@ def test_quickstart_converts_the_shipped_model_and_it_scores_what_its_record_say
     assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
     _, val = data.loaders(recipe.data, torch.Generator())
     assert evaluate(model, val, torch.device("cpu"))["top1"] == pytest.approx(meta["test_top1"], abs=0.05)
+
+
+def test_pretrained_is_the_quickstart_recipes_model_offline(monkeypatch):
+    import irconvert
+    from irconvert.data import DataInfo
+    from irconvert.errors import IRConvertError
+
+    import socket
+
+    def no_network(*a, **k):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # it must not need the hub
+    assert irconvert.list_pretrained() == ["fashion-mnist-resnet18-w16"]
+    model = irconvert.pretrained()
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    built = build_model(recipe, DataInfo(num_classes=10, in_chans=1, image_size=28))
+    # the same architecture record (so its packed file rebuilds the same way) and the same weights
+    assert model.irconvert_origin == built.irconvert_origin
+    stored = load_file(str(WEIGHTS))
+    assert model.state_dict().keys() == stored.keys()
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), built.eval()(x))
+    with pytest.raises(IRConvertError, match="did you mean fashion-mnist-resnet18-w16"):
+        irconvert.pretrained("fashion-mnist-resnet18")

@@ -1,0 +1,139 @@
+"""Write the benchmark tables into the docs and the README's headline table, from bench/results only.
+
+    python -m bench.update_docs           # rewrite docs/benchmarks.md's tables, docs/img/, README's headline
+    python -m bench.update_docs --check   # exit 1 and name what is stale (tests/test_docs.py runs it)
+
+`docs/benchmarks.md` holds the prose; each table sits between `<!-- bench:NAME -->` and
+`<!-- /bench:NAME -->` and is bench/results/NAME.md (its own `# ` heading dropped). Every result file
+that no marker names is listed at the end, between `<!-- bench:others -->` markers, so a new
+benchmark shows up without an edit. A picture `img/NAME.png` in the page is bench/results/NAME.png.
+The README's table between `<!-- headline -->` markers is built from the results' JSON by `headline`.
+Nothing here is typed by hand: change a result by rerunning its benchmark, then this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+IMAGES = ROOT / "docs" / "img"
+README = ROOT / "README.md"
+OTHERS = "others"
+
+
+def _body(md: Path, level: int = 0) -> str:
+    """Return a result's Markdown without its title, its headings nested below a heading of `level`."""
+    body = md.read_text().rstrip()
+    if body.startswith("# "):  # the page's own heading names the table
+        body = body.split("\n", 1)[1].lstrip()
+    lines = body.split("\n")
+    levels = [len(h) - len(h.lstrip("#")) for h in lines if re.match(r"#+ ", h)]
+    shift = max(0, level + 1 - min(levels)) if levels else 0
+    return "\n".join("#" * shift + h if re.match(r"#+ ", h) else h for h in lines)
+
+
+def _level(text: str, at: int) -> int:
+    """Return the level of the last heading before position `at` of a Markdown page (0: none)."""
+    heads = re.findall(r"^(#+) ", text[:at], re.M)
+    return len(heads[-1]) if heads else 0
+
+
+def _block(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
+
+
+def benchmarks_page(text: str, results: Path = RESULTS) -> str:
+    """Return the benchmarks page `text` with every marked table (and the list of the others) filled in."""
+    named = set(re.findall(r"<!-- bench:([\w.-]+) -->", text)) - {OTHERS}
+    for name in sorted(named):
+        md = results / f"{name}.md"
+        if not md.is_file():
+            raise SystemExit(f"{PAGE.relative_to(ROOT)}: marker bench:{name} names no bench/results/{name}.md")
+        text = _block(name).sub(lambda m: m.group(1) + _body(md, _level(text, m.start())) + "\n" + m.group(2), text)
+    rest = [md for md in sorted(results.glob("*.md")) if md.stem not in named]
+    others = "".join(f"\n### `{md.stem}`\n\n{_body(md, 3)}\n" for md in rest) or "\nNone.\n"
+    return _block(OTHERS).sub(lambda m: m.group(1) + others.lstrip("\n") + m.group(2), text)
+
+
+def _load(name: str):
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def headline() -> str:
+    """Return the README's one table of headline results, each row read from a bench/results JSON."""
+    qs = _load("quickstart")
+    best = next(r for r in _load("accuracy-long-tmin1") if r["mode"] == "W1A1")
+    fp = next(r for r in _load("accuracy-long-tmin1") if r["mode"] == "FP")
+    size = next(r for r in _load("sizes") if r["model"] == "resnet18")
+    rt = next(r for r in _load("runtime") if r["case"] == "timm resnet18 224x224" and r["batch"] == 1
+              and r["threads"] == 2)
+    step = next(r for r in _load("throughput") if r["case"] == "resnet18 1x28x28" and not r["compile"])
+    zoo = []
+    for name, what in (("zoo-fast", "fast list"), ("zoo-timm", "timm families"), ("zoo-torchvision", "torchvision")):
+        rows = _load(name)
+        zoo.append(f"{what} {sum(r['status'] == 'ok' for r in rows)} of {len(rows)}")
+    rows = [
+        ("the first command (quickstart), Fashion-MNIST test top-1",
+         f"FP {qs['fp_top1']:.2f}% → {qs['mode']} {qs['binary_top1']:.2f}% in {qs['wall_seconds'] / 60:.1f} min on "
+         f"{qs['cpu_cores']}{' idle' if qs.get('other_runnable_tasks') == 0 else ''} CPU cores", "quickstart"),
+        ("best W1A1 measured, Fashion-MNIST (`recipes/fashion-mnist-accuracy.yaml`, 2 seeds)",
+         f"{best['top1_mean']:.2f} ± {best['top1_std']:.2f}% (FP {fp['top1_mean']:.2f}%)", "accuracy-on-fashion-mnist"),
+        ("packed file, timm resnet18",
+         f"{size['packed_mib']:.2f} MiB against {size['fp32_mib']:.2f} MiB fp32 (1/{1 / size['ratio']:.1f})", "file-sizes"),
+        ("bitwise CPU runtime, timm resnet18 224x224, batch 1",
+         f"{rt['speedup']:.1f}x torch fp32 on {rt['threads']} threads", "bitwise-runtime"),
+        ("a binary training step against FP (resnet18, CPU, eager)",
+         f"{step['ratio']:.2f} of FP's images/s, {step['binary_peak_mib'] / step['fp_peak_mib']:.2f}x its peak memory",
+         "training-throughput"),
+        ("model zoo: converts, exports, reloads exactly and learns", ", ".join(zoo), "model-zoo"),
+    ]
+    lines = ["| measured | result | details |", "|---|---|---|"]
+    lines += [f"| {what} | {result} | [benchmarks](docs/benchmarks.md#{anchor}) |" for what, result, anchor in rows]
+    return "\n".join(lines)
+
+
+def readme(text: str) -> str:
+    """Return README `text` with its headline table regenerated."""
+    pattern = re.compile(r"(<!-- headline -->\n).*?(<!-- /headline -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit("README.md: no <!-- headline --> ... <!-- /headline --> block")
+    return pattern.sub(lambda m: m.group(1) + headline() + "\n" + m.group(2), text)
+
+
+def outputs() -> dict[Path, bytes]:
+    """Return every generated file and the contents it should have."""
+    page = benchmarks_page(PAGE.read_text())
+    out = {PAGE: page.encode(), README: readme(README.read_text()).encode()}
+    for name in sorted(set(re.findall(r"\]\(img/([\w.-]+)\.png\)", page))):
+        png = RESULTS / f"{name}.png"
+        if not png.is_file():
+            raise SystemExit(f"{PAGE.relative_to(ROOT)}: img/{name}.png names no bench/results/{name}.png")
+        out[IMAGES / f"{name}.png"] = png.read_bytes()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
+    args = ap.parse_args(argv)
+    stale = [path for path, data in outputs().items() if not path.is_file() or path.read_bytes() != data]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)}: stale; run python -m bench.update_docs", file=sys.stderr)
+        return 1 if stale else 0
+    for path, data in outputs().items():
+        if path in stale:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
