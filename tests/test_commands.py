@@ -475,6 +475,8 @@ def test_the_wheel_holds_the_recipes_and_the_weights_they_name(tmp_path):
     for recipe in (ROOT / "irconvert" / "recipes").glob("*.yaml"):
         assert f"irconvert/recipes/{recipe.name}" in names
     assert "irconvert/pretrained/fashion-mnist-resnet18-w16.safetensors" in names  # quickstart's ../pretrained/
+
+
 # -- issue 30: output streams, scripted use, run folders everywhere, clearer messages ---------------------
 
 def test_a_run_prints_results_on_stdout_and_its_phases_in_words_on_stderr(tmp_path, capsys, fashion_root):
@@ -648,3 +650,14 @@ def test_the_shipped_zoo_summary_is_what_bench_writes():
     from bench.zoo_verified import OUT, summarize
 
     assert json.loads(OUT.read_text()) == summarize()
+
+
+def test_convert_only_without_a_recipe_takes_policy_sets(tmp_path, monkeypatch, capsys):
+    # issue 30: the README's model list gave `set:` to a --convert-only batch without a recipe, and
+    # every such entry failed "--set: needs --recipe"; there the policy's fields are what can change
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "test_resnet", "--convert-only", "--set", "binarize.mode=W1A32", "--out", "c")
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["mode"] == "W1A32"
+    code, _, err = cli(capsys, "test_resnet", "--convert-only", "--set", "train.lr=0.002", "--out", "d")
+    assert code == 2 and "only binarize.* fields" in err and not (tmp_path / "d").exists()

@@ -40,7 +40,7 @@ def test_a_saved_recipe_is_the_same_recipe_from_any_folder(tmp_path, monkeypatch
     assert again.digest() == given.digest() and Path(again.model.pretrained) == WEIGHTS
     assert again.data.root == str(ROOT / "data")  # data.root stays the folder it named where the run started
     # the hash does not depend on how a path was spelled
-    spelled = load_recipe(saved, [f"model.pretrained={ROOT}/recipes/../irconvert/./pretrained/{WEIGHTS.name}",
+    spelled = load_recipe(saved, [f"model.pretrained={ROOT}/recipes/../pretrained/./{WEIGHTS.name}",
                                   f"data.root={ROOT}/bench/../data"])
     assert spelled.digest() == given.digest()
 
