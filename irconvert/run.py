@@ -52,12 +52,13 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
 
     # -- load: data and the FP model; every input error is found before the first file is written
     with clock("load"):
-        log(f"[1/4] loading {describe_model(recipe, weights) if not isinstance(model, nn.Module) else 'the model'} "
-            f"and the {recipe.data.dataset} data")
         data = build_data(recipe.data)
         torch.manual_seed(recipe.train.seed)  # a random-init model is the same again on --resume
         fp = model if isinstance(model, nn.Module) else build_model(recipe, data.info, weights)
     folder = RunFolder.open(out, recipe, resume, overwrite, world.main)
+    # said once every input has been checked: a bad one gets the error line alone
+    log(f"[1/4] loaded {describe_model(recipe, weights) if not isinstance(model, nn.Module) else 'the model'} "
+        f"and the {recipe.data.dataset} data ({len(data.train):,} training, {len(data.val):,} validation images)")
     folder.teacher, folder.input_size = fp, (data.info.in_chans, data.info.image_size, data.info.image_size)
     if recipe.train.sync_bn and world.size > 1:
         fp = folder.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(fp)

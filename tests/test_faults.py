@@ -176,7 +176,7 @@ CASES = [
     ("no-recipe", None, ["test_resnet"], "--recipe"),
     # -- --set and the other options
     ("set-no-equals", None, [*RUN, "--set", "train.epochs"], "expected key.path=value"),
-    ("set-unknown-key", None, [*RUN, "--set", "train.epoch=2"], "train.epoch: unknown key"),
+    ("set-unknown-key", None, [*RUN, "--set", "train.epoch=2"], "--set train.epoch=2: the recipe has no key train.epoch; did you mean train.epochs"),
     ("set-wrong-type", None, [*RUN, "--set", "train.lr=fast"], "train.lr"),
     ("set-under-a-value", None, [*RUN, "--set", "train.epochs.x=1"], "epochs is not a section"),
     ("set-bad-image-size", None, [*RUN, "--set", "data.image_size=4"], "data.image_size"),
