@@ -73,7 +73,7 @@ def ends(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> t
     conv/linear-free path to the output, and those whose own forward the graph runs."""
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
-    owners = {n: _owner_names(n, weighted) for n in nodes}
+    owners = {n: owner_names(n, weighted) for n in nodes}
     is_w = {n: bool(owners[n]) for n in nodes}
     upstream = {}
     for n in nodes:
@@ -107,15 +107,15 @@ def feature_layers(graph: fx.Graph, weighted: dict[str, nn.Module], last: set[st
         if n.op != "call_module" or n.target not in last or len(n.all_input_nodes) != 1:
             continue
         (cur,) = n.all_input_nodes
-        while not _owner_names(cur, weighted) and cur.op != "placeholder" and len(cur.all_input_nodes) == 1:
+        while not owner_names(cur, weighted) and cur.op != "placeholder" and len(cur.all_input_nodes) == 1:
             (cur,) = cur.all_input_nodes
-        names = _owner_names(cur, weighted)
+        names = owner_names(cur, weighted)
         if names and names[-1] not in last:
             out.add(names[-1])
     return out
 
 
-def _owner_names(node: fx.Node, weighted: dict[str, nn.Module]) -> list[str]:
+def owner_names(node: fx.Node, weighted: dict[str, nn.Module]) -> list[str]:
     """The conv/linear layers a call_module node runs (itself, or those inside a leaf)."""
     if node.op != "call_module":
         return []
