@@ -12,6 +12,7 @@ import inspect
 from torch import fx, nn
 
 from .ops import SUPPORTED
+from .shortcut import ShortcutMixin
 
 
 class CalledTracer(fx.Tracer):
@@ -22,6 +23,10 @@ class CalledTracer(fx.Tracer):
         if concrete_args is None and isinstance(root, nn.Module):
             concrete_args = defaults(root)
         return super().trace(root, concrete_args)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # a Bi-Real shortcut's BatchNorm reads its conv's kept input, which a traced conv never stores: one node
+        return isinstance(m, ShortcutMixin) or super().is_leaf_module(m, qualname)
 
 
 class _Tracer(CalledTracer):

@@ -146,7 +146,9 @@ def test_every_shape_reloads_bit_identical_and_runs_bitwise_exactly(shape, side,
     sim = irconvert.load_packed(path, model=Chain(cin, cout, k, s, p, d))
     assert sim.irconvert_plan.shortcuts == net.irconvert_plan.shortcuts and max_abs_diff(net, sim, x) == 0.0
     bitwise = rt.load(path, model=Chain(cin, cout, k, s, p, d))
-    assert bitwise.irconvert_runtime["conv"] == "bitwise"
+    assert bitwise.irconvert_runtime["conv"] == "bitwise" and isinstance(bitwise, torch.fx.GraphModule)
+    # the fused plan keeps the shortcut's conv and BatchNorm as they are, and fuses around them
+    assert bitwise.irconvert_runtime.fusion["conv"] == "not fused: the Bi-Real shortcut reads its float input"
     want = sim(x)
     from helpers import run_all
 
