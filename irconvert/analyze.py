@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import ends, feature_layers, trace, weighted_layers
+from .graph import ends, feature_layers, owner_names, trace, weighted_layers
 from .layers import can_binarize
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
@@ -83,6 +83,46 @@ class LayerFacts:
 
 
 @dataclass(frozen=True)
+class Dataflow:
+    """The fx graph reduced to what the plan's path rules read: per node (in graph order) the conv/linear
+    layers it runs (itself, or those inside a leaf module) and the indices of its input nodes."""
+
+    layers: tuple[tuple[str, ...], ...]
+    inputs: tuple[tuple[int, ...], ...]
+
+    def node(self, layer: str) -> int:
+        """Index of the node that runs `layer` (ValueError if none does)."""
+        return next(i for i, names in enumerate(self.layers) if layer in names)
+
+    def bypassed(self, layer: str, barriers: set[str]) -> bool:
+        """True if a path around `layer` exists: some node downstream of it is also reached from a value
+        at or before its input by a path that avoids `layer` and every node running one of `barriers`
+        (a residual sum, a concatenation, a product with the block's input). With `barriers` the W1A1
+        layers that have no shortcut, such a path carries real values: their sum is not all signs."""
+        start = self.node(layer)
+        users: list[list[int]] = [[] for _ in self.layers]
+        for i, ins in enumerate(self.inputs):
+            for j in ins:
+                users[j].append(i)
+        below = _closure(self.inputs[start], lambda j: self.inputs[j])
+        blocked = {i for i, names in enumerate(self.layers) if i == start or any(n in barriers for n in names)}
+        around = _closure(below, lambda j: [u for u in users[j] if u not in blocked])
+        after = _closure([start], lambda j: users[j]) - {start}
+        return bool(after & around)
+
+
+def _closure(start, step) -> set[int]:
+    """The nodes reached from `start` (included) by repeating `step`."""
+    seen, stack = set(start), list(start)
+    while stack:
+        for j in step(stack.pop()):
+            if j not in seen:
+                seen.add(j)
+                stack.append(j)
+    return seen
+
+
+@dataclass(frozen=True)
 class Analysis:
     """Facts per conv/linear layer, in module order, and how they were found."""
 
@@ -90,6 +130,7 @@ class Analysis:
     traced: bool
     warning: str | None = None
     norm_after: dict[str, str] = field(default_factory=dict)  # conv name -> norm module right after it
+    flow: Dataflow | None = None  # None when the model did not trace
 
 
 def analyze(model: nn.Module) -> Analysis:
@@ -159,7 +200,10 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
         found, functional = feeders.get(name, (set(), False))
         layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called,
                               sorted(sources.get(name, ())), name in features)
-    return Analysis(layers=layers, traced=True, norm_after=norm_after)
+    index = {n: i for i, n in enumerate(nodes)}
+    flow = Dataflow(layers=tuple(tuple(owner_names(n, weighted)) for n in nodes),
+                    inputs=tuple(tuple(index[a] for a in n.all_input_nodes) for n in nodes))
+    return Analysis(layers=layers, traced=True, norm_after=norm_after, flow=flow)
 
 
 def _find_relus(start, modules: dict[str, nn.Module], combining: bool = False) -> tuple[set[str], bool]:

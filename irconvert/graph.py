@@ -12,6 +12,7 @@ import inspect
 from torch import fx, nn
 
 from .ops import SUPPORTED
+from .shortcut import ShortcutMixin
 
 
 class CalledTracer(fx.Tracer):
@@ -22,6 +23,10 @@ class CalledTracer(fx.Tracer):
         if concrete_args is None and isinstance(root, nn.Module):
             concrete_args = defaults(root)
         return super().trace(root, concrete_args)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # a Bi-Real shortcut's BatchNorm reads its conv's kept input, which a traced conv never stores: one node
+        return isinstance(m, ShortcutMixin) or super().is_leaf_module(m, qualname)
 
 
 class _Tracer(CalledTracer):
@@ -73,7 +78,7 @@ def ends(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> t
     conv/linear-free path to the output, and those whose own forward the graph runs."""
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
-    owners = {n: _owner_names(n, weighted) for n in nodes}
+    owners = {n: owner_names(n, weighted) for n in nodes}
     is_w = {n: bool(owners[n]) for n in nodes}
     upstream = {}
     for n in nodes:
@@ -107,15 +112,15 @@ def feature_layers(graph: fx.Graph, weighted: dict[str, nn.Module], last: set[st
         if n.op != "call_module" or n.target not in last or len(n.all_input_nodes) != 1:
             continue
         (cur,) = n.all_input_nodes
-        while not _owner_names(cur, weighted) and cur.op != "placeholder" and len(cur.all_input_nodes) == 1:
+        while not owner_names(cur, weighted) and cur.op != "placeholder" and len(cur.all_input_nodes) == 1:
             (cur,) = cur.all_input_nodes
-        names = _owner_names(cur, weighted)
+        names = owner_names(cur, weighted)
         if names and names[-1] not in last:
             out.add(names[-1])
     return out
 
 
-def _owner_names(node: fx.Node, weighted: dict[str, nn.Module]) -> list[str]:
+def owner_names(node: fx.Node, weighted: dict[str, nn.Module]) -> list[str]:
     """The conv/linear layers a call_module node runs (itself, or those inside a leaf)."""
     if node.op != "call_module":
         return []

@@ -60,9 +60,11 @@ class Policy(BaseModel):
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
-    `shortcut` adds a Bi-Real shortcut around every W1A1 conv followed by a BatchNorm, where the
-    shapes allow (see shortcut.py); `gated` multiplies each shortcut by a learned per-channel factor
-    that starts at 0, so a converted pretrained model starts unchanged.
+    `shortcut` says where a Bi-Real shortcut y = BN(conv(sign x)) + S(x) goes (shortcut.py; S fits every
+    shape of 2-D conv) among the W1A1 convs followed by a BatchNorm: "auto" (the default) around those
+    the graph shows no real-valued path around (no residual sum spanning them; `auto_shortcuts`), true
+    around every one, false nowhere; "gated" (every one) and "auto-gated" multiply each shortcut by a
+    learned per-channel factor that starts at 0, so a converted pretrained model starts unchanged.
     `rsign` puts ReActNet's RSign on the input of every W1A1 layer, B_a = sign(a - alpha) with a
     learned per-channel threshold alpha starting at 0, in front of any method without an input
     shift of its own (methods/react.py). `activation` is what replaces those ReLUs: "hardtanh", or
@@ -85,7 +87,7 @@ class Policy(BaseModel):
     layers: dict[str, Decision] = Field(default_factory=dict)
     hardtanh: Optional[bool] = None
     keep_magnitude: bool = True
-    shortcut: Union[bool, Literal["gated"]] = False
+    shortcut: Union[bool, Literal["auto", "gated", "auto-gated"]] = "auto"
     rsign: bool = False
     activation: Literal["hardtanh", "rprelu"] = "hardtanh"
 
@@ -123,6 +125,11 @@ class Policy(BaseModel):
                     raise ValueError(f"pattern {p!r} is not a valid regex ({e})") from None
         return v
 
+    @property
+    def shortcut_gated(self) -> bool:
+        """Whether each Bi-Real shortcut is times a learned gate (shortcut.py's gated form)."""
+        return self.shortcut in ("gated", "auto-gated")
+
     def binarizer(self) -> Binarizer:
         """Return the method instance the binary layers use: `method`, with RSign in front of it if `rsign`."""
         method = get_method(self.method)
@@ -154,6 +161,7 @@ class Plan:
     hardtanh: tuple[str, ...]
     warnings: tuple[str, ...]
     shortcuts: tuple[tuple[str, str], ...] = ()  # (binary conv, the BatchNorm after it)
+    shortcut_reasons: dict[str, str] = field(default_factory=dict)  # W1A1 conv -> why it has a shortcut or none
     live: dict[str, float] = field(default_factory=dict)  # W1A1 layer -> share of +1 input bits (calibrate.py)
     fused: tuple[str, ...] = ()  # Hardtanh modules of `hardtanh` fused into their W1A1 readers' sign (training only)
     # activation (of `hardtanh`) -> the shape of its RPReLU parameters (Policy.activation "rprelu"); others: Hardtanh
@@ -242,18 +250,12 @@ def plan(analysis: Analysis, policy: Policy, modules: dict[str, "torch.nn.Module
             + (" ..." if len(functional) > 5 else "")
             + "; keep them full precision with binarize.patterns if you prefer"
         )
-    shortcuts = []
-    if policy.shortcut:
-        from .shortcut import fits
-
-        candidates = [n for n, lp in layers.items() if lp.mode == "W1A1" and analysis.layers[n].kind == "conv"]
-        shortcuts = [(n, analysis.norm_after[n]) for n in candidates
-                     if n in analysis.norm_after and fits(modules[n])]
-        if len(shortcuts) < len(candidates):
-            warnings.append(f"shortcut: {len(candidates) - len(shortcuts)} of {len(candidates)} W1A1 convs got no "
-                            "Bi-Real shortcut (no BatchNorm right after them, or shapes that do not allow one)")
+    shortcuts, reasons = auto_shortcuts(analysis, policy, layers, modules)
+    note = _shortcut_note(policy, reasons)
+    if note:
+        warnings.append(note)
     return Plan(policy=policy, layers=layers, hardtanh=tuple(sorted(hardtanh)), warnings=tuple(warnings),
-                shortcuts=tuple(shortcuts))
+                shortcuts=shortcuts, shortcut_reasons=reasons)
 
 
 def method_label(policy: Policy) -> str:
@@ -264,7 +266,8 @@ def method_label(policy: Policy) -> str:
     if policy.activation == "rprelu":
         parts.append("RPReLU")
     if policy.shortcut:
-        parts.append("Bi-Real shortcut" + (" (gated)" if policy.shortcut == "gated" else ""))
+        form = {"gated": " (gated)", "auto": " (auto)", "auto-gated": " (auto, gated)"}.get(policy.shortcut, "")
+        parts.append("Bi-Real shortcut" + form)
     return " + ".join(parts)
 
 
@@ -282,3 +285,57 @@ def plan_counts(p: Plan) -> str:
     total = sum(kept.values())
     why = ", ".join(f"{w} {n}" for w, n in kept.items())
     return f"{binary}, {total} kept full precision" + (f" ({why})" if why else "")
+
+
+SHORTCUT_ADDED = "shortcut: no real-valued path around it"
+SHORTCUT_EVERY = "shortcut: every W1A1 conv (shortcut: true)"
+SHORTCUT_AROUND = "none: a real-valued path goes around it (a residual sum)"
+SHORTCUT_NO_NORM = "none: no BatchNorm right after it, or not a 2-D conv"
+
+
+def auto_shortcuts(analysis: Analysis, policy: Policy, layers: dict[str, LayerPlan],
+                   modules: dict[str, "torch.nn.Module"]) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
+    """Return the (conv, BatchNorm) pairs that get a Bi-Real shortcut, and each W1A1 conv's reason.
+
+    The candidates are the W1A1 convs with a BatchNorm right after them. `shortcut: true` or "gated"
+    takes every candidate. "auto" takes those with no real-valued path around them: no node after the
+    conv is also reached from a value at or before its input along a path that avoids the conv and
+    every W1A1 layer without a shortcut (`Dataflow.bypassed`). The candidates are visited in reverse
+    graph order and each shortcut placed counts as a real-valued path for the ones visited after it,
+    so a block whose every branch is binary (ResNet's downsample block with a binary 1x1 downsample)
+    gets one shortcut, on its last conv (the downsample), which then spans the block's other convs.
+    A model that does not trace has no BatchNorm found after its convs, so no candidates.
+    """
+    if policy.shortcut is False:
+        return (), {}
+    from .shortcut import fits
+
+    w1a1 = [n for n, lp in layers.items() if lp.mode == "W1A1" and analysis.layers[n].kind == "conv"]
+    reasons = {n: SHORTCUT_NO_NORM for n in w1a1 if n not in analysis.norm_after or not fits(modules[n])}
+    candidates = [n for n in w1a1 if n not in reasons]
+    if policy.shortcut in (True, "gated"):
+        reasons.update({n: SHORTCUT_EVERY for n in candidates})
+    else:
+        barriers = {n for n, lp in layers.items() if lp.mode == "W1A1"}
+        flow = analysis.flow
+        for n in sorted(candidates, key=flow.node, reverse=True):
+            if flow.bypassed(n, barriers):
+                reasons[n] = SHORTCUT_AROUND
+            else:
+                reasons[n] = SHORTCUT_ADDED
+                barriers.discard(n)
+    pairs = tuple((n, analysis.norm_after[n]) for n in candidates if reasons[n].startswith("shortcut"))
+    return pairs, {n: reasons[n] for n in w1a1}
+
+
+def _shortcut_note(policy: Policy, reasons: dict[str, str]) -> str:
+    """The line that says where the shortcuts went (counts by reason); empty where there is nothing to say."""
+    n = {r: sum(v == r for v in reasons.values()) for r in (SHORTCUT_ADDED, SHORTCUT_AROUND, SHORTCUT_NO_NORM)}
+    if policy.shortcut in (True, "gated"):
+        return (f"shortcut: {n[SHORTCUT_NO_NORM]} of {len(reasons)} W1A1 convs got no Bi-Real shortcut (no BatchNorm "
+                "right after them, or not a 2-D conv)") if n[SHORTCUT_NO_NORM] else ""
+    if not n[SHORTCUT_ADDED]:
+        return ""  # "auto" on a ResNet: every block has its residual sum, and nothing changes
+    return (f"shortcut {policy.shortcut}: a Bi-Real shortcut on {n[SHORTCUT_ADDED]} of {len(reasons)} W1A1 convs, "
+            f"those with no real-valued path around them; {n[SHORTCUT_AROUND]} have one (a residual sum)"
+            + (f"; {n[SHORTCUT_NO_NORM]} have no BatchNorm right after them" if n[SHORTCUT_NO_NORM] else ""))

@@ -4,11 +4,19 @@ models use: a real-valued shortcut around every binary conv and its BatchNorm,
     y = BN(conv(sign(x))) + S(x),
 
 so the real-valued activations of one layer reach the next one although the conv sees only signs.
-S is the identity where shapes agree; where the conv has stride s > 1, S average-pools x with an
-s x s window (ceil mode, as Bi-Real's downsampling shortcut, without its 1x1 conv); where the conv
-has k times more output than input channels, S repeats x k times along channels. Convs with other
-shapes (fewer output channels, or a padding that does not keep the size) get no shortcut, and the
-plan says how many were left out.
+S is weight-free and fits every shape of 2-D conv (`bireal_shortcut` states its arithmetic exactly):
+
+- space: where the conv has stride s > 1, an s x s average pool with stride s (ceil mode, padding
+  not counted: Bi-Real's downsampling shortcut without its 1x1 conv); where that size still differs
+  from the conv's output (a padding that does not keep the size, an even kernel, dilation), a
+  centred crop or zero pad to it;
+- channels: widening tiles the input channels (output channel o is input channel o mod C_in, as
+  ReActNet-A's cat(x, x) for a ratio of 2); shrinking averages the input channels congruent modulo
+  C_out (output channel o is the mean of input channels o, o + C_out, o + 2 C_out, ...: the adjoint
+  of tiling, in the spirit of PokeBNN's reshape_add), groups of floor or ceil(C_in / C_out).
+
+Files written before these shapes existed only hold convs whose S was pool-then-repeat with no crop,
+which this S computes identically.
 
 Gated form (`Policy.shortcut: gated`), for conversion of a pretrained model:
 
@@ -19,9 +27,13 @@ shortcut adds a signal the pretrained BatchNorms never saw), and training opens 
 far as it helps, in the spirit of SkipInit/ReZero's zero-initialised residual gates. g is a
 parameter of the BatchNorm (`L.shortcut_gate`), saved and exported with it.
 
+Where a shortcut goes (`Policy.shortcut: auto`, the default) is the plan's decision (plan.py,
+`auto_shortcuts`): around the W1A1 convs that have no real-valued path around them.
+
 Mechanics: the conv keeps its real-valued input for the BatchNorm right after it, whose class
 gains `ShortcutMixin` in front (state_dict keys do not change). The BatchNorm holds the conv as a
-plain attribute, not a submodule, so it is neither saved nor traversed twice.
+plain attribute, not a submodule, so it is neither saved nor traversed twice. For timm's
+BatchNormAct2d the sum comes after the module's activation (the module's output).
 """
 
 from __future__ import annotations
@@ -34,24 +46,45 @@ from torch import nn
 
 
 def fits(conv: nn.Module) -> bool:
-    """True if S(x) can match conv's output: 2-D, size-keeping padding, out channels a multiple of in."""
-    if not isinstance(conv, nn.Conv2d) or conv.out_channels % conv.in_channels:
-        return False
-    if conv.padding == "same":
-        return conv.stride == (1, 1)
-    if isinstance(conv.padding, str):
-        return False
-    keeps = all(p == d * (k - 1) // 2 and k % 2 == 1 for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size))
-    return keeps and conv.stride[0] == conv.stride[1]
+    """True if S(x) can match conv's output: any 2-D conv (S is defined for every shape of one)."""
+    return isinstance(conv, nn.Conv2d)
 
 
-def bireal_shortcut(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Return S(x): x average-pooled by the conv's stride and repeated to its output channels."""
-    s = conv.stride[0]
-    if s > 1:
-        x = F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)
-    if conv.out_channels != conv.in_channels:
-        x = x.repeat(1, conv.out_channels // conv.in_channels, 1, 1)
+def bireal_shortcut(x: torch.Tensor, stride: tuple[int, int], out_channels: int,
+                    out_size: tuple[int, int]) -> torch.Tensor:
+    """Return S(x) [N, out_channels, *out_size] of the conv input x [N, C_in, H, W], in x's dtype:
+
+    1. stride (sh, sw) != (1, 1): avg_pool2d(x, (sh, sw), (sh, sw), ceil_mode=True,
+       count_include_pad=False): each window's sum divided by the number of its elements inside x
+       (the last row/column of windows may be partial), size (ceil(H / sh), ceil(W / sw));
+    2. size (h, w) differs from out_size (H_o, W_o): per axis, d = H_o - h; d > 0 pads d // 2 zeros
+       before and d - d // 2 after; d < 0 removes (-d) // 2 rows before and the rest after;
+    3. C_out > C_in: channel o is channel o mod C_in (tile, then truncate);
+       C_out < C_in: channel o is (x[o] + x[o + C_out] + x[o + 2 C_out] + ...) / n_o, summed left to
+       right in x's dtype, n_o the number of terms (ceil(C_in / C_out) for o < C_in mod C_out, else
+       floor(C_in / C_out)), one division per element.
+    """
+    if tuple(stride) != (1, 1):
+        x = F.avg_pool2d(x, tuple(stride), tuple(stride), ceil_mode=True, count_include_pad=False)
+    pads = []
+    for have, want in ((x.shape[-1], out_size[1]), (x.shape[-2], out_size[0])):  # F.pad: last axis first
+        d = want - have
+        before = d // 2 if d >= 0 else -((-d) // 2)
+        pads += [before, d - before]
+    if any(pads):
+        x = F.pad(x, pads)
+    c_in = x.shape[1]
+    if out_channels > c_in:
+        x = x.repeat(1, -(-out_channels // c_in), 1, 1)[:, :out_channels]
+    elif out_channels < c_in:
+        total = x[:, :out_channels]
+        for start in range(out_channels, c_in, out_channels):
+            part = x[:, start:start + out_channels]
+            n = part.shape[1]
+            total = total + part if n == out_channels else torch.cat([total[:, :n] + part, total[:, n:]], 1)
+        counts = torch.full((out_channels,), c_in // out_channels, dtype=x.dtype, device=x.device)
+        counts[:c_in % out_channels] += 1
+        x = total / counts.view(1, -1, 1, 1)
     return x
 
 
@@ -63,7 +96,7 @@ class ShortcutMixin:
         conv = self.bireal_conv
         x, conv.bireal_input = conv.bireal_input, None
         gate = self._parameters.get("shortcut_gate")
-        s = bireal_shortcut(x, conv)
+        s = bireal_shortcut(x, conv.stride, conv.out_channels, tuple(out.shape[-2:]))
         return out + (s if gate is None else gate.to(s.dtype).view(1, -1, 1, 1) * s)
 
 

@@ -36,7 +36,7 @@ def swap(model: nn.Module, the_plan: Plan) -> nn.Module:
         if lp.mode is not None:
             make_binary(model.get_submodule(name), method, lp.mode, lp.gain, lp.grad_scale)
     for conv, norm in the_plan.shortcuts:
-        add_shortcut(model.get_submodule(conv), model.get_submodule(norm), the_plan.policy.shortcut == "gated")
+        add_shortcut(model.get_submodule(conv), model.get_submodule(norm), the_plan.policy.shortcut_gated)
     like = next((p for p in model.parameters() if p.is_floating_point()), torch.empty(0))
     for name in the_plan.hardtanh:
         parent_name, _, child = name.rpartition(".")

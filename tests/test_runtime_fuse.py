@@ -117,7 +117,8 @@ def test_bn_affine_reads_torchs_own_alpha_and_beta():
 @torch.no_grad()
 def test_resnet_is_bit_identical_to_load_packed(name, method, backends, monkeypatch, tmp_path):
     torch.manual_seed(0)
-    model = irconvert.binarize(randomize_bn(create_model(name, num_classes=10)), method=method)
+    # no shortcut (auto puts one on each binary downsample conv): every BatchNorm of the blocks folds
+    model = irconvert.binarize(randomize_bn(create_model(name, num_classes=10)), method=method, shortcut=False)
     sim, net = packed_pair(model, tmp_path)
     assert isinstance(net, torch.fx.GraphModule) and set(net.irconvert_runtime.values()) == {"bitwise"}
     fusion = net.irconvert_runtime.fusion
@@ -144,14 +145,24 @@ def test_resnet34_at_224_is_bit_identical(backends, monkeypatch, tmp_path):
     assert_bit_identical(sim, net, x, monkeypatch, backends[:1])
 
 
+@pytest.mark.parametrize("shortcut", [False, "auto"])
 @torch.no_grad()
-def test_mobilenet_keeps_depthwise_float_and_is_bit_identical(backends, monkeypatch, tmp_path):
+def test_mobilenet_keeps_depthwise_float_and_is_bit_identical(shortcut, backends, monkeypatch, tmp_path):
     torch.manual_seed(2)
-    model = irconvert.binarize(randomize_bn(create_model("mobilenetv2_100", num_classes=10), 2))
+    model = irconvert.binarize(randomize_bn(create_model("mobilenetv2_100", num_classes=10), 2), shortcut=shortcut)
+    if shortcut:  # plain shortcuts on the blocks without a residual sum
+        assert ("blocks.1.0.conv_pw", "blocks.1.0.bn1") in model.irconvert_plan.shortcuts
     sim, net = packed_pair(model, tmp_path)
     fusion = net.irconvert_runtime.fusion
     assert type(net.get_submodule("blocks.1.0.conv_dw")) is nn.Conv2d and "conv_dw" not in str(list(fusion))
-    assert fusion["blocks.1.0.conv_pw"].startswith("fused: BatchNorm2d ReLU6 -> float")
+    assert isinstance(net, torch.fx.GraphModule)  # a shortcut's BatchNorm is one node of the graph
+    if shortcut:  # the shortcut reads the conv's float input, and its BatchNorm adds S(x): neither folds
+        assert fusion["blocks.1.0.conv_pw"] == "not fused: the Bi-Real shortcut reads its float input"
+        assert fusion["blocks.1.0.conv_pwl"] == "not fused: the Bi-Real shortcut reads its float input"
+        assert "ShortcutBatchNormAct2d" in type(net.get_submodule("blocks.1.0.bn1")).__name__
+        assert fusion["blocks.1.1.conv_pw"].startswith("fused: BatchNorm2d ReLU6 -> float")
+    else:
+        assert fusion["blocks.1.0.conv_pw"].startswith("fused: BatchNorm2d ReLU6 -> float")
     assert "+ blocks.1.0.conv_pwl" in fusion["blocks.1.1.conv_pwl"]
     x = torch.randn(2, 3, 48, 48)
     assert_bit_identical(sim, net, x, monkeypatch, backends)
@@ -190,7 +201,7 @@ class TwoConvs(nn.Module):
 @torch.no_grad()
 def test_shared_input_is_packed_once_and_pools_keep_their_values(backends, monkeypatch, tmp_path):
     torch.manual_seed(4)
-    model = irconvert.binarize(randomize_bn(TwoConvs().eval()), keep_last=False)
+    model = irconvert.binarize(randomize_bn(TwoConvs().eval()), keep_last=False, shortcut=False)
     sim, net = packed_pair(model, tmp_path, TwoConvs)
     assert sum(isinstance(m, rt.PackSigns) for m in net.modules()) == 1
     fusion = net.irconvert_runtime.fusion
@@ -203,7 +214,7 @@ def test_shared_input_is_packed_once_and_pools_keep_their_values(backends, monke
 @torch.no_grad()
 def test_unfused_load_is_the_plain_module(tmp_path):
     torch.manual_seed(5)
-    model = irconvert.binarize(randomize_bn(TwoConvs().eval()), keep_last=False)
+    model = irconvert.binarize(randomize_bn(TwoConvs().eval()), keep_last=False, shortcut=False)
     sim, _ = packed_pair(model, tmp_path, TwoConvs)
     net = rt.load(tmp_path / "packed.safetensors", TwoConvs(), fuse=False)
     assert type(net) is TwoConvs and not net.irconvert_runtime.fusion
@@ -231,7 +242,7 @@ def test_fused_conv_with_broadcast_residual_adds_it_after(backends, monkeypatch)
 @torch.no_grad()
 def test_a_failed_plan_runs_the_model_unfused(monkeypatch, tmp_path):
     torch.manual_seed(7)
-    model = irconvert.binarize(randomize_bn(TwoConvs().eval()), keep_last=False)
+    model = irconvert.binarize(randomize_bn(TwoConvs().eval()), keep_last=False, shortcut=False)
     sim, _ = packed_pair(model, tmp_path, TwoConvs)
 
     def broken(*args):
@@ -270,7 +281,7 @@ class MaskedHead(nn.Module):
 def test_a_head_behind_a_default_argument_stays_in_the_fused_model(backends, monkeypatch, tmp_path):
     # fx makes `mask` a proxy, never None: the fused graph lost the head and returned the features
     torch.manual_seed(6)
-    model = irconvert.binarize(randomize_bn(MaskedHead().eval()))
+    model = irconvert.binarize(randomize_bn(MaskedHead().eval()), shortcut=False)
     sim, net = packed_pair(model, tmp_path, MaskedHead)
     assert isinstance(net, torch.fx.GraphModule)
     assert net.irconvert_runtime.fusion["b"].startswith("fused"), net.irconvert_runtime.fusion

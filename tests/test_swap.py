@@ -35,7 +35,7 @@ def test_converted_model_trains_and_set_ede_reaches_all_layers():
 def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10).eval()
-    plain = irconvert.binarize(model).eval()
+    plain = irconvert.binarize(model, shortcut=False).eval()
     short = irconvert.binarize(model, shortcut=True).eval()
     pairs = dict(short.irconvert_plan.shortcuts)
     assert pairs["layer1.0.conv1"] == "layer1.0.bn1" and pairs["layer2.0.downsample.0"] == "layer2.0.downsample.1"
@@ -69,7 +69,7 @@ def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
 def test_gated_shortcut_starts_as_the_plain_model_then_trains_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10, zero_init_last=False).eval()  # (a zero bn2 blocks all grads)
-    plain = irconvert.binarize(model).eval()
+    plain = irconvert.binarize(model, shortcut=False).eval()
     gated = irconvert.binarize(model, shortcut="gated").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
