@@ -92,8 +92,13 @@ def _summary_model(model: str, weights: Optional[str], in_chans: Optional[int], 
     return create_model(model, weights=weights, adapt=adapt, **kwargs)
 
 
-def export(path: str, out: Optional[str], recipe_path: Optional[str], overwrite: bool) -> None:
-    """`irconvert export RUN|CHECKPOINT|model.safetensors [--out DIR]`."""
+def export(path: str, out: Optional[str], recipe_path: Optional[str], overwrite: bool, fmt: str = "safetensors") -> None:
+    """`irconvert export RUN|CHECKPOINT|model.safetensors [--out DIR]`; `--format tflite`: RUN|packed.safetensors."""
+    if fmt == "tflite":
+        from .tflite import export_tflite_file
+
+        export_tflite_file(path, out, overwrite, log=click.echo)
+        return
     export_run(path, out, recipe_path, overwrite=overwrite, log=click.echo)
 
 
@@ -103,8 +108,16 @@ def evaluate(path: str, recipe_path: Optional[str], overrides: tuple[str, ...], 
     evaluate_file(path, recipe_path, overrides, use_runtime, device, log=click.echo)
 
 
-def verify(packed: str, latent: Optional[str], tolerance: float) -> None:
-    """`irconvert verify packed.safetensors`: rebuild, compare with the latent model, sizes; exit 1 on a mismatch."""
+def verify(packed: str, latent: Optional[str], tolerance: float, recipe_path: Optional[str] = None) -> None:
+    """`irconvert verify packed.safetensors`: rebuild, compare with the latent model, sizes; exit 1 on a mismatch.
+    `irconvert verify model.tflite [--recipe R]`: LCE's interpreter against the packed file beside it."""
+    if packed.endswith(".tflite"):
+        from .lce import verify_tflite_cli
+
+        verify_tflite_cli(packed, recipe_path, log=click.echo)
+        return
+    if recipe_path:
+        raise IRConvertError("--recipe: only for a model.tflite (a packed file is compared with its latent model)")
     r = verify_file(packed, latent)
     click.echo(str(r["summary"]))
     line = f"packed file: {r['packed_bytes'] / 2**20:.2f} MiB"

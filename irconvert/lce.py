@@ -157,6 +157,20 @@ def verify_tflite(path: Union[str, os.PathLike], recipe=None, n_random: int = 4,
     return result
 
 
+def verify_tflite_cli(path: Union[str, os.PathLike], recipe=None, tolerance: float = 1e-4, log=print) -> None:
+    """`irconvert verify model.tflite [--recipe R]`: print the figures; exit 1 where a kernel differs from the packed
+    file by more than `tolerance` relative on random inputs or (with a recipe) picks another top-1 anywhere."""
+    r = verify_tflite(path, recipe, log=log)
+    log(f"model.tflite {r['tflite_bytes'] / 2**20:.2f} MiB, packed.safetensors {r['packed_bytes'] / 2**20:.2f} MiB "
+        f"(ratio {r['tflite_bytes'] / r['packed_bytes']:.3f})")
+    bad = [k for k, row in r["random"].items() if row["max_rel"] > tolerance]
+    bad += [f"{k} (top-1)" for k, row in r.get("validation", {}).items() if row.get("top1_agree", 1.0) < 1.0]
+    if bad:
+        log(f"MISMATCH in {', '.join(bad)} (tolerance {tolerance:g} relative)")
+        raise SystemExit(1)
+    log(f"ok: all three LCE kernels match the packed file (tolerance {tolerance:g} relative)")
+
+
 def _check(net, path: Path, x, labels=None) -> dict:
     import torch
 

@@ -45,8 +45,10 @@ Ops emitted, and why each one computes what the PyTorch model computes:
   + `ADD` (RPReLU: beta * y for y <= 0, y above, at y = 0 both 0), `RESHAPE` / `TRANSPOSE` (flatten
   in PyTorch's NCHW order), and for the Bi-Real shortcut S(x) `AVERAGE_POOL_2D` SAME (PyTorch's
   ceil-mode pool counting valid pixels only), `TILE` (channel repeat) and `MUL` (the gate).
-- A W1A32 layer is a float `CONV_2D` / `FULLY_CONNECTED` of its s * B weights (LCE has no
-  binary-weight float-input op): exact, but stored as floats.
+- A W1A32 layer (binary weights, float input: LCE has no such op) keeps its weights as bits in the
+  file: `LceDequantize` turns them into a float +-1 filter inside the graph (bit 1 = -1, exactly),
+  a float `CONV_2D` / `FULLY_CONNECTED` sums +-x exactly as the PyTorch conv of the +-1 signs would,
+  and `MUL` by s (a BatchNorm after it folded in) + `ADD` of the bias give s * (B (*) x) + bias.
 
 Anything else is refused with one IRConvertError naming the layer, and nothing is written.
 """
@@ -95,6 +97,29 @@ def export_tflite(src: Union[str, os.PathLike, nn.Module], path: Union[str, os.P
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def export_tflite_file(path: Union[str, os.PathLike], out: Union[str, os.PathLike, None] = None,
+                       overwrite: bool = False, log=print) -> Path:
+    """`irconvert export RUN|packed.safetensors --format tflite`: model.tflite into `out` (default: beside the
+    packed file); a different model.tflite already there is kept unless `overwrite`."""
+    path = Path(path)
+    packed = path / "packed.safetensors" if path.is_dir() else path
+    if not packed.is_file():
+        raise IRConvertError(f"{packed}: file not found; pass a run folder or its packed.safetensors "
+                             "(export it first: irconvert export RUN)")
+    target = Path(out or packed.parent) / "model.tflite"
+    net = deployment_model(packed)
+    data = to_flatbuffer(net, tuple(net.irconvert_input_size or default_input_size(net)))
+    if target.is_file() and not overwrite:
+        if target.read_bytes() == data:
+            log(f"{target}: already there, the same")
+            return target
+        raise IRConvertError(f"{target}: exists and differs from this export; pass --overwrite to replace it")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    log(f"wrote {target} ({len(data) / 2**20:.2f} MiB; {packed.name} {packed.stat().st_size / 2**20:.2f} MiB)")
+    return target
 
 
 def deployment_model(src: Union[str, os.PathLike, nn.Module]) -> nn.Module:
@@ -191,7 +216,7 @@ class _Flat:
                 b.StartVector(1, len(data), 16)  # constants aligned to 16 bytes
                 b.head -= len(data)
                 b.Bytes[b.head:b.head + len(data)] = data
-                vec = b.EndVector(len(data))
+                vec = b.EndVector()
             s("Buffer").BufferStart(b)
             if vec is not None:
                 s("Buffer").BufferAddData(b, vec)
@@ -274,14 +299,14 @@ def _ints(b, values) -> int:
     b.StartVector(4, len(values), 4)
     for v in reversed(list(values)):
         b.PrependInt32(int(v))
-    return b.EndVector(len(values))
+    return b.EndVector()
 
 
 def _offsets(b, offsets) -> int:
     b.StartVector(4, len(offsets), 4)
     for o in reversed(offsets):
         b.PrependUOffsetTRelative(o)
-    return b.EndVector(len(offsets))
+    return b.EndVector()
 
 
 _BUILTIN = {"ADD": 0, "AVERAGE_POOL_2D": 1, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 9,
@@ -589,11 +614,7 @@ class _Converter:
             if m.binary.clip:  # made W1A32 after swap.fuse_hardtanh moved the Hardtanh in front into the layer
                 raise IRConvertError(f"export tflite: {node.target} is W1A32 with the Hardtanh in front fused into it; "
                                      "export the packed file instead (load_packed keeps the Hardtanh)")
-            if isinstance(m, nn.Linear):
-                return self._float_linear(node, w, m.bias, self._in(node, node.args[0]))
-            if type(m).__mro__[2] is not nn.Conv2d:
-                raise IRConvertError(f"export tflite: {node.target} ({type(m).__mro__[2].__name__}) is not supported")
-            return self._float_conv(node, m, w, m.bias)
+            return self._w1a32(node, m, w)
         linear = isinstance(m, nn.Linear)
         if not linear and (type(m).__mro__[2] is not nn.Conv2d or m.padding_mode != "zeros" or isinstance(m.padding, str)):
             raise IRConvertError(f"export tflite: {node.target} ({type(m).__mro__[2].__name__}, padding "
@@ -681,6 +702,49 @@ class _Converter:
         if end is not node:
             self.float[end] = y
             self._after_bn(end, bn_m, y)
+
+    def _w1a32(self, node: fx.Node, m: nn.Module, w: torch.Tensor) -> None:
+        """A W1A32 layer: its signs stored as bits, LceDequantize'd to a float +-1 filter in the graph, a float
+        CONV_2D / FULLY_CONNECTED with it, then MUL by the scale and ADD the bias (a BatchNorm after it folded in)."""
+        linear = isinstance(m, nn.Linear)
+        if not linear and (type(m).__mro__[2] is not nn.Conv2d or m.groups != 1 or isinstance(m.padding, str)
+                           or m.padding_mode != "zeros"):
+            raise IRConvertError(f"export tflite: {node.target} (W1A32 {type(m).__mro__[2].__name__}, groups "
+                                 f"{getattr(m, 'groups', 1)}) is not a layer the exporter supports")
+        if linear and len(self.values[node].shape) != 2:
+            raise IRConvertError(f"export tflite: {node.target} is a Linear on a {self.values[node].dim()}-D tensor; "
+                                 "only [N, features] exports")
+        w4 = w.reshape(w.shape[0], -1, 1, 1) if linear else w
+        signs = torch.where(w4 >= 0, 1.0, -1.0)
+        scale = w4.abs().reshape(w4.shape[0], -1)[:, 0]
+        bias = m.bias.detach().float() if m.bias is not None else torch.zeros(w.shape[0])
+        out_node, mult, add = node, scale, bias
+        bn = self._fold_bn(node)
+        if bn is not None:
+            alpha, beta = (torch.from_numpy(v) for v in _bn_affine(self.modules[bn.target], bn))
+            out_node, mult, add = bn, alpha * scale, alpha * bias + beta
+            self.skip.add(bn)
+        o, cin, kh, kw = signs.shape
+        bits = self.fb.const(_lce_filter(signs).reshape((o, cin and _words(cin)) if linear else (o, kh, kw, _words(cin))))
+        filt = self.fb.tensor((o, cin) if linear else (o, kh, kw, cin))
+        self.fb.op("LceDequantize", [bits], [filt], custom={})
+        zeros = self.fb.const(np.zeros(o, np.float32))
+        y = self.fb.tensor(self._shape(node))
+        if linear:
+            self.fb.op(_BUILTIN["FULLY_CONNECTED"], [self._in(node, node.args[0]), filt, zeros], [y],
+                       _opt("FullyConnectedOptions"))
+        else:
+            k, s, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
+            x, padding = self._pad(node, node.args[0], k, s, d, _pair(m.padding), 0.0)
+            self.fb.op(_BUILTIN["CONV_2D"], [x, filt, zeros], [y],
+                       _opt("Conv2DOptions", Padding=padding, StrideW=s[1], StrideH=s[0],
+                            DilationWFactor=d[1], DilationHFactor=d[0]))
+        z = self.fb.tensor(self._shape(node))
+        self.fb.op(_BUILTIN["MUL"], [y, self.fb.const(mult.numpy())], [z], _opt("MulOptions"))
+        out = self._emit(out_node, "ADD", [z, self.fb.const(add.numpy())], _opt("AddOptions"))
+        self.float[node] = out
+        if out_node is not node:
+            self._after_bn(out_node, self.modules[out_node.target], out)
 
     def _bits_shape(self, x_node: fx.Node, linear: bool) -> tuple[int, int, int]:
         shape = self._shape(x_node)
