@@ -43,10 +43,19 @@ spec.loader.exec_module(lite)
 model = open(sys.argv[3], "rb").read()
 x = np.load(sys.argv[4])
 out = {}
-for arg in sys.argv[6:]:
+import time
+repeat = int(sys.argv[6])
+for arg in sys.argv[7:]:
     name, ref, ind = arg.split(":")
     it = lite.LiteInterpreter(model, 1, ref == "1", ind == "1", False)
     out[name] = np.concatenate([it.predict([x[i:i + 1]])[0] for i in range(len(x))])
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        it.predict([x[:1]])
+        times.append(time.perf_counter() - t)
+    if times:
+        out[name + "__seconds"] = np.float64(sorted(times)[len(times) // 2])
 np.savez(sys.argv[5], **out)
 """
 
@@ -96,21 +105,24 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_tflite(model: Union[str, os.PathLike], x: np.ndarray, kernels: Sequence[str] = tuple(KERNELS)) -> dict[str, np.ndarray]:
-    """Return {kernel: outputs} of the .tflite `model` on float32 input `x` (NHWC, any batch: run one at a time)."""
+def run_tflite(model: Union[str, os.PathLike], x: np.ndarray, kernels: Sequence[str] = tuple(KERNELS),
+               repeat: int = 0) -> dict[str, np.ndarray]:
+    """Return {kernel: outputs} of the .tflite `model` on float32 input `x` (NHWC, any batch: run one at a time);
+    with `repeat`, also {kernel + '__seconds': median time of one image, single thread} (x86: not an ARM figure)."""
     so = interpreter_path()
     folder = numpy_folder()
     with tempfile.TemporaryDirectory(prefix="irconvert-lce-") as tmp:
         xin, yout = Path(tmp) / "x.npy", Path(tmp) / "y.npz"
         np.save(xin, np.ascontiguousarray(x, dtype=np.float32))
         specs = [f"{k}:{int(KERNELS[k][0])}:{int(KERNELS[k][1])}" for k in kernels]
-        cmd = [sys.executable, "-I", "-c", _WORKER, str(folder), str(so), str(model), str(xin), str(yout), *specs]
+        cmd = [sys.executable, "-I", "-c", _WORKER, str(folder), str(so), str(model), str(xin), str(yout), str(repeat),
+               *specs]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not yout.is_file():
             last = (done.stderr or done.stdout or "").strip().splitlines()
             raise IRConvertError(f"{model}: LCE's interpreter failed ({last[-1][:200] if last else done.returncode})")
         with np.load(yout) as f:
-            return {k: f[k] for k in kernels}
+            return {k: f[k] for k in f.files}
 
 
 def compare(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, dict]:

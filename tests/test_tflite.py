@@ -131,6 +131,7 @@ def test_timm_resnet18_224(tmp_path):
     assert tfl <= 1.1 * packed.stat().st_size, (tfl, packed.stat().st_size)
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18(tmp_path):
     """torchvision's ResNet-18 at 64x64: 7x7/s2/p3 stem and 3x3/s2/p1 max-pool as PAD + VALID, stride-2 binary convs
     on even sizes (PAD of the bits + the border correction), 1x1 downsamples binary (bitpacked where chained)."""
@@ -140,6 +141,7 @@ def test_torchvision_resnet18(tmp_path):
     _check(packed.with_name("model.tflite"), load_packed(packed), _x(2, (3, 64, 64)))
 
 
+@pytest.mark.slow
 def test_mobilenet_v2(tmp_path):
     """torchvision's MobileNetV2 at 64x64: depthwise convs float (DEPTHWISE_CONV_2D), pointwise binary, ReLU6."""
     from irconvert.models import create_model
@@ -209,6 +211,7 @@ def test_stride2_padding_and_binary_linear(tmp_path):
     _check(path, b, _x(4, (3, 12, 12)))
 
 
+@pytest.mark.slow
 def test_bireal_shortcut(tmp_path):
     """The gated Bi-Real shortcut around every binary conv (identity, avg-pool by the stride, channel repeat)."""
     from irconvert.models import create_model
