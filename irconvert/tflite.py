@@ -204,11 +204,8 @@ class _Flat:
             blob = bytes(flexbuffers.Dumps(custom)) if custom else b""
         self.ops.append((index, inputs, outputs, options, blob))
 
-    def serialize(self, inputs: list[int], outputs: list[int]) -> bytes:
-        import flatbuffers
-
+    def _buffers(self, b) -> list[int]:
         s = _schema
-        b = flatbuffers.Builder(1 << 20)
         buffers = []
         for data in self.buffers:
             vec = None
@@ -221,6 +218,10 @@ class _Flat:
             if vec is not None:
                 s("Buffer").BufferAddData(b, vec)
             buffers.append(s("Buffer").BufferEnd(b))
+        return buffers
+
+    def _tensors(self, b) -> list[int]:
+        s = _schema
         tensors = []
         for name, shape, dtype, buf in self.tensors:
             n = b.CreateString(name)
@@ -232,6 +233,14 @@ class _Flat:
             T.TensorAddBuffer(b, buf)
             T.TensorAddName(b, n)
             tensors.append(T.TensorEnd(b))
+        return tensors
+
+    def serialize(self, inputs: list[int], outputs: list[int]) -> bytes:
+        import flatbuffers
+
+        s = _schema
+        b = flatbuffers.Builder(1 << 20)
+        buffers, tensors = self._buffers(b), self._tensors(b)
         ops = []
         for index, ins, outs, options, blob in self.ops:
             opt = options[1](b) if options else None
@@ -615,24 +624,8 @@ class _Converter:
                 raise IRConvertError(f"export tflite: {node.target} is W1A32 with the Hardtanh in front fused into it; "
                                      "export the packed file instead (load_packed keeps the Hardtanh)")
             return self._w1a32(node, m, w)
-        linear = isinstance(m, nn.Linear)
-        if not linear and (type(m).__mro__[2] is not nn.Conv2d or m.padding_mode != "zeros" or isinstance(m.padding, str)):
-            raise IRConvertError(f"export tflite: {node.target} ({type(m).__mro__[2].__name__}, padding "
-                                 f"{getattr(m, 'padding', None)!r}) is not a binary conv the exporter supports")
-        if not linear and m.groups != 1:
-            raise IRConvertError(f"export tflite: {node.target} is a grouped binary conv ({m.groups} groups); "
-                                 "LCE's groups need 32-channel words per group: not supported")
-        if linear and len(self.values[node].shape) != 2:
-            raise IRConvertError(f"export tflite: {node.target} is a binary Linear on a {self.values[node].dim()}-D "
-                                 "tensor; only [N, features] exports")
-        w4 = w.reshape(w.shape[0], -1, 1, 1) if linear else w
-        signs = torch.where(w4 >= 0, 1.0, -1.0)
-        scale = w4.abs().reshape(w4.shape[0], -1)[:, 0]
-        bias = m.bias.detach().float() if m.bias is not None else torch.zeros(w.shape[0])
-        k = (1, 1) if linear else _pair(m.kernel_size)
-        s = (1, 1) if linear else _pair(m.stride)
-        d = (1, 1) if linear else _pair(m.dilation)
-        pads = (0, 0) if linear else _pair(m.padding)
+        linear = self._check_binary(node, m)
+        signs, scale, bias, k, s, d, pads = _binary_params(m, w, linear)
         cin = signs.shape[1]
         tau = getattr(m, "input_threshold", None)
         x_bits = self._packed(node, node.args[0], tau, linear)
@@ -650,42 +643,20 @@ class _Converter:
         chain = None
         if pads == (0, 0) and not isinstance(bn_m, ShortcutMixin):
             chain = self._sign_chain(node, end, linear)
-        flip = torch.zeros(signs.shape[0], dtype=torch.bool)
-        thr = None
+        flip, thr = torch.zeros(signs.shape[0], dtype=torch.bool), None
         if chain is not None:
             thr, flip = _thresholds(m, scale, bias, chain[1], chain[2], cin * k[0] * k[1])
             if thr is None:
                 chain = None
         signs = torch.where(flip.reshape(-1, 1, 1, 1), -signs, signs)
-        cout = signs.shape[0]
-        filt = _lce_filter(signs)
+        cout, filt = signs.shape[0], _lce_filter(signs)
         ho, wo = self.values[node].shape[-2:] if not linear else (1, 1)
         opts = dict(channels_in=cin, dilation_height_factor=d[0], dilation_width_factor=d[1],
                     fused_activation_function=0, pad_values=0, padding=_VALID, stride_height=s[0], stride_width=s[1])
         if chain is not None:  # bitpacked output, read by the next binary layers as it is
-            out = self.fb.tensor((n, ho, wo, _words(cout)), _I32, name=f"{node.name}_bits")
-            # dummy multiplier and bias: LCE's reference kernel crashes on index -1 there (lce-format.md)
-            self.fb.op("LceBconv2d", [x_bits, self.fb.const(filt), self.fb.const(np.ones(cout, np.float32)),
-                                      self.fb.const(np.zeros(cout, np.float32)), self.fb.const(thr.numpy())], [out],
-                       custom=opts)
-            last, tau_key = chain[0], _tau_key(chain[2])
-            self.bits[(last, tau_key)] = out
-            self.skip.update(chain[3])
-            return
+            return self._bconv_bits(node, x_bits, filt, thr, chain, opts, (n, ho, wo, cout))
         h_in, w_in = (1, 1) if linear else (h, wd)
-        correction = None
-        if pads != (0, 0):
-            eff = [dd * (kk - 1) + 1 for kk, dd in zip(k, d)]
-            # LCE's optimized kernels correct the padding per side and get an input smaller than the
-            # filter wrong (both sides at once: 0.7 off at 2x2, measured); the reference kernel needs even C_in
-            if _same_matches((h_in, w_in), k, s, d, pads) and cin % 2 == 0 and h_in >= eff[0] and w_in >= eff[1]:
-                opts["padding"] = _SAME  # LCE's exact zero padding: TF's SAME pads as PyTorch does here
-            else:
-                padded = self.fb.tensor((n, h_in + 2 * pads[0], w_in + 2 * pads[1], _words(cin)), _I32)
-                spec = self.fb.const(np.int32([[0, 0], [pads[0], pads[0]], [pads[1], pads[1]], [0, 0]]))
-                self.fb.op(_BUILTIN["PAD"], [x_bits, spec], [padded], _opt("PadOptions"))
-                x_bits = padded
-                correction = self._pad_correction(node, signs, mult, (h_in, w_in), pads, k, s, d)
+        x_bits, correction = self._bconv_padding(node, x_bits, opts, (n, h_in, w_in), pads, k, s, d, signs, mult)
         out_shape = (n, ho, wo, cout)
         y = self.fb.tensor(out_shape)
         self.fb.op("LceBconv2d", [x_bits, self.fb.const(filt), self.fb.const(mult.numpy()),
@@ -702,6 +673,51 @@ class _Converter:
         if end is not node:
             self.float[end] = y
             self._after_bn(end, bn_m, y)
+
+    def _check_binary(self, node: fx.Node, m: nn.Module) -> bool:
+        """True for a binary Linear, False for a conv; IRConvertError for a binary layer LCE cannot run."""
+        linear = isinstance(m, nn.Linear)
+        if not linear and (type(m).__mro__[2] is not nn.Conv2d or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            raise IRConvertError(f"export tflite: {node.target} ({type(m).__mro__[2].__name__}, padding "
+                                 f"{getattr(m, 'padding', None)!r}) is not a binary conv the exporter supports")
+        if not linear and m.groups != 1:
+            raise IRConvertError(f"export tflite: {node.target} is a grouped binary conv ({m.groups} groups); "
+                                 "LCE's groups need 32-channel words per group: not supported")
+        if linear and len(self.values[node].shape) != 2:
+            raise IRConvertError(f"export tflite: {node.target} is a binary Linear on a {self.values[node].dim()}-D "
+                                 "tensor; only [N, features] exports")
+        return linear
+
+    def _bconv_bits(self, node, x_bits, filt, thr, chain, opts, shape) -> None:
+        """LceBconv2d with bitpacked output by integer thresholds, the bits of the chain's last value."""
+        n, ho, wo, cout = shape
+        out = self.fb.tensor((n, ho, wo, _words(cout)), _I32, name=f"{node.name}_bits")
+        # dummy multiplier and bias: LCE's reference kernel crashes on index -1 there (lce-format.md)
+        self.fb.op("LceBconv2d", [x_bits, self.fb.const(filt), self.fb.const(np.ones(cout, np.float32)),
+                                  self.fb.const(np.zeros(cout, np.float32)), self.fb.const(thr.numpy())], [out],
+                   custom=opts)
+        self.bits[(chain[0], _tau_key(chain[2]))] = out
+        self.skip.update(chain[3])
+
+    def _bconv_padding(self, node, x_bits, opts, nhw, pads, k, s, d, signs, mult):
+        """(input bits, correction tensor or None) for PyTorch's zero padding: LCE's SAME zero padding where it
+        matches, else PAD of the bits and the border correction (module docstring); sets opts['padding']."""
+        n, h_in, w_in = nhw
+        cin = signs.shape[1]
+        correction = None
+        if pads != (0, 0):
+            eff = [dd * (kk - 1) + 1 for kk, dd in zip(k, d)]
+            # LCE's optimized kernels correct the padding per side and get an input smaller than the
+            # filter wrong (both sides at once: 0.7 off at 2x2, measured); the reference kernel needs even C_in
+            if _same_matches((h_in, w_in), k, s, d, pads) and cin % 2 == 0 and h_in >= eff[0] and w_in >= eff[1]:
+                opts["padding"] = _SAME  # LCE's exact zero padding: TF's SAME pads as PyTorch does here
+            else:
+                padded = self.fb.tensor((n, h_in + 2 * pads[0], w_in + 2 * pads[1], _words(cin)), _I32)
+                spec = self.fb.const(np.int32([[0, 0], [pads[0], pads[0]], [pads[1], pads[1]], [0, 0]]))
+                self.fb.op(_BUILTIN["PAD"], [x_bits, spec], [padded], _opt("PadOptions"))
+                x_bits = padded
+                correction = self._pad_correction(node, signs, mult, (h_in, w_in), pads, k, s, d)
+        return x_bits, correction
 
     def _w1a32(self, node: fx.Node, m: nn.Module, w: torch.Tensor) -> None:
         """A W1A32 layer: its signs stored as bits, LceDequantize'd to a float +-1 filter in the graph, a float
@@ -864,6 +880,17 @@ class _Converter:
             self.fb.op(_BUILTIN["TRANSPOSE"], [x, self.fb.const(np.int32([0, 3, 1, 2]))], [y], _opt("TransposeOptions"))
             x = y
         self._emit(node, "RESHAPE", [x, self.fb.const(np.int32(dst))])
+
+
+def _binary_params(m: nn.Module, w: torch.Tensor, linear: bool):
+    """(signs [O, C, kh, kw], scale [O], bias [O], kernel, stride, dilation, padding) of frozen binary layer m."""
+    w4 = w.reshape(w.shape[0], -1, 1, 1) if linear else w
+    signs = torch.where(w4 >= 0, 1.0, -1.0)
+    scale = w4.abs().reshape(w4.shape[0], -1)[:, 0]
+    bias = m.bias.detach().float() if m.bias is not None else torch.zeros(w.shape[0])
+    if linear:
+        return signs, scale, bias, (1, 1), (1, 1), (1, 1), (0, 0)
+    return signs, scale, bias, _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation), _pair(m.padding)
 
 
 def _what(conv: _Converter, node: fx.Node) -> str:
