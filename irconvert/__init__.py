@@ -26,6 +26,7 @@ _PUBLIC = {
     "binarize": "swap",
     "load": "verify", "load_packed": "verify",
     "save_latent": "write", "save_packed": "write",
+    "export_tflite": "tflite",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -223,10 +223,13 @@ def summary_cmd(**options):
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="The run's recipe, for a checkpoint.pt written before checkpoints held it.")
 @click.option("--overwrite", is_flag=True, help="Replace model/packed files that differ from what export writes.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "tflite"]), default="safetensors", show_default=True,
+              help="tflite: model.tflite for Larq Compute Engine from a run folder's or the given packed.safetensors.")
 @_script_options
 def export_cmd(**options):
-    """Write model.safetensors and packed.safetensors from a run folder, checkpoint or model.safetensors.
-    Files already there with the same contents are left as they are."""
+    """Write model.safetensors and packed.safetensors from a run folder, checkpoint or model.safetensors
+    (--format tflite: model.tflite for Larq Compute Engine). Files already there with the same contents are
+    left as they are."""
     _do("export", **options)
 
 
@@ -248,10 +251,13 @@ def eval_cmd(**options):
 @click.option("--latent", type=click.Path(dir_okay=False), help="model.safetensors to compare with (default: beside PACKED).")
 @click.option("--tolerance", type=float, default=1e-5, show_default=True,
               help="Largest max |packed - latent| output difference that passes (exit code 1 above it).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="model.tflite: also compare top-1 on this recipe's validation data.")
 @_script_options
 def verify_cmd(**options):
     """Rebuild PACKED (a packed.safetensors or a run folder), check its outputs against the latent model,
-    print summary and sizes."""
+    print summary and sizes. A model.tflite runs in Larq Compute Engine's interpreter (all three kernels)
+    against the packed.safetensors beside it."""
     if _do("verify", **options).get("ok") is False:
         raise SystemExit(1)
 

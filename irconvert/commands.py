@@ -119,8 +119,13 @@ def _summary_model(model: str, weights: Optional[str], in_chans: Optional[int], 
     return create_model(model, weights=weights, adapt=adapt, **kwargs)
 
 
-def export(path: str, out: Optional[str], recipe_path: Optional[str], overwrite: bool) -> dict:
-    """`irconvert export RUN|CHECKPOINT|model.safetensors [--out DIR]`."""
+def export(path: str, out: Optional[str], recipe_path: Optional[str], overwrite: bool, fmt: str = "safetensors") -> dict:
+    """`irconvert export RUN|CHECKPOINT|model.safetensors [--out DIR]`; `--format tflite`: RUN|packed.safetensors."""
+    if fmt == "tflite":
+        from .tflite import export_tflite_file
+
+        export_tflite_file(path, out, overwrite, log=console)
+        return {}
     return export_run(path, out, recipe_path, overwrite=overwrite, log=console)
 
 
@@ -130,9 +135,17 @@ def evaluate(path: str, recipe_path: Optional[str], overrides: tuple[str, ...], 
     return evaluate_file(path, recipe_path, overrides, use_runtime, device, log=console)
 
 
-def verify(packed: str, latent: Optional[str], tolerance: float) -> dict:
+def verify(packed: str, latent: Optional[str], tolerance: float, recipe_path: Optional[str] = None) -> dict:
     """`irconvert verify packed.safetensors|RUN`: rebuild, compare with the latent model, sizes; the result's
-    'ok' is False on a mismatch (the CLI's exit code 1)."""
+    'ok' is False on a mismatch (the CLI's exit code 1). `irconvert verify model.tflite [--recipe R]`: LCE's
+    interpreter against the packed file beside it (exit 1 on a mismatch)."""
+    if packed.endswith(".tflite"):
+        from .lce import verify_tflite_cli
+
+        verify_tflite_cli(packed, recipe_path, log=console)
+        return {}
+    if recipe_path:
+        raise IRConvertError("--recipe: only for a model.tflite (a packed file is compared with its latent model)")
     r = verify_file(packed, latent)
     result = {"packed": r["packed"], "latent": r["latent"], "packed_bytes": r["packed_bytes"],
               "latent_bytes": r["latent_bytes"], "max_abs_diff": r["max_abs_diff"], "tolerance": tolerance,

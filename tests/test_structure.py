@@ -20,6 +20,7 @@ ORDER = [
     "analyze", "plan", "calibrate", "recipe", "data",
     "layer_summary", "swap", "distributed", "distill",
     "train", "pack", "embed", "write", "verify",
+    "tflite", "lce",  # the LCE flatbuffer (reads a packed file through verify) and its check in LCE's interpreter
     "runtime",  # bitwise inference on a verified model (its own modules import one another freely)
     "runfolder", "run", "batch", "commands", "cli",
 ]
