@@ -196,6 +196,12 @@ class RunFolder:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(f"{stage.name}/{key}", value, row["epoch"])
+            for point in row.get("log", ()):  # the log points, by the stage's step
+                for key in ("train_loss", "flip_rate"):
+                    if key in point:
+                        self.writer.add_scalar(f"{stage.name}/step/{key}", point[key], point["step"])
+            for layer, value in row.get("flip_rate_layers", {}).items():
+                self.writer.add_scalar(f"{stage.name}/flip_rate/{layer}", value, row["epoch"])
             self.writer.flush()
 
     def state_label(self) -> str:
