@@ -189,9 +189,10 @@ def estimate_params(spec: str, families: dict) -> int:
 
 
 def sweep(specs: list[tuple[str, list[str]]], jobs: int, timeout: float, mem_gib: float,
-          families: dict, param_budget: float, make_worker=None) -> list[dict]:
+          families: dict, param_budget: float, make_worker=None, on_result=None) -> list[dict]:
     """Run every spec on `jobs` workers, largest first; return the records in the order of `specs`.
-    `make_worker()` returns a Worker (default: this sweep's, `Worker(mem_gib)`).
+    `make_worker()` returns a Worker (default: this sweep's, `Worker(mem_gib)`); `on_result(records so
+    far)` is called after each model (a long sweep keeps what it has if it is stopped).
 
     Models run side by side only while their parameters add up to at most `param_budget` (a model
     takes ~25 bytes per parameter at its peak: weights, gradients, binarized copies, the rebuilt
@@ -230,6 +231,8 @@ def sweep(specs: list[tuple[str, list[str]]], jobs: int, timeout: float, mem_gib
                     running[0] -= params[i]
                     cond.notify_all()
                     done[0] += 1
+                    if on_result is not None:
+                        on_result([r for r in results if r is not None])
                     tail = f"  {rec['stage']}: {rec['reason'][:100]}" if rec["status"] != "ok" else ""
                     print(f"[{done[0]}/{len(specs)}] {rec['status']:<4} {spec} {rec['seconds']:.1f}s{tail}",
                           file=sys.stderr, flush=True)

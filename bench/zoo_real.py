@@ -273,15 +273,18 @@ def main() -> None:
     print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
     t0 = time.perf_counter()
     worker_args = (json.dumps({"steps": args.steps, "set": args.set}),)
-    rows = zoo.sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget,
-                     make_worker=lambda: zoo.Worker(args.mem_gib, "bench.zoo_real", worker_args, blank))
-    done = {(r["source"], r["model"]) for r in rows}
-    kept = [r for r in (old["rows"] if same else []) if (r["source"], r["model"]) not in done]
-    note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s wall"
-            + (f"; {args.note}" if args.note else ""))
-    data = {"config": dict(config, note=note), "rows": kept + rows}
-    write_results(name, data, markdown(data), results=args.out)
 
+    def write(rows: list[dict]) -> None:
+        done = {(r["source"], r["model"]) for r in rows}
+        kept = [r for r in (old["rows"] if same else []) if (r["source"], r["model"]) not in done]
+        note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s wall"
+                + (f"; {args.note}" if args.note else ""))
+        data = {"config": dict(config, note=note), "rows": kept + rows}
+        write_results(name, data, markdown(data), results=args.out, quiet=len(rows) < len(specs))
+
+    rows = zoo.sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget,
+                     make_worker=lambda: zoo.Worker(args.mem_gib, "bench.zoo_real", worker_args, blank), on_result=write)
+    write(rows)
 
 if __name__ == "__main__":
     main()
