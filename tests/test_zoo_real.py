@@ -51,3 +51,16 @@ def test_the_command_runs_a_model_in_a_worker_and_merges_a_rerun(tmp_path, fashi
     other = subprocess.run(cmd[:-2] + ["--set", "train.grad_clip=1", "--out", str(tmp_path)],
                            capture_output=True, text=True, cwd=root)
     assert other.returncode == 2 and "pass --tag NAME" in other.stderr  # other settings: not over this run
+
+
+def test_the_options_summary_compares_each_tagged_run_with_the_baseline_on_its_models(tmp_path):
+    def row(model, gap, flips):
+        return {"model": model, "source": "timm", "status": "ok", "gap": gap, "flip_rate_mean": flips}
+
+    base = {"config": {"list": "fast", "tag": None, "set": []}, "rows": [row("a", 10, 0.01), row("b", 2, 0.02), row("c", 1, 0.0)]}
+    agc = {"config": {"list": "fast", "tag": "agc", "set": ["train.grad_clip_mode=agc"]}, "rows": [row("a", 4, 0.0), row("b", 3, 0.01)]}
+    (tmp_path / "zoo-real-fast.json").write_text(json.dumps(base))
+    (tmp_path / "zoo-real-fast-agc.json").write_text(json.dumps(agc))
+    table = zoo_real.summary(tmp_path)
+    # the baseline on a and b only: median gap 6, one of two within 5 points; the option: 3.5, both
+    assert "| zoo-real-fast-agc | train.grad_clip_mode=agc | 2 | 3.50 | 6.00 | 2 | 1 | 0.50% | 1.50% |" in table
