@@ -278,14 +278,31 @@ def _schedule_ede(stage: Stage, step: int, steps: int, epoch: int) -> None:
     set_ede(stage.model, ede_t(progress, e.t_min, e.t_max))
 
 
-def _log_point(step: int, counts: tuple[int, float], last: tuple[int, float], lr: float, flips) -> dict:
-    """Return a log point: the stage's step, the mean training loss since the last point and, for a
-    binary stage, the share of weight signs flipped since then (flips.py)."""
-    seen, loss_sum = counts[0] - last[0], counts[1] - last[1]
-    row = {"step": step, "train_loss": loss_sum / max(seen, 1), "lr": lr}
-    if flips is not None:
-        row["flip_rate"] = flips.rate()[0]
-    return row
+class LogPoints:
+    """An epoch's ten log points: the mean training loss since the last point, the lr and, for a binary
+    stage, the share of weight signs flipped since then (flips.py)."""
+
+    def __init__(self, steps: int, flips: Optional[FlipMeter]):
+        self.every, self.steps, self.flips = max(1, steps // 10), steps, flips
+        self.rows: list[dict] = []
+        self.last = (0, 0.0)
+
+    def after(self, i: int, step: int, seen: int, loss_sum: float, lr: float) -> None:
+        """Record a point after step `i` of the epoch (`step` of the stage) if it is one: every tenth, and the last."""
+        if (i + 1) % self.every and i + 1 != self.steps:
+            return
+        row = {"step": step, "train_loss": (loss_sum - self.last[1]) / max(seen - self.last[0], 1), "lr": lr}
+        if self.flips is not None:
+            row["flip_rate"] = self.flips.rate()[0]
+        self.rows.append(row)
+        self.last = (seen, loss_sum)
+
+
+def _finite(loss: torch.Tensor, stage: Stage, epoch: int, i: int) -> None:
+    """Raise Diverged if the loss of step `i` is NaN or infinite."""
+    if not torch.isfinite(loss):
+        raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
+                       f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")
 
 
 def _epoch_row(stage: Stage, epoch: int, counts, val: dict, lr: float, t0: float, first_binary, two_stage,
@@ -321,14 +338,13 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     two_stage = [m for _, m in binary_layers(model) if m.binary_mode == "W1A1"] if binary and warm else []
     taps = _attention_taps(stage) if distill else None
     flips = (FlipMeter(model), FlipMeter(model)) if binary else (None, None)  # since the last log point, epoch
-    log_every = max(1, steps // 10)
     for epoch in range(start_epoch, s.epochs):
         _seed_epoch(stage, train_loader, epoch)
         for m in two_stage:  # two-stage schedule: W1A32 for the first w1a32_epochs epochs, then W1A1
             m.binary_mode = "W1A32" if epoch < warm else "W1A1"
         model.train()
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
-        points, last = [], (0, 0.0)
+        points = LogPoints(steps, flips[0])
         main = not dist.is_initialized() or dist.get_rank() == 0
         bar = tqdm(total=steps, desc=f"{stage.name} {epoch + 1}/{s.epochs}", leave=False, disable=None if main else True)
         lines = main and not sys.stderr.isatty()  # no bar in a log file: a line per tenth of the epoch instead
@@ -341,26 +357,21 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, stage.amp):
                 out, loss = _loss(stage, net, x, y, distill, penalized, taps)
-            if not torch.isfinite(loss):
-                raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
-                               f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")
+            _finite(loss, stage, epoch, i)
             _step(model, loss, opt, scaler, s.grad_clip, s.grad_clip_mode)
             if sched is not None:
                 sched.step_update(step + 1)
             seen += len(y)
             correct += int((out.argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
-            if (i + 1) % log_every == 0 or i + 1 == steps:
-                points.append(_log_point(step + 1, (seen, loss_sum), last, opt.param_groups[0]["lr"], flips[0]))
-                last = (seen, loss_sum)
+            points.after(i, step + 1, seen, loss_sum, opt.param_groups[0]["lr"])
             _progress(bar, lines, f"{stage.name} epoch {epoch + 1}/{s.epochs}", i, steps, loss_sum / seen,
                       100 * correct / seen, lr=f"{opt.param_groups[0]['lr']:.2e}",
                       **({"t": f"{first_binary.ede_t:.3g}"} if binary and stage.ede else {}))
         bar.close()
-        if epoch + 1 == s.epochs and s.bn_reestimate:
-            reestimate_bn(model, train_loader, s.bn_reestimate, device)
+        reestimate_bn(model, train_loader, s.bn_reestimate if epoch + 1 == s.epochs else 0, device)
         row = _epoch_row(stage, epoch, sum_all([seen, correct, loss_sum]), evaluate(model, val_loader, device, stage.amp),
-                         opt.param_groups[0]["lr"], t0, first_binary, two_stage, points, flips[1])
+                         opt.param_groups[0]["lr"], t0, first_binary, two_stage, points.rows, flips[1])
         stage.history.append(row)
         if main:
             tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "
