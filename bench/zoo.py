@@ -53,15 +53,17 @@ def worker_main() -> None:
 class Worker:
     """A worker process fed one model at a time; restarted after a crash, a timeout or too much memory."""
 
-    def __init__(self, mem_gib: float):
+    def __init__(self, mem_gib: float, module: str = "bench.zoo", args: tuple[str, ...] = (), blank=_record):
         self.mem_gib = mem_gib
         self.proc = None
+        self.module, self.args = module, tuple(args)  # the worker: `python -m MODULE --worker *ARGS`
+        self.blank = blank  # blank(name, source): the record of a model whose worker died
 
     def _start(self) -> None:
         # the checkout this script is in, not whichever irconvert is installed
         path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.zoo", "--worker"], cwd=str(HERE.parent),
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--worker", *self.args], cwd=str(HERE.parent),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1, env=env)
         self.lines: queue.Queue = queue.Queue()
@@ -122,7 +124,7 @@ class Worker:
                 stage = msg["stage"]
                 continue
             self.stop()
-            return dict(_record(name, source), stage=stage, reason=reason, seconds=round(time.perf_counter() - t0, 2))
+            return dict(self.blank(name, source), stage=stage, reason=reason, seconds=round(time.perf_counter() - t0, 2))
 
 
 def select(which: str, only: str | None, limit: int | None) -> tuple[list[tuple[str, list[str]]], dict]:
@@ -187,8 +189,10 @@ def estimate_params(spec: str, families: dict) -> int:
 
 
 def sweep(specs: list[tuple[str, list[str]]], jobs: int, timeout: float, mem_gib: float,
-          families: dict, param_budget: float) -> list[dict]:
+          families: dict, param_budget: float, make_worker=None, on_result=None) -> list[dict]:
     """Run every spec on `jobs` workers, largest first; return the records in the order of `specs`.
+    `make_worker()` returns a Worker (default: this sweep's, `Worker(mem_gib)`); `on_result(records so
+    far)` is called after each model (a long sweep keeps what it has if it is stopped).
 
     Models run side by side only while their parameters add up to at most `param_budget` (a model
     takes ~25 bytes per parameter at its peak: weights, gradients, binarized copies, the rebuilt
@@ -213,7 +217,7 @@ def sweep(specs: list[tuple[str, list[str]]], jobs: int, timeout: float, mem_gib
             return None
 
     def slot():
-        w = Worker(mem_gib)
+        w = make_worker() if make_worker else Worker(mem_gib)
         try:
             while (i := take()) is not None:
                 spec = specs[i][0]
@@ -227,6 +231,8 @@ def sweep(specs: list[tuple[str, list[str]]], jobs: int, timeout: float, mem_gib
                     running[0] -= params[i]
                     cond.notify_all()
                     done[0] += 1
+                    if on_result is not None:
+                        on_result([r for r in results if r is not None])
                     tail = f"  {rec['stage']}: {rec['reason'][:100]}" if rec["status"] != "ok" else ""
                     print(f"[{done[0]}/{len(specs)}] {rec['status']:<4} {spec} {rec['seconds']:.1f}s{tail}",
                           file=sys.stderr, flush=True)

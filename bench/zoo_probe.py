@@ -179,21 +179,44 @@ FASHION_BATCH = 64
 FASHION_EVAL = 2000
 
 
-def _fashion(split: str, size: tuple[int, ...]):
-    """Yield normalized Fashion-MNIST (images, labels) batches of `split`, shaped for a model of input `size`."""
+class Resized:
+    """The batches of a Fashion-MNIST loader with the gray images repeated to C channels and resized
+    (bilinear) to H x W; `generator`, `sampler` and len() are the wrapped loader's (train.fit reseeds them)."""
+
+    def __init__(self, loader, size: tuple[int, ...]):
+        self.loader, self.size = loader, tuple(size)
+        self.generator, self.sampler = loader.generator, loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        import torch.nn.functional as F
+
+        for x, y in self.loader:
+            yield F.interpolate(x.repeat(1, self.size[0], 1, 1), size=self.size[1:], mode="bilinear",
+                                align_corners=False), y
+
+
+def fashion_loaders(size: tuple[int, ...], val_subset: int | None = None) -> tuple[Resized, Resized]:
+    """Return (train, test) loaders of normalized Fashion-MNIST for a model of input `size`: batch
+    FASHION_BATCH, no augmentation, a fixed shuffle; `val_subset`: a fixed random subset of the test images."""
     import torch
-    import torch.nn.functional as F
 
     from irconvert.data import build_data
     from irconvert.recipe import load_recipe
     from bench.accuracy import RECIPE
 
     cfg = load_recipe(RECIPE, ["data.hflip=0.0", "data.crop_padding=0", f"data.batch_size={FASHION_BATCH}",
-                               "data.workers=0"]).data
+                               "data.workers=0", *([f"data.val_subset={val_subset}"] if val_subset else [])]).data
     train, val = build_data(cfg).loaders(cfg, torch.Generator().manual_seed(0))
-    for x, y in (train if split == "train" else val):
-        x = F.interpolate(x.repeat(1, size[0], 1, 1), size=size[1:], mode="bilinear", align_corners=False)
-        yield x, y
+    return Resized(train, size), Resized(val, size)
+
+
+def _fashion(split: str, size: tuple[int, ...]):
+    """Yield normalized Fashion-MNIST (images, labels) batches of `split`, shaped for a model of input `size`."""
+    train, val = fashion_loaders(size)
+    yield from (train if split == "train" else val)
 
 
 def fashion_batches(size: tuple[int, ...], n: int) -> list:

@@ -90,10 +90,18 @@ class Schedule(_Section):
     min_lr: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
+    # norm: the global gradient norm is at most grad_clip; agc: adaptive clipping (Brock et al. 2021),
+    # each unit's (output channel's) ||g|| at most grad_clip * max(||w||, 1e-3), 0.01-0.02 for BNNs;
+    # value: every gradient entry within +-grad_clip (timm's dispatch_clip_grad)
+    grad_clip_mode: Literal["norm", "agc", "value"] = "norm"
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)  # quick runs and tests
     # the latent weights of binary layers: their sign is what counts, and decay pulls them towards 0,
     # where the sign flips on every step; None: the same weight_decay as the other weights
     latent_weight_decay: Optional[float] = Field(None, ge=0)
+    # std: each binary layer's lr is lr * spread(w) / median spread over the binary layers, spread = the
+    # mean per-output-channel std of its latent weight. Libra-PB standardizes w, so an Adam step of lr
+    # moves w_hat by lr / spread: scaled so, w_hat (and its signs) moves at one rate in every layer
+    latent_lr: Literal["same", "std"] = "same"
     # after the last epoch: BatchNorm running statistics recomputed over this many training batches
     # (plain average, train-mode forward, no gradient); 0: keep the running averages of training
     bn_reestimate: int = Field(0, ge=0)

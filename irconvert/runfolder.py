@@ -217,6 +217,12 @@ class RunFolder:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(f"{stage.name}/{key}", value, row["epoch"])
+            for point in row.get("log", ()):  # the log points, by the stage's step
+                for key in ("train_loss", "flip_rate"):
+                    if key in point:
+                        self.writer.add_scalar(f"{stage.name}/step/{key}", point[key], point["step"])
+            for layer, value in row.get("flip_rate_layers", {}).items():
+                self.writer.add_scalar(f"{stage.name}/flip_rate/{layer}", value, row["epoch"])
             self.writer.flush()
 
     def state_label(self) -> str:
@@ -254,8 +260,9 @@ class RunFolder:
                                **run_place(world or distributed.World(), device))
         write_text(self.out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False))
         if r.output.plot:
-            title = f"{r.model.name}: {r.binarize.method} {r.binarize.mode} on {r.data.dataset}"
-            plot_curves(self.out / "curves.png", self.stages, title, acc["fp"]["top1"], r.train.distill.enabled)
+            title = f"{r.model.name}: {method_label(r.binarize)} {r.binarize.mode} on {r.data.dataset}"
+            plot_curves(self.out / "curves.png", self.stages, title, acc["fp"]["top1"], r.train.distill.enabled,
+                        r.train.distill.alpha)
         self.write_metrics()
         if self.writer is not None:
             self.writer.close()
@@ -342,41 +349,79 @@ def reload_diff(student: nn.Module, out: Path, x: torch.Tensor) -> float:
                max_abs_diff(student, load(out / "model.safetensors"), x))
 
 
+def method_label(policy) -> str:
+    """Return the method as trained, e.g. 'irnet + RSign + RPReLU' (the policy's method and its levers)."""
+    parts = [policy.method]
+    if policy.rsign:
+        parts.append("RSign")
+    if policy.activation == "rprelu":
+        parts.append("RPReLU")
+    shortcut = getattr(policy, "shortcut", False)
+    if shortcut:
+        parts.append({True: "Bi-Real shortcut", "gated": "gated shortcut"}.get(shortcut, f"shortcut {shortcut}"))
+    return " + ".join(parts)
+
+
+def _loss_label(kd: bool, alpha: Optional[float]) -> str:
+    """Return what the binary stage's training loss is: CE, KD (alpha 1) or KD + CE."""
+    if not kd or alpha == 0:
+        return "CE"
+    return "KD" if alpha == 1 else "KD + CE"
+
+
+def _steps(st: Stage, offset: float) -> tuple[list[float], list[dict]]:
+    """Return (x in epochs across the stages, rows) of a stage's log points, or of its epoch rows where
+    its history has none (a run from before the log points)."""
+    rows = [r for r in st.history if r.get("log")]
+    if not rows:
+        return [offset + r["epoch"] for r in st.history], list(st.history)
+    per_epoch = rows[0]["log"][-1]["step"] / rows[0]["epoch"]  # an epoch's last point is at epoch * steps
+    points = [p for r in rows for p in r["log"]]
+    return [offset + p["step"] / per_epoch for p in points], points
+
+
 def plot_curves(path: Path, stages: list[Stage], title: str = "", fp_top1: Optional[float] = None,
-                kd: bool = False) -> None:
+                kd: bool = False, alpha: Optional[float] = None) -> None:
     """Write the curves of a run to a PNG: cross-entropies, the binary stage's training loss on its own
-    axes (with KD it is not a cross-entropy), validation top-1 with the FP model's as a reference line;
-    epochs are counted across the stages (the teacher's first), in integers."""
+    axes (with KD it is not a cross-entropy), validation top-1 with the FP model's as a reference line,
+    and the binary weights' sign-flip rate. Training losses are drawn per log point (ten an epoch),
+    validation per epoch; the x axis counts epochs across the stages (the teacher's first)."""
     import matplotlib  # only runs that plot pay for it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ce, train, acc) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (ce, train, acc, flips) = plt.subplots(1, 4, figsize=(16, 3.8))
     offset = 0
     for st in stages:
         if not st.history:
             continue
         ep = [offset + r["epoch"] for r in st.history]
+        xs, points = _steps(st, offset)
         style = dict(marker="o", ms=4)
         if st.name != "binary" or not kd:
-            ce.plot(ep, [r["train_loss"] for r in st.history], label=f"{st.name} train", **style)
+            ce.plot(xs, [p["train_loss"] for p in points], label=f"{st.name} train")
         ce.plot(ep, [r["val_loss"] for r in st.history], ls="--", label=f"{st.name} validation", **style)
         if st.name == "binary":
-            train.plot(ep, [r["train_loss"] for r in st.history], color="C3", **style)
+            train.plot(xs, [p["train_loss"] for p in points], color="C3")
+            rates = [(x, 100 * p["flip_rate"]) for x, p in zip(xs, points) if p.get("flip_rate") is not None]
+            if rates:
+                flips.plot(*zip(*rates), color="C4", ms=3, marker=".")
         acc.plot(ep, [r["val_top1"] for r in st.history], label=f"{st.name} validation", **style)
         offset = ep[-1]
         if st.name != "binary":  # where the binary stage starts
-            for ax in (ce, acc):
-                ax.axvline(offset + 0.5, color="0.7", lw=0.8)
+            for ax in (ce, acc, flips):
+                ax.axvline(offset, color="0.7", lw=0.8)
     if fp_top1 is not None:
         acc.axhline(fp_top1, color="0.4", ls=":", label=f"FP model {fp_top1:.2f}%")
     ce.set(xlabel="epoch", ylabel="cross-entropy", title="cross-entropy")
-    train.set(xlabel="epoch", ylabel="loss", title="binary training loss" + (" (KD + CE)" if kd else " (CE)"))
+    train.set(xlabel="epoch", ylabel="loss", title=f"binary training loss ({_loss_label(kd, alpha)})")
     acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
-    for ax in (ce, train, acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    flips.set(xlabel="epoch", ylabel="signs flipped (%)", title="binary weight sign flips per log point")
+    for ax in (ce, train, acc, flips):
+        ax.set_xlim(0, max(offset, 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     for ax in (ce, acc):
         ax.legend(fontsize=8)

@@ -3,15 +3,19 @@
 The binary stage distills from the teacher (KL at temperature T, weighted with the label loss, and
 optionally attention transfer between matching stages, `distill.py`) and moves EDE's t from t_min
 to t_max over its steps. Optimizer and LR schedule come from timm's factories; the latent weights of
-binary layers may get their own weight decay. A two-stage schedule (`w1a32_epochs`) trains the W1A1
-layers with real activations first. After the last epoch BatchNorm statistics may be
-re-estimated on training batches (`reestimate_bn`), before the final evaluation. Every epoch starts from a seed derived from (seed, stage, epoch), so a run resumed from
-an epoch's checkpoint continues exactly as one that was never stopped.
+binary layers may get their own weight decay and a learning rate scaled to their spread
+(`latent_lr`), and gradients may be clipped by global norm or adaptively (AGC, timm's). Ten log
+points per epoch record the training loss and, for the binary stage, the sign-flip rate (`flips.py`).
+A two-stage schedule (`w1a32_epochs`) trains the W1A1 layers with real activations first. After the
+last epoch BatchNorm statistics may be re-estimated on training batches (`reestimate_bn`), before the
+final evaluation. Every epoch starts from a seed derived from (seed, stage, epoch), so a run resumed
+from an epoch's checkpoint continues exactly as one that was never stopped.
 """
 
 from __future__ import annotations
 
 import difflib
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .distill import FeatureTap, attention_loss, default_layers
 from .distributed import sum_all
+from .flips import FlipMeter
 from .methods.ede import ede_t
 from .errors import IRConvertError
 from .recipe import DistillSection, EDESection, Schedule
@@ -65,17 +70,36 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
                     reduction="batchmean", log_target=True) * (t * t)
 
 
-def param_groups(model: nn.Module, weight_decay: float, latent_weight_decay: float) -> list[dict]:
-    """Return optimizer groups: `latent_weight_decay` on binary layers' latent weights, none on biases and
-    1-d tensors (norms, scales; timm's rule), `weight_decay` on the other weights."""
-    latent = {id(m._parameters["weight"]) for _, m in binary_layers(model) if m._parameters.get("weight") is not None}
+def latent_spread(layer: nn.Module) -> float:
+    """Return the mean per-output-channel standard deviation of a binary layer's latent weight."""
+    w = layer.latent_weight.detach().float().flatten(1)
+    return float(w.std(1, unbiased=False).mean()) if w.shape[1] > 1 else float(w.std(unbiased=False))
+
+
+def param_groups(model: nn.Module, weight_decay: float, latent_weight_decay: Optional[float], lr: float,
+                 latent_lr: str = "same") -> list[dict]:
+    """Return optimizer groups: `latent_weight_decay` (None: `weight_decay`) on binary layers' latent
+    weights, none on biases and 1-d tensors (norms, scales; timm's rule), `weight_decay` on the other
+    weights. latent_lr 'std': one group per binary layer, its lr scaled by `latent_spread` over the median."""
+    layers = [m for _, m in binary_layers(model) if m._parameters.get("weight") is not None]
+    latent = {id(m._parameters["weight"]) for m in layers}
     groups: dict[str, list] = {"decay": [], "none": [], "latent": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
             key = "latent" if id(p) in latent else "none" if p.ndim <= 1 or name.endswith(".bias") else "decay"
             groups[key].append(p)
-    decay = {"decay": weight_decay, "none": 0.0, "latent": latent_weight_decay}
-    return [{"params": ps, "weight_decay": decay[k]} for k, ps in groups.items() if ps]
+    lwd = weight_decay if latent_weight_decay is None else latent_weight_decay
+    decay = {"decay": weight_decay, "none": 0.0, "latent": lwd}
+    out = [{"params": ps, "weight_decay": decay[k]} for k, ps in groups.items() if ps and k != "latent"]
+    trained = [m for m in layers if m._parameters["weight"].requires_grad]
+    if latent_lr == "std" and trained:
+        spread = {id(m): latent_spread(m) for m in trained}
+        ref = statistics.median(spread.values())
+        out += [{"params": [m._parameters["weight"]], "weight_decay": lwd, "lr": lr * spread[id(m)] / max(ref, 1e-12)}
+                for m in trained]
+    elif groups["latent"]:
+        out.append({"params": groups["latent"], "weight_decay": lwd})
+    return out
 
 
 def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int, where: str = "train"):
@@ -84,7 +108,9 @@ def make_optimizer(model: nn.Module, s: Schedule, steps_per_epoch: int, where: s
     from timm.scheduler import create_scheduler_v2
 
     kw = {"momentum": s.momentum} if s.optimizer.lower() in ("sgd", "momentum", "nesterov") else {}
-    params = model if s.latent_weight_decay is None else param_groups(model, s.weight_decay, s.latent_weight_decay)
+    latent_lr = getattr(s, "latent_lr", "same")
+    grouped = s.latent_weight_decay is not None or latent_lr != "same"
+    params = param_groups(model, s.weight_decay, s.latent_weight_decay, s.lr, latent_lr) if grouped else model
     try:
         opt = create_optimizer_v2(params, opt=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, **kw)
     except (ValueError, AssertionError, TypeError, ImportError) as exc:
@@ -202,8 +228,9 @@ def _loss(stage: Stage, net: nn.Module, x: torch.Tensor, y: torch.Tensor, distil
     return out, loss
 
 
-def _step(model: nn.Module, loss: torch.Tensor, opt, scaler, grad_clip: Optional[float]) -> None:
-    """Backward, clip and one optimizer step (through the fp16 gradient scaler when there is one)."""
+def _step(model: nn.Module, loss: torch.Tensor, opt, scaler, grad_clip: Optional[float], clip_mode: str = "norm") -> None:
+    """Backward, clip (timm's dispatch_clip_grad: global norm, AGC or value) and one optimizer step
+    (through the fp16 gradient scaler when there is one)."""
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -211,7 +238,9 @@ def _step(model: nn.Module, loss: torch.Tensor, opt, scaler, grad_clip: Optional
     else:
         loss.backward()
     if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        from timm.utils import dispatch_clip_grad
+
+        dispatch_clip_grad([p for p in model.parameters() if p.grad is not None], grad_clip, mode=clip_mode)
     scaler.step(opt) if scaler is not None else opt.step()
     if scaler is not None:
         scaler.update()
@@ -249,14 +278,47 @@ def _schedule_ede(stage: Stage, step: int, steps: int, epoch: int) -> None:
     set_ede(stage.model, ede_t(progress, e.t_min, e.t_max))
 
 
-def _epoch_row(stage: Stage, epoch: int, counts, val: dict, lr: float, t0: float, first_binary, two_stage) -> dict:
-    """Return the metrics row of a finished epoch; counts = (samples, correct, summed loss) over all processes."""
+class LogPoints:
+    """An epoch's ten log points: the mean training loss since the last point, the lr and, for a binary
+    stage, the share of weight signs flipped since then (flips.py)."""
+
+    def __init__(self, steps: int, flips: Optional[FlipMeter]):
+        self.every, self.steps, self.flips = max(1, steps // 10), steps, flips
+        self.rows: list[dict] = []
+        self.last = (0, 0.0)
+
+    def after(self, i: int, step: int, seen: int, loss_sum: float, lr: float) -> None:
+        """Record a point after step `i` of the epoch (`step` of the stage) if it is one: every tenth, and the last."""
+        if (i + 1) % self.every and i + 1 != self.steps:
+            return
+        row = {"step": step, "train_loss": (loss_sum - self.last[1]) / max(seen - self.last[0], 1), "lr": lr}
+        if self.flips is not None:
+            row["flip_rate"] = self.flips.rate()[0]
+        self.rows.append(row)
+        self.last = (seen, loss_sum)
+
+
+def _finite(loss: torch.Tensor, stage: Stage, epoch: int, i: int) -> None:
+    """Raise Diverged if the loss of step `i` is NaN or infinite."""
+    if not torch.isfinite(loss):
+        raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
+                       f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")
+
+
+def _epoch_row(stage: Stage, epoch: int, counts, val: dict, lr: float, t0: float, first_binary, two_stage,
+               points: list[dict], flips) -> dict:
+    """Return the metrics row of a finished epoch; counts = (samples, correct, summed loss) over all
+    processes; `points`: the epoch's log points; `flips`: the meter of sign flips since the last epoch."""
     seen, correct, loss_sum = counts
+    if flips is not None:
+        rate, per_layer = flips.rate()
+        flipped = {"flip_rate": rate, "flip_rate_layers": per_layer}
     return {"stage": stage.name, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
             "train_top1": 100.0 * correct / max(seen, 1), **{f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
             "lr": lr, "seconds": round(time.time() - t0, 2),
             **({"ede_t": first_binary.ede_t} if first_binary is not None and stage.ede is not None else {}),
-            **({"mode": two_stage[0].binary_mode} if two_stage else {})}
+            **({"mode": two_stage[0].binary_mode} if two_stage else {}),
+            **(flipped if flips is not None else {}), "log": points}
 
 
 def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoch: int = 0,
@@ -275,12 +337,14 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
     warm = getattr(s, "w1a32_epochs", 0)
     two_stage = [m for _, m in binary_layers(model) if m.binary_mode == "W1A1"] if binary and warm else []
     taps = _attention_taps(stage) if distill else None
+    flips = (FlipMeter(model), FlipMeter(model)) if binary else (None, None)  # since the last log point, epoch
     for epoch in range(start_epoch, s.epochs):
         _seed_epoch(stage, train_loader, epoch)
         for m in two_stage:  # two-stage schedule: W1A32 for the first w1a32_epochs epochs, then W1A1
             m.binary_mode = "W1A32" if epoch < warm else "W1A1"
         model.train()
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+        points = LogPoints(steps, flips[0])
         main = not dist.is_initialized() or dist.get_rank() == 0
         bar = tqdm(total=steps, desc=f"{stage.name} {epoch + 1}/{s.epochs}", leave=False, disable=None if main else True)
         lines = main and not sys.stderr.isatty()  # no bar in a log file: a line per tenth of the epoch instead
@@ -293,23 +357,21 @@ def fit(stage: Stage, train_loader, val_loader, device: torch.device, start_epoc
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, stage.amp):
                 out, loss = _loss(stage, net, x, y, distill, penalized, taps)
-            if not torch.isfinite(loss):
-                raise Diverged(f"train: loss became {float(loss)} in stage {stage.name}, epoch {epoch + 1}, "
-                               f"step {i + 1}; the last good checkpoint is kept; lower the lr or set grad_clip")
-            _step(model, loss, opt, scaler, s.grad_clip)
+            _finite(loss, stage, epoch, i)
+            _step(model, loss, opt, scaler, s.grad_clip, s.grad_clip_mode)
             if sched is not None:
                 sched.step_update(step + 1)
             seen += len(y)
             correct += int((out.argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
+            points.after(i, step + 1, seen, loss_sum, opt.param_groups[0]["lr"])
             _progress(bar, lines, f"{stage.name} epoch {epoch + 1}/{s.epochs}", i, steps, loss_sum / seen,
                       100 * correct / seen, lr=f"{opt.param_groups[0]['lr']:.2e}",
                       **({"t": f"{first_binary.ede_t:.3g}"} if binary and stage.ede else {}))
         bar.close()
-        if epoch + 1 == s.epochs and s.bn_reestimate:
-            reestimate_bn(model, train_loader, s.bn_reestimate, device)
+        reestimate_bn(model, train_loader, s.bn_reestimate if epoch + 1 == s.epochs else 0, device)
         row = _epoch_row(stage, epoch, sum_all([seen, correct, loss_sum]), evaluate(model, val_loader, device, stage.amp),
-                         opt.param_groups[0]["lr"], t0, first_binary, two_stage)
+                         opt.param_groups[0]["lr"], t0, first_binary, two_stage, points.rows, flips[1])
         stage.history.append(row)
         if main:
             tqdm.write(f"{stage.name} epoch {epoch + 1}/{s.epochs}: loss {row['train_loss']:.4f}  "

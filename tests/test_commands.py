@@ -308,7 +308,7 @@ def test_curves_have_a_title_integer_epochs_own_axes_for_kd_and_the_fp_line(tmp_
     plot_curves(tmp_path / "c.png", stages, "resnet18: irnet W1A1", fp_top1=91.5, kd=True)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     fig = figs[0]
-    ce, train, acc = fig.axes
+    ce, train, acc, _ = fig.axes
     assert fig._suptitle.get_text() == "resnet18: irnet W1A1"
     assert [ln.get_label() for ln in ce.lines if not ln.get_label().startswith("_")] == [
         "teacher train", "teacher validation", "binary validation"]  # the KD loss is not a cross-entropy
@@ -317,6 +317,39 @@ def test_curves_have_a_title_integer_epochs_own_axes_for_kd_and_the_fp_line(tmp_
     for ax in (ce, train, acc):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_curves_plot_log_points_the_flip_rate_the_loss_as_trained_and_integer_ticks_for_one_epoch(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from irconvert.plan import Policy
+    from irconvert.runfolder import method_label, plot_curves
+    from irconvert.train import Stage
+
+    def row(stage_steps, flips):
+        log = [{"step": s, "train_loss": 1.0 / s, **({"flip_rate": 0.01 * s} if flips else {})} for s in stage_steps]
+        return {"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "val_top1": 70.0, "log": log}
+
+    stages = [Stage("teacher", None, None, 0, history=[row(range(1, 5), False)]),
+              Stage("binary", None, None, 0, history=[row(range(1, 5), True)])]
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    plot_curves(tmp_path / "c.png", stages, "t", kd=True, alpha=1.0)
+    ce, train, acc, flips = figs[0].axes
+    assert list(train.lines[0].get_xdata()) == [1.25, 1.5, 1.75, 2.0]  # four log points of the second epoch
+    assert list(ce.lines[0].get_xdata()) == [0.25, 0.5, 0.75, 1.0]  # the teacher's, per log point too
+    assert list(flips.lines[-1].get_ydata()) == pytest.approx([1, 2, 3, 4])  # in percent (lines[0]: the stage line)
+    assert train.get_title() == "binary training loss (KD)"  # alpha 1: no label term
+    for ax in (ce, train, acc, flips):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [0, 1, 2], ticks
+    plot_curves(tmp_path / "c.png", stages[1:], "t", kd=True, alpha=0.9)
+    _, train, *_ = figs[1].axes
+    assert train.get_title() == "binary training loss (KD + CE)"
+    ticks = [t for t in train.get_xticks() if train.get_xlim()[0] <= t <= train.get_xlim()[1]]
+    assert ticks == [0, 1]  # one epoch: 0 and 1, no fractional or outlying ticks
+    assert method_label(Policy(rsign=True, activation="rprelu")) == "irnet + RSign + RPReLU"
+    assert method_label(Policy()) == "irnet"
 
 
 @pytest.mark.slow

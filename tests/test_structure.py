@@ -18,7 +18,7 @@ ORDER = [
     "layers", "shortcut", "attention",
     "origin", "models",  # load
     "analyze", "plan", "calibrate", "recipe", "data",
-    "layer_summary", "swap", "distributed", "distill",
+    "layer_summary", "swap", "distributed", "distill", "flips",
     "train", "pack", "embed", "write", "verify",
     "tflite", "lce",  # the LCE flatbuffer (reads a packed file through verify) and its check in LCE's interpreter
     "runtime",  # bitwise inference on a verified model (its own modules import one another freely)

@@ -137,3 +137,120 @@ def test_two_stage_schedule_trains_w1a32_first_then_w1a1():
     assert [r["mode"] for r in stage.history] == ["W1A32", "W1A1", "W1A1"] and layer.binary_mode == "W1A1"
     with pytest.raises(ValueError, match="w1a32_epochs \\(3\\) must be below epochs \\(3\\)"):
         TrainSection(epochs=3, w1a32_epochs=3)
+
+
+def _two_binary_layers() -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    return irconvert.binarize(net, calibrate=False)
+
+
+def test_flip_rate_is_one_for_a_negated_layer_and_zero_for_an_unchanged_one():
+    from irconvert.flips import FlipMeter
+
+    torch.manual_seed(0)
+    model = _two_binary_layers()
+    layers = dict(irconvert.binary_layers(model))
+    assert set(layers) == {"3", "6"}
+    meter = FlipMeter(model)
+    assert meter.rate() == (0.0, {"3": 0.0, "6": 0.0})
+    with torch.no_grad():
+        layers["3"].latent_weight.neg_()
+    overall, per_layer = meter.rate()
+    assert per_layer == {"3": 1.0, "6": 0.0} and overall == 0.5  # both layers hold 8*8*9 weights
+    assert meter.rate() == (0.0, {"3": 0.0, "6": 0.0})  # counted since the last look
+    with torch.no_grad():  # a quarter of one layer's output channels negated: a quarter of its signs
+        layers["6"].latent_weight[:2].neg_()
+    assert meter.rate()[1]["6"] == 0.25
+
+
+def test_fit_logs_the_flip_rate_at_ten_points_an_epoch_and_per_layer_each_epoch():
+    torch.manual_seed(0)
+    teacher = small_net().eval()
+    student = irconvert.binarize(teacher, calibrate=False)
+    loader = DataLoader(_loader(80).dataset, batch_size=8, shuffle=True, generator=torch.Generator())
+    stage = fit(Stage("binary", student, Schedule(epochs=1, lr=0.05), 0), loader, _loader(8), torch.device("cpu"))
+    row = stage.history[0]
+    assert [p["step"] for p in row["log"]] == list(range(1, 11))  # 10 steps: a point after each
+    assert all(0 <= p["flip_rate"] <= 1 for p in row["log"]) and any(p["flip_rate"] > 0 for p in row["log"])
+    assert set(row["flip_rate_layers"]) == {"3.0"} and row["flip_rate"] == row["flip_rate_layers"]["3.0"]
+    assert row["flip_rate"] > 0  # lr 0.05 flips signs of 8*8*9 weights within 10 Adam steps
+    teacher_row = fit(Stage("teacher", small_net(), Schedule(epochs=1), 0), loader, _loader(8),
+                      torch.device("cpu")).history[0]
+    assert "flip_rate" not in teacher_row and "flip_rate" not in teacher_row["log"][0]
+
+
+def _gradients(model, scale=1e3):
+    from irconvert.train import _step
+
+    return lambda clip, mode: _step(model, model(torch.randn(4, 1, 8, 8)).pow(2).sum() * scale,
+                                    torch.optim.SGD(model.parameters(), lr=0.0), None, clip, mode)
+
+
+def test_grad_clip_norm_bounds_the_global_gradient_norm():
+    torch.manual_seed(0)
+    model = _two_binary_layers()
+    step = _gradients(model)
+    norm = lambda: float(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None)))
+    step(None, "norm")
+    assert norm() > 1.0  # unclipped, this loss's gradient is large
+    step(1.0, "norm")
+    assert norm() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_agc_bounds_each_units_gradient_by_its_weight_norm():
+    torch.manual_seed(0)
+    model = _two_binary_layers()
+    step = _gradients(model)
+    unit = lambda t: t.flatten(1).norm(dim=1) if t.ndim > 1 else t.norm()
+    step(None, "agc")
+    w = model[3].latent_weight.detach()
+    assert (unit(model[3].latent_weight.grad) > 0.01 * unit(w)).all()  # every unit over the bound unclipped
+    step(0.01, "agc")
+    ratio = unit(model[3].latent_weight.grad) / unit(w).clamp(min=1e-3)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 0.01))
+
+
+def test_latent_lr_std_scales_each_binary_layers_lr_by_its_spread():
+    from irconvert.train import latent_spread
+
+    torch.manual_seed(0)
+    model = _two_binary_layers()
+    with torch.no_grad():
+        model[6].latent_weight.copy_(4.0 * model[3].latent_weight)
+    spread = {n: latent_spread(m) for n, m in irconvert.binary_layers(model)}
+    assert spread["6"] == pytest.approx(4 * spread["3"])
+    opt, sched = make_optimizer(model, Schedule(lr=0.01, latent_lr="std", epochs=2), 5)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    a, b = lr[id(model[3].latent_weight)], lr[id(model[6].latent_weight)]
+    assert b / a == pytest.approx(4.0) and (a + b) / 2 == pytest.approx(0.01)  # the median of two is their mean
+    assert lr[id(model[0].weight)] == 0.01  # full-precision weights keep the recipe's lr
+    sched.step_update(5)  # the cosine schedule scales every group alike: the ratio holds
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr[id(model[6].latent_weight)] / lr[id(model[3].latent_weight)] == pytest.approx(4.0)
+    # an Adam step of each layer's lr moves w_hat = w / spread alike in both layers
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: m.latent_weight.detach().clone() for n, m in irconvert.binary_layers(model)}
+    opt.step()
+    moved = {n: float((m.latent_weight.detach() - before[n]).abs().mean()) / spread[n]
+             for n, m in irconvert.binary_layers(model)}
+    assert moved["3"] == pytest.approx(moved["6"], rel=1e-3)
+
+
+def test_kd_with_alpha_one_is_the_distribution_loss_alone():
+    from irconvert.train import _loss, kd_loss
+
+    torch.manual_seed(0)
+    teacher = small_net().eval()
+    student = irconvert.binarize(teacher, calibrate=False)
+    stage = Stage("binary", student, Schedule(), 0, teacher=teacher, distill=DistillSection(alpha=1.0, temperature=1.0))
+    x = torch.randn(4, 1, 8, 8)
+    out, loss = _loss(stage, student, x, torch.tensor([0, 1, 2, 0]), True, False)
+    _, other = _loss(stage, student, x, torch.tensor([2, 2, 1, 1]), True, False)
+    assert float(loss) == pytest.approx(float(other))  # no label term
+    assert float(loss) == pytest.approx(float(kd_loss(out, teacher(x), 1.0)))
+    stage.distill = DistillSection(alpha=0.9, temperature=1.0)
+    assert float(_loss(stage, student, x, torch.tensor([0, 1, 2, 0]), True, False)[1]) != pytest.approx(float(loss))

@@ -1,0 +1,290 @@
+"""The zoo on real data: does a trained model of each family convert to a binary one that keeps its accuracy?
+
+    python -m bench.zoo_real --list fast                       # the 40 deployment models, 2 workers
+    python -m bench.zoo_real --only resnet18,mobilenetv2_100   # some of them (merged into the list's table)
+    python -m bench.zoo_real --list fast --only 'efficientnet*' --set train.grad_clip=0.01 \\
+        --set train.grad_clip_mode=agc --tag agc               # a training option, in its own table
+    python -m bench.zoo_real --summary                         # the options table over every tagged run
+
+Per model, in a worker process of bench/zoo.py's pool (per-model timeout, memory cap, restart after a crash):
+
+  1. create it as the zoo sweep does (seed 0, 10 classes, random init; the classifier drawn from
+     N(0, 0.01) where it is one Linear or 1x1 conv, torchvision's head init, `zoo_check.small_head`),
+     at the smallest input size it runs on from 32x32 up (Fashion-MNIST's gray repeated to its channels);
+  2. train it (the FP model) for STEPS AdamW steps, lr 1e-3, batch 64 (train.fit, a teacher stage);
+  3. convert it with the default policy (`binarize` section: Policy's defaults, and any --set
+     binarize.X), calibrated on a training batch;
+  4. fine-tune the binary model for the same STEPS with the default recipe's train section
+     (recipes/fashion-mnist.yaml: AdamW lr 0.003, EDE, distillation from the FP model, alpha 1, T 1),
+     and any --set train.X; train.epochs E splits the steps into E epochs (w1a32_epochs needs E >= 2);
+  5. report FP and binary top-1 on 2,000 test images, the gap, the sign-flip rate (share of binary
+     weight signs flipped per log point, a tenth of the steps: its mean and its last value) and seconds.
+
+Writes bench/results/zoo-real-LIST[-TAG].json (the config: policy, train section, steps; and a row per
+model) and .md through bench.common.write_results. A run with the same config merges its rows into the
+file (a model rerun replaces its row); another config needs its own --tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, write_results
+
+STEPS = 300
+EVAL = 2000
+WITHIN = 5.0  # the issue's goal: binary within 5 points of its FP twin
+SIDES = (32,)  # tried before zoo_check.input_size's 64, 96, ...
+FP_LR = 1e-3
+
+
+def blank(name: str, source: str) -> dict:
+    """The record of one model before (or without) a result."""
+    return {"model": name, "source": source, "status": "fail", "stage": "create", "reason": "", "input_size": None,
+            "small_head": None, "binary_layers": None, "fp_top1": None, "binary_top1": None, "gap": None,
+            "flip_rate_mean": None, "flip_rate_last": None, "flip_rates": None, "binary_loss": None,
+            "fp_seconds": None, "binary_seconds": None, "seconds": None}
+
+
+def real_input_size(model) -> tuple[int, ...]:
+    """Return (C, H, W): 32x32 (then zoo_check.input_size's sizes) if the model runs on it in training mode."""
+    import torch
+
+    from bench.zoo_check import BATCH, input_size
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c = tuple(cfg.get("input_size", (3, 224, 224)))[0]
+    for side in SIDES:
+        try:
+            with torch.no_grad():
+                model.train()(torch.randn(BATCH, c, side, side))
+            return (c, side, side)
+        except Exception:
+            continue
+    return input_size(model)
+
+
+def train_recipe(overrides: list[str], steps: int):
+    """Return the recipe zoo_real trains with: recipes/fashion-mnist.yaml with Policy's default binarize
+    section, `steps` binary steps over train.epochs epochs, then `overrides` (--set) applied."""
+    from bench.accuracy import RECIPE
+    from irconvert.recipe import apply_overrides, load_recipe, validate
+
+    raw = load_recipe(RECIPE).model_dump(mode="json")
+    raw["binarize"] = {}  # the default policy, not the ResNet recipe's own
+    raw = apply_overrides(raw, ["train.epochs=1", *overrides])
+    epochs = raw["train"]["epochs"]
+    raw = apply_overrides(raw, [f"train.max_steps_per_epoch={max(1, steps // epochs)}"])
+    return validate(raw, "zoo_real --set")
+
+
+def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=lambda stage: None) -> dict:
+    """Train, convert and fine-tune model `spec` on Fashion-MNIST; return its record."""
+    import warnings
+
+    import torch
+
+    import irconvert
+    from bench.zoo_check import small_head, sweep_model
+    from bench.zoo_probe import fashion_loaders
+    from irconvert.models import split_name
+    from irconvert.recipe import Schedule
+    from irconvert.train import Stage, fit
+
+    source, name = split_name(spec)
+    rec = blank(name, source)
+    t0 = time.perf_counter()
+    stage = "create"
+    cpu = torch.device("cpu")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report(stage)
+            recipe = train_recipe(list(overrides), steps)
+            model = sweep_model(spec)
+            size = real_input_size(model)
+            rec["input_size"] = list(size)
+            model = sweep_model(spec)  # a fresh one: the size probe ran BatchNorms in training mode
+            rec["small_head"] = small_head(model)
+            train, test = fashion_loaders(size, val_subset=EVAL)
+
+            stage = "fp-train"
+            report(stage)
+            fp = Stage("teacher", model, Schedule(epochs=1, lr=FP_LR, scheduler="none", max_steps_per_epoch=steps), 0)
+            row = fit(fp, train, test, cpu).history[-1]
+            rec["fp_top1"], rec["fp_seconds"] = round(row["val_top1"], 2), round(time.perf_counter() - t0, 1)
+
+            stage = "convert"
+            report(stage)
+            model.eval()
+            x = next(iter(train))[0]
+            student = irconvert.binarize(model, recipe.binarize, calibrate=x)
+            rec["binary_layers"] = len(student.irconvert_plan.binary) if hasattr(student, "irconvert_plan") else None
+
+            stage = "binary-train"
+            report(stage)
+            t1 = time.perf_counter()
+            r = recipe.train
+            binary = Stage("binary", student, r, r.seed, teacher=model, distill=r.distill, ede=r.ede)
+            rows = fit(binary, train, test, cpu).history
+            points = [p for row in rows for p in row["log"]]
+            rates = [p["flip_rate"] for p in points if "flip_rate" in p]
+            rec["binary_top1"] = round(rows[-1]["val_top1"], 2)
+            rec["gap"] = round(rec["fp_top1"] - rec["binary_top1"], 2)
+            rec["flip_rates"] = [round(v, 5) for v in rates]
+            rec["flip_rate_mean"] = round(statistics.fmean(rates), 5) if rates else None
+            rec["flip_rate_last"] = round(rates[-1], 5) if rates else None
+            rec["binary_loss"] = [round(p["train_loss"], 4) for p in points]
+            rec["binary_seconds"] = round(time.perf_counter() - t1, 1)
+        rec.update(status="ok", stage="", reason="")
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or ""
+        rec.update(stage=stage, reason=f"{type(exc).__name__}: {text}"[:300])
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def worker_main(config: dict) -> None:
+    """Read model specs from stdin, write stage and result lines (JSON) to the original stdout (bench.zoo's protocol)."""
+    import torch
+
+    torch.set_num_threads(1)
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # models that print must not corrupt the protocol
+    for line in sys.stdin:
+        spec = line.strip()
+        if spec:
+            rec = real_model(spec, config["steps"], config["set"],
+                             lambda stage: proto.write(json.dumps({"stage": stage}) + "\n"))
+            proto.write(json.dumps({"result": rec}) + "\n")
+
+
+# ---------------------------------------------------------------- tables
+
+
+def within(rows: list[dict]) -> int:
+    return sum(r["gap"] is not None and r["gap"] <= WITHIN for r in rows)
+
+
+def median_gap(rows: list[dict]):
+    gaps = [r["gap"] for r in rows if r["gap"] is not None]
+    return round(statistics.median(gaps), 2) if gaps else None
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown(data: dict) -> str:
+    """Return the Markdown of one zoo_real result: the config, the summary, a row per model."""
+    c, rows = data["config"], data["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    pol = {k: v for k, v in c["policy"].items() if k in ("mode", "method", "shortcut", "keep_first", "keep_last",
+                                                          "keep_depthwise", "features")}
+    lines = [f"# zoo_real: {c['list']}{' (' + c['tag'] + ')' if c.get('tag') else ''}", "",
+             f"Fashion-MNIST, per model: the FP model trained from random init for {c['steps']} AdamW steps "
+             f"(lr {FP_LR:g}, batch 64, at the smallest input size from 32x32 it runs on), converted with the "
+             f"policy {json.dumps(pol)} (the whole policy in the JSON), calibrated on a training batch, then "
+             f"fine-tuned for {c['steps']} steps with the default recipe's train section"
+             f"{' and ' + ', '.join(c['set']) if c['set'] else ''} (distillation from the FP model, EDE). "
+             f"Top-1 on {EVAL} test images. flips: share of binary weight signs flipped per log point "
+             f"(a tenth of the binary steps), mean over the run / last. {c['note']}", "",
+             f"**{within(ok)} of {len(rows)} within {WITHIN:g} points** of their FP twin; median gap "
+             f"{_num(median_gap(ok), '.2f')} points; {len(rows) - len(ok)} failed to run.", "",
+             "| model | source | input | FP top-1 | binary top-1 | gap | flips mean / last | s | note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["source"], r["model"])):
+        size = "x".join(map(str, r["input_size"][1:])) if r["input_size"] else "-"
+        note = "" if r["status"] == "ok" else f"{r['stage']}: {r['reason'][:120]}".replace("|", "/")
+        flips = f"{_num(r['flip_rate_mean'], '.2%')} / {_num(r['flip_rate_last'], '.2%')}" if r["flip_rate_mean"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['source']} | {size} | {_num(r['fp_top1'], '.1f')} | "
+                     f"{_num(r['binary_top1'], '.1f')} | {_num(r['gap'], '.1f')} | {flips} | {_num(r['seconds'], '.0f')} | {note} |")
+    return "\n".join(lines)
+
+
+def summary(results: Path = RESULTS) -> str:
+    """Return the options table: each zoo-real result file against the untagged run on the same models."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("zoo-real-*.json")) if p.stem != "zoo-real-options"}
+    lines = ["# zoo_real: training options", "",
+             "Each option against the untagged run (today's defaults) on the same models: median gap "
+             f"(FP - binary top-1, points), models within {WITHIN:g} points, mean flip rate per log point.", "",
+             "| run | option (--set) | models | median gap | baseline median gap | within 5 | baseline within 5 | mean flips | baseline flips |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for stem, d in runs.items():
+        c = d["config"]
+        base = runs.get(f"zoo-real-{c['list']}")
+        rows = [r for r in d["rows"] if r["status"] == "ok"]
+        names = {r["model"] for r in rows}
+        brows = [r for r in (base["rows"] if base else []) if r["model"] in names and r["status"] == "ok"]
+        flips = lambda rs: _num(statistics.fmean([r["flip_rate_mean"] for r in rs]) if rs else None, ".2%")
+        lines.append(f"| {stem} | {' '.join(c['set']) or '(defaults)'} | {len(rows)} | {_num(median_gap(rows), '.2f')} | "
+                     f"{_num(median_gap(brows), '.2f')} | {within(rows)} | {within(brows)} | {flips(rows)} | {flips(brows)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--list", default="fast", choices=("fast", "timm", "torchvision"))
+    ap.add_argument("--only", help="globs on model names, comma-separated, e.g. 'resnet18,mobilenetv2_100'")
+    ap.add_argument("--limit", type=int, help="only the first N models of the list")
+    ap.add_argument("--steps", type=int, default=STEPS, help="FP and binary training steps (batch 64)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override, e.g. train.grad_clip=0.01 or binarize.shortcut=true")
+    ap.add_argument("--tag", help="write zoo-real-LIST-TAG.* (a run with other settings than the defaults)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on a 2-core machine)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per model (per 100M parameters above that)")
+    ap.add_argument("--mem-gib", type=float, default=18, help="a worker over this resident memory is killed (0: no cap)")
+    ap.add_argument("--param-budget", type=float, default=450e6,
+                    help="models run side by side only while their parameters add up to at most this")
+    ap.add_argument("--note", default="", help="a sentence for the table, e.g. what else ran on the machine")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--summary", action="store_true", help="write zoo-real-options.md from the result files")
+    ap.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main(json.loads(args.worker))
+    if args.summary:
+        text = summary(args.out)
+        write_results("zoo-real-options", {"table": text}, text, results=args.out)
+        return
+    from bench import zoo
+
+    try:
+        recipe = train_recipe(args.set, args.steps)
+    except Exception as exc:  # an IRConvertError naming the bad --set
+        ap.error(str(exc))
+    specs, families = zoo.select(args.list, args.only, args.limit)
+    if not specs:
+        ap.error(f"--only {args.only!r} matches no model of the {args.list} list")
+    name = f"zoo-real-{args.list}" + (f"-{args.tag}" if args.tag else "")
+    config = {"list": args.list, "tag": args.tag, "steps": args.steps, "set": args.set,
+              "policy": recipe.binarize.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")}
+    path = args.out / f"{name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else None
+    same = old is not None and {k: v for k, v in old["config"].items() if k != "note"} == config
+    if old is not None and not same:
+        ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
+    print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
+    t0 = time.perf_counter()
+    worker_args = (json.dumps({"steps": args.steps, "set": args.set}),)
+
+    def write(rows: list[dict]) -> None:
+        done = {(r["source"], r["model"]) for r in rows}
+        kept = [r for r in (old["rows"] if same else []) if (r["source"], r["model"]) not in done]
+        note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s wall"
+                + (f"; {args.note}" if args.note else ""))
+        data = {"config": dict(config, note=note), "rows": kept + rows}
+        write_results(name, data, markdown(data), results=args.out, quiet=len(rows) < len(specs))
+
+    rows = zoo.sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget,
+                     make_worker=lambda: zoo.Worker(args.mem_gib, "bench.zoo_real", worker_args, blank), on_result=write)
+    write(rows)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""bench.zoo_real: the zoo on real Fashion-MNIST, on timm's tiny test_resnet with a budget of a few steps."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import zoo_real
+
+
+def test_a_tiny_model_trains_converts_fine_tunes_and_reports_gap_and_flip_rate(fashion_root):
+    rec = zoo_real.real_model("test_resnet", steps=3, overrides=["train.grad_clip=1.0"])
+    assert rec["status"] == "ok", rec["reason"]
+    assert rec["input_size"] == [3, 32, 32]  # the smallest side tried first
+    assert 0 <= rec["fp_top1"] <= 100 and 0 <= rec["binary_top1"] <= 100
+    assert rec["gap"] == pytest.approx(rec["fp_top1"] - rec["binary_top1"], abs=0.011)
+    assert len(rec["flip_rates"]) == 3 and rec["flip_rate_last"] == rec["flip_rates"][-1]  # a point per step
+    assert rec["binary_layers"] > 0 and rec["seconds"] >= rec["binary_seconds"] > 0
+    table = zoo_real.markdown({"config": {"list": "fast", "tag": None, "steps": 3, "set": [], "note": "",
+                                          "policy": {"mode": "W1A1"}}, "rows": [rec]})
+    assert f"| test_resnet | timm | 32x32 | {rec['fp_top1']:.1f} | {rec['binary_top1']:.1f} |" in table
+    assert ("**1 of 1 within 5 points**" if rec["gap"] <= 5 else "**0 of 1 within 5 points**") in table
+
+
+def test_the_recipe_is_the_default_policy_and_the_step_budget_over_its_epochs():
+    r = zoo_real.train_recipe(["train.epochs=2", "train.w1a32_epochs=1"], 300)
+    assert r.train.max_steps_per_epoch == 150 and r.train.w1a32_epochs == 1
+    assert r.binarize.model_dump() == type(r.binarize)().model_dump()  # Policy's defaults, not the ResNet recipe's
+    assert r.train.distill.alpha == 1.0 and r.train.lr == 0.003  # recipes/fashion-mnist.yaml's train section
+
+
+def test_a_bad_set_is_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "bench.zoo_real", "--set", "train.no_such=1"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.no_such" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_command_runs_a_model_in_a_worker_and_merges_a_rerun(tmp_path, fashion_root):
+    cmd = [sys.executable, "-m", "bench.zoo_real", "--only", "test_resnet", "--list", "timm", "--steps", "2",
+           "--jobs", "1", "--out", str(tmp_path)]
+    root = Path(__file__).parents[1]
+    assert subprocess.run(cmd, capture_output=True, text=True, cwd=root).returncode == 0
+    data = json.loads((tmp_path / "zoo-real-timm.json").read_text())
+    assert [r["model"] for r in data["rows"]] == ["test_resnet"] and data["rows"][0]["status"] == "ok"
+    assert data["config"]["policy"]["mode"] == "W1A1" and data["config"]["steps"] == 2  # the policy is recorded
+    assert "| test_resnet | timm |" in (tmp_path / "zoo-real-timm.md").read_text()
+    other = subprocess.run(cmd[:-2] + ["--set", "train.grad_clip=1", "--out", str(tmp_path)],
+                           capture_output=True, text=True, cwd=root)
+    assert other.returncode == 2 and "pass --tag NAME" in other.stderr  # other settings: not over this run
+
+
+def test_the_options_summary_compares_each_tagged_run_with_the_baseline_on_its_models(tmp_path):
+    def row(model, gap, flips):
+        return {"model": model, "source": "timm", "status": "ok", "gap": gap, "flip_rate_mean": flips}
+
+    base = {"config": {"list": "fast", "tag": None, "set": []}, "rows": [row("a", 10, 0.01), row("b", 2, 0.02), row("c", 1, 0.0)]}
+    agc = {"config": {"list": "fast", "tag": "agc", "set": ["train.grad_clip_mode=agc"]}, "rows": [row("a", 4, 0.0), row("b", 3, 0.01)]}
+    (tmp_path / "zoo-real-fast.json").write_text(json.dumps(base))
+    (tmp_path / "zoo-real-fast-agc.json").write_text(json.dumps(agc))
+    table = zoo_real.summary(tmp_path)
+    # the baseline on a and b only: median gap 6, one of two within 5 points; the option: 3.5, both
+    assert "| zoo-real-fast-agc | train.grad_clip_mode=agc | 2 | 3.50 | 6.00 | 2 | 1 | 0.50% | 1.50% |" in table
