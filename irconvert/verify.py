@@ -60,11 +60,11 @@ def _skeleton(meta: dict[str, str], path, model: Optional[nn.Module]) -> nn.Modu
             try:
                 model.get_submodule(n)
             except AttributeError:
-                raise IRConvertError(f"{path}: its layer {n} is not in this architecture") from None
+                raise _Misfit(f"{path}: its layer {n} is not in this architecture") from None
         return swap(model, Plan(policy=policy, layers=layers, hardtanh=hardtanh, warnings=(), shortcuts=shortcuts,
                                 rprelu=rprelu))
     except AttributeError as exc:
-        raise IRConvertError(f"{path}: its layers do not fit this architecture ({exc})") from None
+        raise _Misfit(f"{path}: its layers do not fit this architecture ({exc})") from None
 
 
 def _policy(meta: dict[str, str], path) -> Policy:
@@ -98,6 +98,10 @@ def _architecture(meta: dict[str, str], path, origin: Optional[dict]) -> nn.Modu
                          "architecture: load_packed(path, model=MyNet()), or save with save_packed(..., embed=True)")
 
 
+class _Misfit(IRConvertError):
+    """The architecture does not fit the file (a layer, a shape): with model= given, the skeleton is wrong."""
+
+
 def _expected(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     """Return what architecture a file expects, in words: its origin, else a few of its layers."""
     try:
@@ -122,7 +126,7 @@ def _fitting(path, meta: dict[str, str], tensors: dict[str, torch.Tensor], model
         return
     try:
         yield
-    except (IRConvertError, AttributeError, RuntimeError, KeyError) as exc:
+    except (_Misfit, AttributeError, RuntimeError, KeyError) as exc:
         detail = state_dict_problem(str(exc)) if isinstance(exc, RuntimeError) else str(exc).removeprefix(f"{path}: ")
         raise IRConvertError(f"{path}: model= is not the architecture this file was made from ({detail}); the file "
                              f"expects {_expected(meta, tensors)}") from None
@@ -184,7 +188,7 @@ def _packed_model(tensors: dict[str, torch.Tensor], meta: dict[str, str], path, 
         except (KeyError, RuntimeError) as exc:
             raise IRConvertError(f"{path}: packed weight of layer {name} is missing or malformed ({exc})") from None
         if w.shape != m.latent_weight.shape:
-            raise IRConvertError(f"{path}: layer {name} has shape {tuple(w.shape)}, model expects "
+            raise _Misfit(f"{path}: layer {name} has shape {tuple(w.shape)}, model expects "
                                  f"{tuple(m.latent_weight.shape)}")
         channels = input_channels(m)
         if threshold is not None and (m.binary_mode != "W1A1" or threshold.shape != (channels,)):
@@ -204,7 +208,7 @@ def _load_strict(net: nn.Module, tensors: dict[str, torch.Tensor], path) -> None
     tensors._metadata = getattr(net.state_dict(), "_metadata", None)
     result = net.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise IRConvertError(f"{path}: tensors do not fit the model (missing: {result.missing_keys[:3]}, "
+        raise _Misfit(f"{path}: tensors do not fit the model (missing: {result.missing_keys[:3]}, "
                              f"unexpected: {result.unexpected_keys[:3]}); export it again")
 
 

@@ -550,7 +550,7 @@ def test_dry_run_of_a_recipe_prints_the_resolved_recipe_and_the_plan(tmp_path, c
     kept = {r["layer"]: r["reason"] for r in plan["layers"] if r["mode"] == "keep"}
     assert kept == {"conv1": "first layer", "fc": "last layer",
                     **{f"layer{i}.0.downsample.0": "pattern *.downsample.0" for i in range(1, 5)}}
-    assert "train:\n  epochs: 7" not in err and "[1/4]" not in err  # the recipe is the result, not progress
+    assert "[1/4]" not in err  # a dry run loads, plans, and stops
 
 
 def test_verify_and_bench_runtime_take_a_run_folder(run_dir, capsys, python_kernels):
