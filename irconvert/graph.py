@@ -12,7 +12,6 @@ import inspect
 from torch import fx, nn
 
 from .ops import SUPPORTED
-from .shortcut import ShortcutMixin
 
 
 class CalledTracer(fx.Tracer):
@@ -25,8 +24,9 @@ class CalledTracer(fx.Tracer):
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # a Bi-Real shortcut's BatchNorm reads its conv's kept input, which a traced conv never stores: one node
-        return isinstance(m, ShortcutMixin) or super().is_leaf_module(m, qualname)
+        # a Bi-Real shortcut's BatchNorm (shortcut.add_shortcut gives it `bireal_conv`) reads its conv's kept
+        # input, which a traced conv never stores: one node. Read by attribute: graph sits below the layers.
+        return "bireal_conv" in vars(m) or super().is_leaf_module(m, qualname)
 
 
 class _Tracer(CalledTracer):

@@ -291,6 +291,7 @@ SHORTCUT_ADDED = "shortcut: no real-valued path around it"
 SHORTCUT_EVERY = "shortcut: every W1A1 conv (shortcut: true)"
 SHORTCUT_AROUND = "none: a real-valued path goes around it (a residual sum)"
 SHORTCUT_NO_NORM = "none: no BatchNorm right after it, or not a 2-D conv"
+SHORTCUT_NO_GRAPH = "none: the model did not trace, so auto cannot see a path around it"
 
 
 def auto_shortcuts(analysis: Analysis, policy: Policy, layers: dict[str, LayerPlan],
@@ -304,7 +305,7 @@ def auto_shortcuts(analysis: Analysis, policy: Policy, layers: dict[str, LayerPl
     graph order and each shortcut placed counts as a real-valued path for the ones visited after it,
     so a block whose every branch is binary (ResNet's downsample block with a binary 1x1 downsample)
     gets one shortcut, on its last conv (the downsample), which then spans the block's other convs.
-    A model that does not trace has no BatchNorm found after its convs, so no candidates.
+    A model that does not trace has no graph to read paths from: "auto" adds no shortcut there.
     """
     if policy.shortcut is False:
         return (), {}
@@ -315,6 +316,8 @@ def auto_shortcuts(analysis: Analysis, policy: Policy, layers: dict[str, LayerPl
     candidates = [n for n in w1a1 if n not in reasons]
     if policy.shortcut in (True, "gated"):
         reasons.update({n: SHORTCUT_EVERY for n in candidates})
+    elif analysis.flow is None:
+        reasons.update({n: SHORTCUT_NO_GRAPH for n in candidates})
     else:
         barriers = {n for n, lp in layers.items() if lp.mode == "W1A1"}
         flow = analysis.flow
