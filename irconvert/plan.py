@@ -258,14 +258,16 @@ def plan(analysis: Analysis, policy: Policy, modules: dict[str, "torch.nn.Module
                 shortcuts=shortcuts, shortcut_reasons=reasons)
 
 
-def method_label(policy: Policy) -> str:
-    """Return the binarization as trained, in words: 'irnet + RSign + RPReLU + Bi-Real shortcut (gated)'."""
+def method_label(policy: Policy, plan: Optional["Plan"] = None) -> str:
+    """Return the binarization as trained, in words: 'irnet + RSign + RPReLU + Bi-Real shortcut (gated)'.
+    The auto forms name the shortcut only where `plan` placed one (on a ResNet "auto" adds none)."""
     parts = [policy.method]
     if policy.rsign:
         parts.append("RSign")
     if policy.activation == "rprelu":
         parts.append("RPReLU")
-    if policy.shortcut:
+    auto = isinstance(policy.shortcut, str) and policy.shortcut.startswith("auto")
+    if policy.shortcut and (not auto or (plan is not None and plan.shortcuts)):
         form = {"gated": " (gated)", "auto": " (auto)", "auto-gated": " (auto, gated)"}.get(policy.shortcut, "")
         parts.append("Bi-Real shortcut" + form)
     return " + ".join(parts)

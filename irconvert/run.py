@@ -70,7 +70,7 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     # -- binarize: analyze -> plan -> swap
     with clock("binarize"), logged_warnings(log):
         student = binarize(fp, recipe.binarize, calibrate=calibration_batch(data))
-    log(f"[2/4] binarized with {method_label(recipe.binarize)}: {plan_counts(student.irconvert_plan)}")
+    log(f"[2/4] binarized with {method_label(recipe.binarize, student.irconvert_plan)}: {plan_counts(student.irconvert_plan)}")
     # -- binary fine-tune with distillation and EDE's schedule
     with clock("train"):
         train_binary(student, fp, folder, loaders, dev, log)
@@ -225,7 +225,7 @@ def convert_only(model: Union[str, nn.Module], out: Union[str, os.PathLike], pol
     diff = reload_diff(student, out, torch.randn((2,) + size_in, generator=torch.Generator().manual_seed(0)))
     name = name or (model if isinstance(model, str) else type(model).__name__)
     report = report_fields(name, student.irconvert_plan.policy, summary(student, size_in), diff,
-                           {"total": time.time() - t0}, files)
+                           {"total": time.time() - t0}, files, plan=student.irconvert_plan)
     write_text(out / "report.json", json.dumps(report, indent=2))
     result_log(log)(f"{report['model']}: {report['binary_layers']} binary / {report['kept_layers']} kept layers, packed "
         f"{report['file_bytes']['packed'] / 2**20:.2f} MiB vs {report['file_bytes']['model'] / 2**20:.2f} MiB, "
@@ -267,11 +267,11 @@ def dry_run(model: Optional[str], recipe: Union[Recipe, str, os.PathLike, None] 
     say(f"{'layer':<{width}}  {'type':<16} {'mode':<6} why")
     for r in layers:
         say(f"{r['layer']:<{width}}  {r['type'][:16]:<16} {r['mode']:<6} {r['reason']}")
-    say(f"{method_label(policy)}: {plan_counts(p)}; {len(p.hardtanh)} activations before W1A1 layers become "
+    say(f"{method_label(policy, p)}: {plan_counts(p)}; {len(p.hardtanh)} activations before W1A1 layers become "
         f"{'RPReLU' if p.rprelu else 'Hardtanh'}" + (f"; {len(p.shortcuts)} Bi-Real shortcuts" if p.shortcuts else ""))
     say(f"dry run: nothing written (a run would write to {folder}); input {tuple(size)}, calibrated on random input")
     return {"recipe": recipe.model_dump(mode="json") if recipe is not None else None, "out": str(folder),
-            "input_size": list(size), "method_as_trained": method_label(policy), "layers": layers,
+            "input_size": list(size), "method_as_trained": method_label(policy, p), "layers": layers,
             "activations": list(p.hardtanh), "shortcuts": [list(s) for s in p.shortcuts]}
 
 

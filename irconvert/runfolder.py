@@ -256,11 +256,12 @@ class RunFolder:
         r = self.recipe
         size = summary(student, self.input_size)
         report = report_fields(r.model.name, r.binarize, size, verified, seconds, self.files,
-                               source=r.model.source, recipe_hash=r.digest(), **acc,
+                               plan=getattr(student, "irconvert_plan", None), source=r.model.source, recipe_hash=r.digest(), **acc,
                                **run_place(world or distributed.World(), device))
         write_text(self.out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False))
         if r.output.plot:
-            title = f"{r.model.name}: {method_label(r.binarize)} {r.binarize.mode} on {r.data.dataset}"
+            title = (f"{r.model.name}: {method_label(r.binarize, getattr(student, 'irconvert_plan', None))} "
+                     f"{r.binarize.mode} on {r.data.dataset}")
             plot_curves(self.out / "curves.png", self.stages, title, acc["fp"]["top1"], r.train.distill.enabled,
                         r.train.distill.alpha)
         self.write_metrics()
@@ -308,7 +309,7 @@ def remove_partial_files(out: Path) -> None:
 
 
 def report_fields(model: str, policy, size: Summary, diff: Optional[float], seconds: dict, files: dict,
-                  **extra) -> dict:
+                  plan=None, **extra) -> dict:
     """Return the fields every report.json has (a run's and a --convert-only check's), `extra` after the model."""
     return {
         "irconvert_version": __version__,
@@ -316,7 +317,7 @@ def report_fields(model: str, policy, size: Summary, diff: Optional[float], seco
         **extra,
         "mode": policy.mode,
         "method": policy.method,
-        "method_as_trained": method_label(policy),
+        "method_as_trained": method_label(policy, plan),
         "packed_max_abs_diff": diff,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "size": {k: v for k, v in size.to_dict().items() if k != "rows"},
@@ -347,19 +348,6 @@ def reload_diff(student: nn.Module, out: Path, x: torch.Tensor) -> float:
     """Return the larger max |diff| of the packed and the latent file's reload against `student` on `x`."""
     return max(max_abs_diff(student, load_packed(out / "packed.safetensors"), x),
                max_abs_diff(student, load(out / "model.safetensors"), x))
-
-
-def method_label(policy) -> str:
-    """Return the method as trained, e.g. 'irnet + RSign + RPReLU' (the policy's method and its levers)."""
-    parts = [policy.method]
-    if policy.rsign:
-        parts.append("RSign")
-    if policy.activation == "rprelu":
-        parts.append("RPReLU")
-    shortcut = getattr(policy, "shortcut", False)
-    if shortcut:
-        parts.append({True: "Bi-Real shortcut", "gated": "gated shortcut"}.get(shortcut, f"shortcut {shortcut}"))
-    return " + ".join(parts)
 
 
 def _loss_label(kd: bool, alpha: Optional[float]) -> str:

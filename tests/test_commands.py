@@ -323,7 +323,8 @@ def test_curves_plot_log_points_the_flip_rate_the_loss_as_trained_and_integer_ti
     import matplotlib.pyplot as plt
 
     from irconvert.plan import Policy
-    from irconvert.runfolder import method_label, plot_curves
+    from irconvert.plan import method_label
+    from irconvert.runfolder import plot_curves
     from irconvert.train import Stage
 
     def row(stage_steps, flips):
@@ -349,7 +350,8 @@ def test_curves_plot_log_points_the_flip_rate_the_loss_as_trained_and_integer_ti
     ticks = [t for t in train.get_xticks() if train.get_xlim()[0] <= t <= train.get_xlim()[1]]
     assert ticks == [0, 1]  # one epoch: 0 and 1, no fractional or outlying ticks
     assert method_label(Policy(rsign=True, activation="rprelu")) == "irnet + RSign + RPReLU"
-    assert method_label(Policy()) == "irnet"
+    assert method_label(Policy()) == "irnet"  # auto, with no plan that placed a shortcut
+    assert method_label(Policy(shortcut="gated")) == "irnet + Bi-Real shortcut (gated)"
 
 
 @pytest.mark.slow
