@@ -55,7 +55,8 @@ def check_entries(models: list[dict], models_file: Optional[str], recipe_path: O
         except IRConvertError as exc:
             if not m["set"]:  # the command line's own values: one message for every model
                 raise
-            raise IRConvertError(f"{models_file}: entry {m['entry']} ({m['name']}): {exc}") from None
+            # args[0] keeps the message's flag markers, so the command line still says --set, not overrides=
+            raise IRConvertError(f"{models_file}: entry {m['entry']} ({m['name']}): {exc.args[0]}") from None
 
 
 def model_dir(out: Path, name: str) -> Path:
