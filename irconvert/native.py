@@ -9,6 +9,7 @@ on stderr before it starts. The bitwise runtime (runtime/kernels.py) and the fus
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -21,7 +22,7 @@ import sysconfig
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -63,6 +64,22 @@ def _up_to_date(build_dir: Path, name: str) -> bool:
     return dry.returncode == 0 and "no work to do" in dry.stdout
 
 
+@contextlib.contextmanager
+def _building(build_dir: Path) -> Iterator[None]:
+    """Hold this build folder's own lock (an OS file lock, released when the process dies) and clear a torch
+    build lock that a killed build left behind: torch's loader waits forever while its `lock` file exists,
+    and while we hold ours no other irconvert process is building here, so such a file is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        yield
+        return
+    with open(build_dir / ".irconvert.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
+
+
 def _cache_dir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "irconvert"
     return Path(os.environ.get("IRCONVERT_CACHE") or default)
@@ -94,8 +111,9 @@ def build(march: str, source: str = "bitwise.cpp") -> tuple[Optional[ModuleType]
             tmp = build_dir / f".{name}.{os.getpid()}.cpp"
             tmp.write_bytes(code)
             os.replace(tmp, copy)
-        ext = load(name=name, sources=[str(copy)], build_directory=str(build_dir), with_cuda=False,
-                   extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        with _building(build_dir):
+            ext = load(name=name, sources=[str(copy)], build_directory=str(build_dir), with_cuda=False,
+                       extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"])
         return ext, ""
     except Exception as exc:  # no compiler, no ninja, a failed compile: all mean "use the fallback"
         first = str(exc).strip().splitlines()

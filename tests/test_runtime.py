@@ -8,6 +8,7 @@ the bias, so it may differ from that by a few ulp, bounded here by 1e-6 * (|b| +
 """
 
 import math
+from pathlib import Path
 import shutil
 import subprocess
 
@@ -271,6 +272,32 @@ def test_every_build_is_announced_not_only_the_first(tmp_path, monkeypatch, caps
         native.build.cache_clear()
     err = capsys.readouterr().err
     assert ("rebuilding the bitwise kernel" in err) == stale, err
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path, monkeypatch):
+    # torch's loader waits while its build folder's `lock` file exists; a build killed mid-way (Ctrl-C,
+    # a timeout) left one, and every later process hung there for good
+    import torch.utils.cpp_extension as cpp
+    from importlib import resources
+
+    from irconvert import native
+
+    monkeypatch.setenv("IRCONVERT_CACHE", str(tmp_path))
+    code = (resources.files("irconvert") / "csrc" / "bitwise.cpp").read_bytes()
+    folder = tmp_path / f"irconvert_bitwise_{native.build_key(code, 'nocpu')}"
+    folder.mkdir()
+    (folder / "lock").write_text("")  # what the killed build left
+
+    def load(**kwargs):
+        assert not (Path(kwargs["build_directory"]) / "lock").exists()  # torch's own wait would never end
+        return "built"
+
+    monkeypatch.setattr(cpp, "load", load)
+    native.build.cache_clear()
+    try:
+        assert native.build("nocpu") == ("built", "")
+    finally:
+        native.build.cache_clear()
 
 
 def test_functional_rejects_mismatched_words():
