@@ -450,6 +450,12 @@ def concrete(line: str, run: Path, tmp: Path) -> list[list]:
         "irconvert verify packed.safetensors": [["verify", packed]],
         "irconvert eval RUN_DIR": [["eval", run], ["eval", packed, "--recipe", run / "recipe.yaml", "--runtime"]],
         "irconvert bench-runtime packed.safetensors": [["bench-runtime", packed, "--batch", "1", "--repeat", "1"]],
+        "irconvert MODEL --recipe R --dry-run": [["resnet18", "--recipe", QUICKSTART, "--out", tmp / "never",
+                                                  "--dry-run", *sets(TINY)]],
+        "irconvert export RUN_DIR --format tflite": [["export", run, "--format", "tflite"]],  # beside packed
+        "irconvert verify model.tflite": [["verify", run / "model.tflite"]],
+        "irconvert list-models": [["list-models", "resnet1*"]],
+        "irconvert list-recipes": [["list-recipes"]],
     }
     keys = [k for k in table if line.startswith(k)]
     assert keys, f"README command without a test: {line}"
@@ -460,7 +466,7 @@ def concrete(line: str, run: Path, tmp: Path) -> list[list]:
 def test_every_readme_command_runs_on_the_first_commands_outputs(run_dir, tmp_path, capsys, python_kernels):
     (tmp_path / "list.yaml").write_text("- name: resnet10t\n  set: []\n")
     lines = readme_commands()
-    assert len(lines) == 9
+    assert len(lines) == 14
     for line in lines:
         for args in concrete(line, run_dir, tmp_path):
             code, out, err = cli(capsys, *args)
