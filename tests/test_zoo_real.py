@@ -10,6 +10,7 @@ import pytest
 from bench import zoo_real
 
 
+@pytest.mark.slow  # about 20 s: two training stages and an evaluation
 def test_a_tiny_model_trains_converts_fine_tunes_and_reports_gap_and_flip_rate(fashion_root):
     rec = zoo_real.real_model("test_resnet", steps=3, overrides=["train.grad_clip=1.0"])
     assert rec["status"] == "ok", rec["reason"]
