@@ -41,20 +41,22 @@ def read_model_list(path: os.PathLike | str) -> list[dict]:
 def check_entries(models: list[dict], models_file: Optional[str], recipe_path: Optional[str],
                   overrides: tuple[str, ...] = ()) -> None:
     """Refuse, before the first model's process starts and so before anything is written, an entry
-    whose --set values its process would refuse: the recipe's fields with a recipe, else the
-    policy's (--convert-only without a recipe takes binarize.* only)."""
+    whose model name or --set values its process would refuse: the recipe's fields with a recipe, else
+    the policy's (--convert-only without a recipe takes binarize.* only)."""
+    from .models import check_name
     from .run import recipe_for
 
     for m in models:
         sets = (*overrides, *m["set"])
         try:
+            check_name(m["name"])
             if recipe_path:
                 recipe_for(m["name"], recipe_path, sets)
             elif sets:
                 policy_from_sets(list(sets))
         except IRConvertError as exc:
-            if not m["set"]:  # the command line's own values: one message for every model
-                raise
+            if "entry" not in m or (not m["set"] and "model.name" not in exc.args[0]):
+                raise  # a name or --set of the command line itself: its own message says it
             # args[0] keeps the message's flag markers, so the command line still says --set, not overrides=
             raise IRConvertError(f"{models_file}: entry {m['entry']} ({m['name']}): {exc.args[0]}") from None
 

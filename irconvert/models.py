@@ -41,6 +41,23 @@ def split_name(name: str, source: str | None = None) -> tuple[str, str]:
     return source or "timm", name
 
 
+def check_name(name: str, source: str | None = None) -> None:
+    """Refuse a model name that neither library knows, with the close names (a torchvision name given
+    without its prefix, or the other way round, named as such); builds nothing."""
+    import timm
+    import torchvision
+
+    source, name = split_name(name, source)
+    tv = torchvision.models.list_models(module=torchvision.models)
+    if source == "timm" and not timm.is_model(name):
+        hint = (f"; did you mean torchvision:{name}?" if name in tv else
+                _suggest(name, timm.list_models()) or _suggest(name, tv).replace("mean ", "mean torchvision:"))
+        raise IRConvertError(f"model.name: unknown timm model {name!r}{hint}")
+    if source == "torchvision" and name not in tv:
+        hint = f"; did you mean the timm model {name!r} (no prefix)?" if timm.is_model(name) else _suggest(name, tv)
+        raise IRConvertError(f"model.name: unknown torchvision classifier {name!r}{hint}")
+
+
 def _suggest(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     return f"; did you mean {', '.join(close)}?" if close else ""
@@ -230,13 +247,7 @@ def _hub(name: str) -> Iterator[None]:
 def _create_timm(name: str, where, kwargs: dict) -> nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        import torchvision  # a torchvision name given without its prefix is the likeliest slip
-
-        tv = torchvision.models.list_models(module=torchvision.models)
-        hint = (f"; did you mean torchvision:{name}?" if name in tv else
-                _suggest(name, timm.list_models()) or _suggest(name, tv).replace("mean ", "mean torchvision:"))
-        raise IRConvertError(f"model.name: unknown timm model {name!r}{hint}")
+    check_name(name, "timm")
     try:
         if where is None:
             return timm.create_model(name, pretrained=False, **kwargs)
@@ -326,12 +337,7 @@ def _file_overlay(name: str, state: dict[str, torch.Tensor]) -> dict:
 def _create_torchvision(name: str, where, kwargs: dict) -> nn.Module:
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        import timm
-
-        hint = f"; did you mean the timm model {name!r} (no prefix)?" if timm.is_model(name) else _suggest(name, names)
-        raise IRConvertError(f"model.name: unknown torchvision classifier {name!r}{hint}")
+    check_name(name, "torchvision")
     try:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     except TypeError as exc:
