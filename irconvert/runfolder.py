@@ -46,7 +46,8 @@ def check_out_path(out: Path, resume: bool = False, overwrite: bool = False) -> 
     """Refuse an output folder that is a file or lies under one, and --resume with --overwrite,
     before anything is loaded or written."""
     if resume and overwrite:
-        raise IRConvertError("--resume and --overwrite: pass one of them (continue the run, or replace it)")
+        raise IRConvertError(f"{flag('resume', label=True)} and {flag('overwrite')}: pass one of them (continue the run, "
+                             "or replace it)")
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             where = "is a file" if p == out else f"lies under {p}, which is a file"
@@ -75,16 +76,16 @@ def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Op
     entries = list(out.iterdir()) if out.exists() else []
     if not entries:
         if resume:
-            raise IRConvertError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+            raise IRConvertError(f"{flag('resume', label=True)}: {out} holds no run to resume; drop {flag('resume')} to start one")
         return None
     if all(_partial(p) for p in entries):  # killed while writing its first file: nothing to keep
         return None
     if not (out / "recipe.yaml").is_file():
-        raise IRConvertError(f"output.dir: {out} is not empty and holds no irconvert run; choose another --out")
+        raise IRConvertError(f"output.dir: {out} is not empty and holds no irconvert run; choose another {flag('out')}")
     if (out / "report.json").is_file():  # finish() writes it last: the run is done, whatever else is there
-        what = "--resume: nothing to continue" if resume else "output.dir"
-        raise IRConvertError(f"{what}: {out} holds a finished run (report.json); pass --overwrite to run it "
-                             "again, or another --out")
+        what = f"{flag('resume', label=True)}: nothing to continue" if resume else "output.dir"
+        raise IRConvertError(f"{what}: {out} holds a finished run (report.json); pass {flag('overwrite')} to run it "
+                             f"again, or another {flag('out')}")
     if resume:
         ckpt = out / CHECKPOINT
         if not ckpt.is_file():  # stopped before its first checkpoint: resuming is starting again
@@ -92,13 +93,14 @@ def prepare_out_dir(out: Path, digest: str, resume: bool, overwrite: bool) -> Op
             return None
         state = read_checkpoint(ckpt)
         if state.get("recipe_hash") != digest:
-            raise IRConvertError(f"--resume: {out} was made by a different recipe (hash {state.get('recipe_hash')}, "
-                                 f"now {digest}); use the same recipe and --set values, or another --out")
+            raise IRConvertError(f"{flag('resume', label=True)}: {out} was made by a different recipe (hash "
+                                 f"{state.get('recipe_hash')}, now {digest}); use the same recipe and overrides, "
+                                 f"or another {flag('out')}")
         return state
     if overwrite:
         return None
-    raise IRConvertError(f"output.dir: {out} already holds a run; pass --resume to continue it, "
-                         "--overwrite to replace it, or another --out")
+    raise IRConvertError(f"output.dir: {out} already holds a run; pass {flag('resume')} to continue it, "
+                         f"{flag('overwrite')} to replace it, or another {flag('out')}")
 
 
 def finished_run(out: Path, digest: str, resume: bool) -> Optional[dict]:
@@ -113,7 +115,7 @@ def finished_run(out: Path, digest: str, resume: bool) -> Optional[dict]:
         report = None
     if not isinstance(report, dict):
         raise IRConvertError(f"{out / 'report.json'}: is not a readable report, so the run cannot be told finished; "
-                             "pass --overwrite to run it again")
+                             f"pass {flag('overwrite')} to run it again")
     return report
 
 
@@ -126,8 +128,8 @@ def _same_recipe(out: Path, digest: str) -> None:
     """Refuse to resume a run folder whose recipe.yaml is not the recipe given now."""
     theirs = load_recipe(out / "recipe.yaml").digest()
     if theirs != digest:
-        raise IRConvertError(f"--resume: {out} was made by a different recipe (hash {theirs}, now {digest}); "
-                             "use the same recipe and --set values, or another --out")
+        raise IRConvertError(f"{flag('resume', label=True)}: {out} was made by a different recipe (hash {theirs}, "
+                             f"now {digest}); use the same recipe and overrides, or another {flag('out')}")
 
 
 def tensorboard_writer():
