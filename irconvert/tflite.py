@@ -69,7 +69,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IRConvertError
+from .errors import IRConvertError, result_log
 from .fileformat import WORD_BITS, atomic_path
 from .graph import _Tracer as _GraphTracer
 from .layer_summary import default_input_size
@@ -113,12 +113,13 @@ def export_tflite_file(path: Union[str, os.PathLike], out: Union[str, os.PathLik
     data = to_flatbuffer(net, tuple(net.irconvert_input_size or default_input_size(net)))
     if target.is_file() and not overwrite:
         if target.read_bytes() == data:
-            log(f"{target}: already there, the same")
+            result_log(log)(f"{target}: already there, the same")
             return target
         raise IRConvertError(f"{target}: exists and differs from this export; pass --overwrite to replace it")
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
-    log(f"wrote {target} ({len(data) / 2**20:.2f} MiB; {packed.name} {packed.stat().st_size / 2**20:.2f} MiB)")
+    result_log(log)(f"wrote {target} ({len(data) / 2**20:.2f} MiB; {packed.name} "
+                    f"{packed.stat().st_size / 2**20:.2f} MiB)")
     return target
 
 
