@@ -43,8 +43,18 @@ Ops emitted, and why each one computes what the PyTorch model computes:
   `AVERAGE_POOL_2D`, `MEAN` (global average pooling), `MUL` + `ADD` (an unfused BatchNorm), `ADD`
   (residual sums), `RELU`, `RELU6`, `RELU_N1_TO_1` / `MAXIMUM` + `MINIMUM` (Hardtanh), `SUB` + `PRELU`
   + `ADD` (RPReLU: beta * y for y <= 0, y above, at y = 0 both 0), `RESHAPE` / `TRANSPOSE` (flatten
-  in PyTorch's NCHW order), and for the Bi-Real shortcut S(x) `AVERAGE_POOL_2D` SAME (PyTorch's
-  ceil-mode pool counting valid pixels only), `TILE` (channel repeat) and `MUL` (the gate).
+  in PyTorch's NCHW order).
+- The Bi-Real shortcut S(x) (shortcut.bireal_shortcut), step by step in its order. The stride's pool:
+  `AVERAGE_POOL_2D` SAME with filter = stride, which counts only the valid pixels, as PyTorch's
+  ceil-mode pool with count_include_pad=False does, and whose windows are PyTorch's where TF's SAME pads
+  nothing before (stride * out - size <= 1 per axis, always for stride 2); otherwise `PAD` with zeros after,
+  VALID (sum / (sh * sw)) and `MUL` by the constant sh * sw / (valid pixels) per position (two roundings:
+  ~1e-7 relative). The centred crop or pad to the conv's output size: `SLICE` from (-d) // 2 / `PAD` with
+  d // 2 zeros before and the rest after (exact). Widening: `TILE` by ceil(C_out / C_in), then `SLICE` to
+  C_out (channel o = o mod C_in, exact). Shrinking: `SLICE` each group of C_out channels (the last, partial
+  one `PAD`ded with zeros: + 0 leaves the other sums as they are), `ADD` them left to right and `DIV` by
+  the constant n_o: the same additions in the same order and the one division PyTorch does, bitwise.
+  The gate is a `MUL`, the sum with the BatchNorm's output an `ADD`.
 - A W1A32 layer (binary weights, float input: LCE has no such op) keeps its weights as bits in the
   file: `LceDequantize` turns them into a float +-1 filter inside the graph (bit 1 = -1, exactly),
   a float `CONV_2D` / `FULLY_CONNECTED` sums +-x exactly as the PyTorch conv of the +-1 signs would,
