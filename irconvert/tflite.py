@@ -79,7 +79,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IRConvertError, result_log
+from .errors import IRConvertError
 from .fileformat import WORD_BITS, atomic_path
 from .graph import _Tracer as _GraphTracer
 from .layer_summary import default_input_size
@@ -87,6 +87,7 @@ from .layers import BinaryMixin
 from .methods.react import RPReLU
 from .pack import binary_weight, pack_layer, pack_signs
 from .shortcut import ShortcutMixin
+from .errors import result_log
 
 try:
     from timm.layers.norm_act import BatchNormAct2d
