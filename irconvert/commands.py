@@ -142,8 +142,7 @@ def verify(packed: str, latent: Optional[str], tolerance: float, recipe_path: Op
     if packed.endswith(".tflite"):
         from .lce import verify_tflite_cli
 
-        verify_tflite_cli(packed, recipe_path, log=console)
-        return {}
+        return verify_tflite_cli(packed, recipe_path, log=console)
     if recipe_path:
         raise IRConvertError("--recipe: only for a model.tflite (a packed file is compared with its latent model)")
     r = verify_file(packed, latent)

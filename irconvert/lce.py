@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import IRConvertError
+from .errors import IRConvertError, result_log
 
 KERNELS = {"optimized": (False, False), "reference": (True, False), "indirect": (False, True)}
 INSTALL = "pip install 'irconvert[lce]'"
@@ -160,27 +160,32 @@ def verify_tflite(path: Union[str, os.PathLike], recipe=None, n_random: int = 4,
     x = torch.randn((n_random,) + size, generator=torch.Generator().manual_seed(0))
     result = {"random": _check(net, path, x), "tflite_bytes": path.stat().st_size,
               "packed_bytes": packed.stat().st_size}
-    log(_lines("random inputs", result["random"]))
+    say = result_log(log)  # the figures are the command's result: stdout on the command line
+    say(_lines("random inputs", result["random"]))
     if recipe is not None:
         xv, yv = _val_images(recipe, size, n_val)
         rows = _check(net, path, xv, yv)
         result["validation"] = rows
-        log(_lines(f"{len(xv)} validation images", rows))
+        say(_lines(f"{len(xv)} validation images", rows))
     return result
 
 
-def verify_tflite_cli(path: Union[str, os.PathLike], recipe=None, tolerance: float = 1e-4, log=print) -> None:
-    """`irconvert verify model.tflite [--recipe R]`: print the figures; exit 1 where a kernel differs from the packed
-    file by more than `tolerance` relative on random inputs or (with a recipe) picks another top-1 anywhere."""
+def verify_tflite_cli(path: Union[str, os.PathLike], recipe=None, tolerance: float = 1e-4, log=print) -> dict:
+    """`irconvert verify model.tflite [--recipe R]`: print the figures and return them, with 'ok' False (the CLI's
+    exit code 1) where a kernel differs from the packed file by more than `tolerance` relative on random inputs or
+    (with a recipe) picks another top-1 anywhere."""
     r = verify_tflite(path, recipe, log=log)
-    log(f"model.tflite {r['tflite_bytes'] / 2**20:.2f} MiB, packed.safetensors {r['packed_bytes'] / 2**20:.2f} MiB "
+    say = result_log(log)
+    say(f"model.tflite {r['tflite_bytes'] / 2**20:.2f} MiB, packed.safetensors {r['packed_bytes'] / 2**20:.2f} MiB "
         f"(ratio {r['tflite_bytes'] / r['packed_bytes']:.3f})")
     bad = [k for k, row in r["random"].items() if row["max_rel"] > tolerance]
     bad += [f"{k} (top-1)" for k, row in r.get("validation", {}).items() if row.get("top1_agree", 1.0) < 1.0]
+    r.update(tolerance=tolerance, ok=not bad, mismatch=bad)
     if bad:
-        log(f"MISMATCH in {', '.join(bad)} (tolerance {tolerance:g} relative)")
-        raise SystemExit(1)
-    log(f"ok: all three LCE kernels match the packed file (tolerance {tolerance:g} relative)")
+        say(f"MISMATCH in {', '.join(bad)} (tolerance {tolerance:g} relative)")
+    else:
+        say(f"ok: all three LCE kernels match the packed file (tolerance {tolerance:g} relative)")
+    return r
 
 
 def _check(net, path: Path, x, labels=None) -> dict:

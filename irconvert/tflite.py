@@ -43,8 +43,18 @@ Ops emitted, and why each one computes what the PyTorch model computes:
   `AVERAGE_POOL_2D`, `MEAN` (global average pooling), `MUL` + `ADD` (an unfused BatchNorm), `ADD`
   (residual sums), `RELU`, `RELU6`, `RELU_N1_TO_1` / `MAXIMUM` + `MINIMUM` (Hardtanh), `SUB` + `PRELU`
   + `ADD` (RPReLU: beta * y for y <= 0, y above, at y = 0 both 0), `RESHAPE` / `TRANSPOSE` (flatten
-  in PyTorch's NCHW order), and for the Bi-Real shortcut S(x) `AVERAGE_POOL_2D` SAME (PyTorch's
-  ceil-mode pool counting valid pixels only), `TILE` (channel repeat) and `MUL` (the gate).
+  in PyTorch's NCHW order).
+- The Bi-Real shortcut S(x) (shortcut.bireal_shortcut), step by step in its order. The stride's pool:
+  `AVERAGE_POOL_2D` SAME with filter = stride, which counts only the valid pixels, as PyTorch's
+  ceil-mode pool with count_include_pad=False does, and whose windows are PyTorch's where TF's SAME pads
+  nothing before (stride * out - size <= 1 per axis, always for stride 2); otherwise `PAD` with zeros after,
+  VALID (sum / (sh * sw)) and `MUL` by the constant sh * sw / (valid pixels) per position (two roundings:
+  ~1e-7 relative). The centred crop or pad to the conv's output size: `SLICE` from (-d) // 2 / `PAD` with
+  d // 2 zeros before and the rest after (exact). Widening: `TILE` by ceil(C_out / C_in), then `SLICE` to
+  C_out (channel o = o mod C_in, exact). Shrinking: `SLICE` each group of C_out channels (the last, partial
+  one `PAD`ded with zeros: + 0 leaves the other sums as they are), `ADD` them left to right and `DIV` by
+  the constant n_o: the same additions in the same order and the one division PyTorch does, bitwise.
+  The gate is a `MUL`, the sum with the BatchNorm's output an `ADD`.
 - A W1A32 layer (binary weights, float input: LCE has no such op) keeps its weights as bits in the
   file: `LceDequantize` turns them into a float +-1 filter inside the graph (bit 1 = -1, exactly),
   a float `CONV_2D` / `FULLY_CONNECTED` sums +-x exactly as the PyTorch conv of the +-1 signs would,
@@ -77,6 +87,7 @@ from .layers import BinaryMixin
 from .methods.react import RPReLU
 from .pack import binary_weight, pack_layer, pack_signs
 from .shortcut import ShortcutMixin
+from .errors import result_log
 
 try:
     from timm.layers.norm_act import BatchNormAct2d
@@ -113,12 +124,13 @@ def export_tflite_file(path: Union[str, os.PathLike], out: Union[str, os.PathLik
     data = to_flatbuffer(net, tuple(net.irconvert_input_size or default_input_size(net)))
     if target.is_file() and not overwrite:
         if target.read_bytes() == data:
-            log(f"{target}: already there, the same")
+            result_log(log)(f"{target}: already there, the same")
             return target
         raise IRConvertError(f"{target}: exists and differs from this export; pass {flag('overwrite')} to replace it")
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
-    log(f"wrote {target} ({len(data) / 2**20:.2f} MiB; {packed.name} {packed.stat().st_size / 2**20:.2f} MiB)")
+    result_log(log)(f"wrote {target} ({len(data) / 2**20:.2f} MiB; {packed.name} "
+                    f"{packed.stat().st_size / 2**20:.2f} MiB)")
     return target
 
 
@@ -321,7 +333,7 @@ def _offsets(b, offsets) -> int:
 _BUILTIN = {"ADD": 0, "AVERAGE_POOL_2D": 1, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 9,
             "MAX_POOL_2D": 17, "MUL": 18, "RELU": 19, "RELU_N1_TO_1": 20, "RELU6": 21, "RESHAPE": 22,
             "CUSTOM": 32, "PAD": 34, "TRANSPOSE": 39, "MEAN": 40, "SUB": 41, "MAXIMUM": 55, "MINIMUM": 57,
-            "PRELU": 54, "PADV2": 60, "TILE": 69}
+            "DIV": 42, "PRELU": 54, "PADV2": 60, "SLICE": 65, "TILE": 69}
 
 
 def _options(table: str, union: int, **fields):
@@ -497,28 +509,88 @@ class _Converter:
                                      "TFLite/LCE form in irconvert's exporter")
 
     def _bireal_shortcut(self, node: fx.Node, conv_node: fx.Node, conv: nn.Module) -> int:
-        """S(x) of shortcut.bireal_shortcut as TFLite ops: AVERAGE_POOL_2D by the stride (SAME: ceil mode,
-        valid pixels counted), TILE to repeat the channels; other shapes are refused."""
+        """S(x) of shortcut.bireal_shortcut as TFLite ops, in its order: the stride's pool, the centred crop
+        (SLICE) or zero pad (PAD) to the conv's output size, then the channels: TILE (+ SLICE) to widen, to
+        shrink SLICE each group of C_out channels (the last zero-padded), ADD them left to right, DIV by n_o."""
         x_node = conv_node.args[0]
         x = self._in(node, x_node)
-        cin, cout, s = conv.in_channels, conv.out_channels, conv.stride[0]
-        n, h, w, _ = self._shape(x_node)
-        if s > 1:
-            y = self.fb.tensor((n, -(-h // s), -(-w // s), cin))
-            self.fb.op(_BUILTIN["AVERAGE_POOL_2D"], [x], [y], _opt("Pool2DOptions", Padding=_SAME, StrideW=s,
-                                                                    StrideH=s, FilterWidth=s, FilterHeight=s))
-            x, h, w = y, -(-h // s), -(-w // s)
-        if cout != cin:
-            if cout % cin:
-                raise IRConvertError(f"export tflite: the Bi-Real shortcut of {conv_node.target} maps {cin} to {cout} "
-                                     "channels; the exporter supports S(x) repeating the channels a whole number of times")
-            y = self.fb.tensor((n, h, w, cout))
-            self.fb.op(_BUILTIN["TILE"], [x, self.fb.const(np.int32([1, 1, 1, cout // cin]))], [y])
-            x = y
+        n, h, w, c = self._shape(x_node)
+        _, ho, wo, cout = self._shape(node)
+        if cout != conv.out_channels:
+            raise IRConvertError(f"export tflite: the Bi-Real shortcut of {conv_node.target} does not give the conv's "
+                                 f"output shape {self._shape(node)}")
+        stride = _pair(conv.stride)
+        if stride != (1, 1):
+            x, h, w = self._shortcut_pool(x, (n, h, w, c), stride)
+        dh, dw = ho - h, wo - w
+        if dh < 0 or dw < 0:  # remove (-d) // 2 before, the rest after
+            size = (n, min(h, ho), min(w, wo), c)
+            begin = (0, (-dh) // 2 if dh < 0 else 0, (-dw) // 2 if dw < 0 else 0, 0)
+            x = self._slice(x, begin, size)
+            h, w = size[1], size[2]
+        if dh > 0 or dw > 0:  # d // 2 zeros before, the rest after
+            spec = [[0, 0], [max(dh, 0) // 2, max(dh, 0) - max(dh, 0) // 2],
+                    [max(dw, 0) // 2, max(dw, 0) - max(dw, 0) // 2], [0, 0]]
+            y = self.fb.tensor((n, ho, wo, c))
+            self.fb.op(_BUILTIN["PAD"], [x, self.fb.const(np.int32(spec))], [y], _opt("PadOptions"))
+            x, h, w = y, ho, wo
+        if cout > c:  # channel o = channel o mod C_in
+            reps = -(-cout // c)
+            y = self.fb.tensor((n, h, w, c * reps))
+            self.fb.op(_BUILTIN["TILE"], [x, self.fb.const(np.int32([1, 1, 1, reps]))], [y])
+            x = y if c * reps == cout else self._slice(y, (0, 0, 0, 0), (n, h, w, cout))
+        elif cout < c:  # channel o = (x[o] + x[o + C_out] + ...) / n_o, summed left to right as PyTorch does
+            total = None
+            for start in range(0, c, cout):
+                k = min(cout, c - start)
+                part = self._slice(x, (0, 0, 0, start), (n, h, w, k))
+                if k < cout:  # the last, partial group: + 0 leaves the other channels' sums as they are
+                    y = self.fb.tensor((n, h, w, cout))
+                    spec = np.int32([[0, 0], [0, 0], [0, 0], [0, cout - k]])
+                    self.fb.op(_BUILTIN["PAD"], [part, self.fb.const(spec)], [y], _opt("PadOptions"))
+                    part = y
+                if total is None:
+                    total = part
+                else:
+                    y = self.fb.tensor((n, h, w, cout))
+                    self.fb.op(_BUILTIN["ADD"], [total, part], [y], _opt("AddOptions"))
+                    total = y
+            counts = np.full(cout, c // cout, np.float32)
+            counts[:c % cout] += 1
+            x = self.fb.tensor((n, h, w, cout))
+            self.fb.op(_BUILTIN["DIV"], [total, self.fb.const(counts)], [x], _opt("DivOptions"))
         if (n, h, w, cout) != self._shape(node):
             raise IRConvertError(f"export tflite: the Bi-Real shortcut of {conv_node.target} does not give the conv's "
                                  f"output shape {self._shape(node)}")
         return x
+
+    def _shortcut_pool(self, x: int, shape, stride) -> tuple[int, int, int]:
+        """(tensor, h, w) of PyTorch's avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False): TF's SAME
+        where it pads nothing before (the pad stride * out - size <= 1 per axis: its windows are PyTorch's,
+        valid pixels counted); else PAD zeros after, VALID (sum / (sh * sw)) and MUL by sh * sw / valid count."""
+        n, h, w, c = shape
+        (sh, sw), ho, wo = stride, -(-h // stride[0]), -(-w // stride[1])
+        pool = dict(StrideW=sw, StrideH=sh, FilterWidth=sw, FilterHeight=sh)
+        y = self.fb.tensor((n, ho, wo, c))
+        if ho * sh - h <= 1 and wo * sw - w <= 1:
+            self.fb.op(_BUILTIN["AVERAGE_POOL_2D"], [x], [y], _opt("Pool2DOptions", Padding=_SAME, **pool))
+            return y, ho, wo
+        padded = self.fb.tensor((n, ho * sh, wo * sw, c))
+        spec = np.int32([[0, 0], [0, ho * sh - h], [0, wo * sw - w], [0, 0]])
+        self.fb.op(_BUILTIN["PAD"], [x, self.fb.const(spec)], [padded], _opt("PadOptions"))
+        self.fb.op(_BUILTIN["AVERAGE_POOL_2D"], [padded], [y], _opt("Pool2DOptions", Padding=_VALID, **pool))
+        rows = np.minimum(np.arange(ho) * sh + sh, h) - np.arange(ho) * sh
+        cols = np.minimum(np.arange(wo) * sw + sw, w) - np.arange(wo) * sw
+        scale = (sh * sw / (rows[:, None] * cols[None, :])).astype(np.float32).reshape(1, ho, wo, 1)
+        z = self.fb.tensor((n, ho, wo, c))
+        self.fb.op(_BUILTIN["MUL"], [y, self.fb.const(scale)], [z], _opt("MulOptions"))
+        return z, ho, wo
+
+    def _slice(self, x: int, begin, size) -> int:
+        y = self.fb.tensor(size)
+        self.fb.op(_BUILTIN["SLICE"], [x, self.fb.const(np.int32(begin)), self.fb.const(np.int32(size))], [y],
+                   _opt("SliceOptions"))
+        return y
 
     def _maxpool(self, node: fx.Node, m: nn.MaxPool2d, x_node) -> None:
         if m.ceil_mode or m.return_indices or _pair(m.dilation) != (1, 1):
