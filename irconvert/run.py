@@ -43,7 +43,7 @@ def run(model: Union[str, nn.Module, None], recipe: Union[Recipe, str, os.PathLi
     done = finished_run(out, recipe.digest(), resume)
     if done is not None:  # exit 0: the run asked for is there, so a loop re-running the resume line ends
         top1 = (done.get("binary") or {}).get("top1")
-        log(f"{out}: the run is finished (report.json{f', binary top-1 {top1:.2f}%' if isinstance(top1, (int, float)) else ''}); "
+        result_log(log)(f"{out}: the run is finished (report.json{f', binary top-1 {top1:.2f}%' if isinstance(top1, (int, float)) else ''}); "
             "nothing to continue, nothing changed; pass --overwrite to run it again")
         return done
     dev, world = distributed.start(recipe.train.device, recipe.train.backend)
