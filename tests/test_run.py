@@ -86,7 +86,7 @@ def test_end_to_end_cli_run_writes_everything(quick_run):
     assert rows[-1]["ede_t"] == pytest.approx(10.0)  # EDE reaches t_max on the last step
     assert "subset: 256" in (out / "recipe.yaml").read_text()  # --set is in the resolved recipe
     assert "binary (W1A1)" in res.stdout
-    assert "binary epoch 2/2 step 3/3: loss" in res.stdout  # no terminal: progress lines instead of a bar
+    assert "binary epoch 2/2 step 3/3: loss" in res.stderr  # no terminal: progress lines instead of a bar, on stderr
 
 
 @pytest.mark.slow
