@@ -145,7 +145,21 @@ def select(which: str, only: str | None, limit: int | None) -> tuple[list[tuple[
             specs = [s for s in specs if any(fnmatch.fnmatch(s.rpartition(":")[2], p) or fnmatch.fnmatch(s, p) for p in pats)]
         for s in specs[:limit] if limit else specs:
             member.setdefault(s, []).append(lst)
+    for name in (only or "").split(","):  # an exact name no list holds runs too, under the chosen list's name
+        if name and not any(c in name for c in "*?[") and name not in member and _known(name):
+            member[name] = [which]
     return list(member.items()), families
+
+
+def _known(spec: str) -> bool:
+    from irconvert.errors import IRConvertError
+    from irconvert.models import check_name
+
+    try:
+        check_name(spec)
+    except IRConvertError:
+        return False
+    return True
 
 
 def _families() -> dict:
@@ -364,7 +378,7 @@ def main() -> None:
     ap.add_argument("--list", default="all", choices=("timm", "torchvision", "fast", "all"))
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on a 2-core machine)")
     ap.add_argument("--limit", type=int, help="only the first N models of each list")
-    ap.add_argument("--only", help="globs on model names, comma-separated, e.g. 'resnet*,vit_*'")
+    ap.add_argument("--only", help="globs on model names, comma-separated, e.g. 'resnet*,vit_*'; an exact name outside the list runs too")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per model (per 100M parameters above that)")
     ap.add_argument("--mem-gib", type=float, default=18, help="a worker over this resident memory is killed (0: no cap)")
     ap.add_argument("--param-budget", type=float, default=450e6,

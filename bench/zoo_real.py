@@ -231,7 +231,7 @@ def summary(results: Path = RESULTS) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--list", default="fast", choices=("fast", "timm", "torchvision"))
-    ap.add_argument("--only", help="globs on model names, comma-separated, e.g. 'resnet18,mobilenetv2_100'")
+    ap.add_argument("--only", help="globs on model names, comma-separated, e.g. 'resnet18,mobilenetv2_100'; an exact name outside the list runs too")
     ap.add_argument("--limit", type=int, help="only the first N models of the list")
     ap.add_argument("--steps", type=int, default=STEPS, help="FP and binary training steps (batch 64)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

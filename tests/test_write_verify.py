@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -158,21 +159,32 @@ def test_format_1_files_still_load(tmp_path, packed_file):
 
 @pytest.mark.slow
 def test_batch_reports_a_failure_and_converts_the_others(tmp_path):
+    # A name the batch's check accepts, whose build fails inside its own process (as a download, an
+    # out-of-memory or a model's own bug would): timm learns "brokennet_v9" from a sitecustomize that every
+    # process of the batch imports, and building it raises.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "from timm.models import register_model\n\n"
+        "@register_model\n"
+        "def brokennet_v9(pretrained=False, **kwargs):\n"
+        "    raise RuntimeError('brokennet_v9 cannot be built')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     models = tmp_path / "models.yaml"
-    models.write_text("- resnet18\n- name: nosuchnet_v9\n- name: torchvision:mobilenet_v3_small\n  set: []\n")
+    models.write_text("- resnet18\n- name: brokennet_v9\n- name: torchvision:mobilenet_v3_small\n  set: []\n")
     out = tmp_path / "batch"
     res = subprocess.run([sys.executable, "-m", "irconvert", "--models", str(models), "--convert-only", "--out", str(out)],
-                         capture_output=True, text=True)
-    assert res.returncode == 1 and "failed: nosuchnet_v9" in res.stderr
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 1 and "failed: brokennet_v9" in res.stderr, res.stderr
     report = json.loads((out / "batch.json").read_text())
     assert [(r["model"], r["status"]) for r in report] == [
-        ("resnet18", "ok"), ("nosuchnet_v9", "fail"), ("torchvision:mobilenet_v3_small", "ok")]
-    assert "unknown timm model 'nosuchnet_v9'" in report[1]["error"]
+        ("resnet18", "ok"), ("brokennet_v9", "fail"), ("torchvision:mobilenet_v3_small", "ok")]
+    assert "brokennet_v9 cannot be built" in report[1]["error"]
     assert report[0]["packed_max_abs_diff"] == 0.0 and report[2]["packed_max_abs_diff"] == 0.0
     suite = ET.parse(out / "junit.xml").getroot()
     assert suite.get("tests") == "3" and suite.get("failures") == "1"
-    assert [c.get("name") for c in suite if c.find("failure") is not None] == ["nosuchnet_v9"]
-    assert not (out / "nosuchnet_v9").exists()
+    assert [c.get("name") for c in suite if c.find("failure") is not None] == ["brokennet_v9"]
+    assert not (out / "brokennet_v9").exists()
     ok = subprocess.run([sys.executable, "-m", "irconvert", "resnet18", "--convert-only", "--out", str(tmp_path / "one")],
                         capture_output=True, text=True)
     assert ok.returncode == 0
