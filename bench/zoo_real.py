@@ -84,8 +84,23 @@ def train_recipe(overrides: list[str], steps: int):
     return validate(raw, "zoo_real --set")
 
 
-def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=lambda stage: None) -> dict:
-    """Train, convert and fine-tune model `spec` on Fashion-MNIST; return its record."""
+def fp_cache(spec: str, size: tuple[int, ...], steps: int) -> Path:
+    """Where the FP twin of `spec` trained for `steps` steps at input `size` is kept between runs: keyed by
+    everything its weights depend on (this file's FP settings, the torch and timm versions)."""
+    import hashlib
+
+    import timm
+    import torch
+
+    key = json.dumps([spec, list(size), steps, FP_LR, EVAL, torch.__version__, timm.__version__])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "irconvert" / "zoo-real-fp"
+    return cache / f"{spec.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
+
+def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=lambda stage: None,
+               fp_cache_on: bool = False) -> dict:
+    """Train, convert and fine-tune model `spec` on Fashion-MNIST; return its record. With `fp_cache_on` the
+    trained FP twin is read from (or written to) `fp_cache`, so option runs train each FP model once."""
     import warnings
 
     import torch
@@ -116,9 +131,21 @@ def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=
 
             stage = "fp-train"
             report(stage)
-            fp = Stage("teacher", model, Schedule(epochs=1, lr=FP_LR, scheduler="none", max_steps_per_epoch=steps), 0)
-            row = fit(fp, train, test, cpu).history[-1]
-            rec["fp_top1"], rec["fp_seconds"] = round(row["val_top1"], 2), round(time.perf_counter() - t0, 1)
+            cached = fp_cache(spec, size, steps) if fp_cache_on else None
+            if cached is not None and cached.is_file():  # the same FP twin as before: trained once, not per option run
+                saved = torch.load(cached, weights_only=True)
+                model.load_state_dict(saved["state_dict"])
+                rec["fp_top1"], rec["fp_seconds"], rec["fp_cached"] = saved["fp_top1"], saved["fp_seconds"], True
+            else:
+                fp = Stage("teacher", model, Schedule(epochs=1, lr=FP_LR, scheduler="none", max_steps_per_epoch=steps), 0)
+                row = fit(fp, train, test, cpu).history[-1]
+                rec["fp_top1"], rec["fp_seconds"] = round(row["val_top1"], 2), round(time.perf_counter() - t0, 1)
+                if cached is not None:
+                    from irconvert.write import atomic_path
+
+                    with atomic_path(cached) as tmp:
+                        torch.save({"state_dict": model.state_dict(), "fp_top1": rec["fp_top1"],
+                                    "fp_seconds": rec["fp_seconds"]}, tmp)
 
             stage = "convert"
             report(stage)
@@ -161,7 +188,7 @@ def worker_main(config: dict) -> None:
         spec = line.strip()
         if spec:
             rec = real_model(spec, config["steps"], config["set"],
-                             lambda stage: proto.write(json.dumps({"stage": stage}) + "\n"))
+                             lambda stage: proto.write(json.dumps({"stage": stage}) + "\n"), config.get("fp_cache", True))
             proto.write(json.dumps({"result": rec}) + "\n")
 
 
@@ -242,6 +269,8 @@ def main() -> None:
     ap.add_argument("--mem-gib", type=float, default=18, help="a worker over this resident memory is killed (0: no cap)")
     ap.add_argument("--param-budget", type=float, default=450e6,
                     help="models run side by side only while their parameters add up to at most this")
+    ap.add_argument("--fresh-fp", action="store_true",
+                    help="train every FP twin anew instead of reading it from ~/.cache/irconvert/zoo-real-fp")
     ap.add_argument("--note", default="", help="a sentence for the table, e.g. what else ran on the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--summary", action="store_true", help="write zoo-real-options.md from the result files")
@@ -272,7 +301,7 @@ def main() -> None:
         ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
     print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
     t0 = time.perf_counter()
-    worker_args = (json.dumps({"steps": args.steps, "set": args.set}),)
+    worker_args = (json.dumps({"steps": args.steps, "set": args.set, "fp_cache": not args.fresh_fp}),)
 
     def write(rows: list[dict]) -> None:
         done = {(r["source"], r["model"]) for r in rows}

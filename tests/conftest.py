@@ -5,6 +5,13 @@ import pytest
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core (pyproject's addopts): one thread each, not a core's worth of
+    # threads per worker fighting over the same cores
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def fashion_root() -> Path:
@@ -32,3 +39,9 @@ def backends():
         warnings.warn(f"compiled bitwise kernel unavailable ({why}): only the PyTorch fallback is tested")
         return ["python"]
     return ["native", "python"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tests marked slow first: under pytest-xdist the long ones then start while the short ones
+    can still fill the other worker, instead of one of them running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

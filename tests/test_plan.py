@@ -50,6 +50,7 @@ def test_bad_policy_values_are_rejected():
         irconvert.Policy(patterns={"re:(": "keep"})
 
 
+@pytest.mark.slow  # about 8 s: three zoo models
 def test_the_classifiers_feature_layer_is_w1a32_by_default():
     import torchvision
 

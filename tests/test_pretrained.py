@@ -51,6 +51,7 @@ def test_set_on_a_null_section_creates_it():
     assert load_recipe(ROOT / "recipes" / "quickstart.yaml").teacher.finetune is None
 
 
+@pytest.mark.slow  # about 6 s: the validation set
 def test_quickstart_converts_the_shipped_model_and_it_scores_what_its_record_says(fashion_root):
     meta = json.loads(WEIGHTS.with_suffix(".json").read_text())
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.val_subset=null"])

@@ -115,6 +115,7 @@ def test_quickstart_resnet18_matches_in_all_kernels(quickstart):
     _check(packed.with_name("model.tflite"), net, _x(4, (1, 28, 28)))
 
 
+@pytest.mark.slow  # about 7 s: the validation set in LCE's interpreter
 def test_quickstart_validation_top1(quickstart):
     """On 500 validation images: outputs within 1e-4 relative and the same top-1 in every kernel."""
     packed, recipe, data = quickstart

@@ -185,12 +185,6 @@ def test_batch_reports_a_failure_and_converts_the_others(tmp_path):
     assert suite.get("tests") == "3" and suite.get("failures") == "1"
     assert [c.get("name") for c in suite if c.find("failure") is not None] == ["brokennet_v9"]
     assert not (out / "brokennet_v9").exists()
-    ok = subprocess.run([sys.executable, "-m", "irconvert", "resnet18", "--convert-only", "--out", str(tmp_path / "one")],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0
-    verify = subprocess.run([sys.executable, "-m", "irconvert", "verify", str(tmp_path / "one" / "packed.safetensors")],
-                            capture_output=True, text=True)
-    assert verify.returncode == 0 and "max |packed - latent| = 0 (ok" in verify.stdout
 
 
 def test_load_gives_a_model_that_trains_as_the_converted_one(tmp_path):

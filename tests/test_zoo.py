@@ -65,7 +65,13 @@ def outputs(out) -> list[torch.Tensor]:
     return [t for o in out for t in outputs(o)] if isinstance(out, (tuple, list)) else []
 
 
-@pytest.mark.parametrize("spec", FAST)
+# the ones over about 4 s on 2 cores: the whole suite runs them, the quick loop the other 29
+HEAVY = {"resnet50", "mobileone_s0", "efficientnetv2_rw_t", "efficientformer_l1", "tiny_vit_5m_224", "levit_128s",
+         "densenet121", "torchvision:resnet18", "torchvision:resnet50", "torchvision:regnet_y_400mf",
+         "torchvision:convnext_tiny"}
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.slow) if s in HEAVY else s for s in FAST])
 def test_zoo_model_converts_trains_and_reloads_exactly(spec, tmp_path):
     model, side = build_small(spec)
     del model.irconvert_origin  # as if built by timm / torchvision itself: the file must name it alone
@@ -316,6 +322,7 @@ def test_a_chaotic_model_that_does_not_learn_says_so():
     assert criteria_failure(dict(rec, sensitivity=0.01)).endswith("(< 10%)")
 
 
+@pytest.mark.slow  # a fresh process each
 @pytest.mark.parametrize("value, says", [("shortcut=gated", "a string needs its quotes: --set 'shortcut=\"gated\"'"),
                                           ("no_such=1", "no_such: Extra inputs are not permitted")])
 def test_probe_refuses_a_bad_policy_field_in_one_line(value, says):

@@ -25,6 +25,19 @@ def test_a_tiny_model_trains_converts_fine_tunes_and_reports_gap_and_flip_rate(f
     assert ("**1 of 1 within 5 points**" if rec["gap"] <= 5 else "**0 of 1 within 5 points**") in table
 
 
+@pytest.mark.slow  # about 30 s: the same model twice
+def test_the_fp_twin_is_trained_once_and_read_back_for_the_next_run(fashion_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = zoo_real.real_model("test_resnet", steps=2, fp_cache_on=True)
+    assert first["status"] == "ok", first["reason"]
+    assert len(list((tmp_path / "irconvert" / "zoo-real-fp").glob("test_resnet-*.pt"))) == 1 and "fp_cached" not in first
+    again = zoo_real.real_model("test_resnet", steps=2, overrides=["train.grad_clip=1.0"], fp_cache_on=True)
+    assert again["fp_cached"] and again["fp_top1"] == first["fp_top1"]
+    fresh = zoo_real.real_model("test_resnet", steps=2, overrides=["train.grad_clip=1.0"])  # no cache: trained anew
+    assert "fp_cached" not in fresh and fresh["fp_top1"] == first["fp_top1"]  # and to the same weights
+    assert fresh["binary_top1"] == again["binary_top1"]  # the binary stage cannot tell a cached twin from a fresh one
+
+
 def test_the_recipe_is_the_default_policy_and_the_step_budget_over_its_epochs():
     r = zoo_real.train_recipe(["train.epochs=2", "train.w1a32_epochs=1"], 300)
     assert r.train.max_steps_per_epoch == 150 and r.train.w1a32_epochs == 1
@@ -32,6 +45,7 @@ def test_the_recipe_is_the_default_policy_and_the_step_budget_over_its_epochs():
     assert r.train.distill.alpha == 1.0 and r.train.lr == 0.003  # recipes/fashion-mnist.yaml's train section
 
 
+@pytest.mark.slow  # a fresh process
 def test_a_bad_set_is_one_line_and_exit_2():
     proc = subprocess.run([sys.executable, "-m", "bench.zoo_real", "--set", "train.no_such=1"],
                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
