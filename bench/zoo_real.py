@@ -93,8 +93,9 @@ def fp_cache(spec: str, size: tuple[int, ...], steps: int) -> Path:
     import torch
 
     key = json.dumps([spec, list(size), steps, FP_LR, EVAL, torch.__version__, timm.__version__])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "irconvert" / "zoo-real-fp"
-    return cache / f"{spec.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    from irconvert.native import cache_dir
+
+    return cache_dir() / "zoo-real-fp" / f"{spec.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
 
 def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=lambda stage: None,
@@ -270,7 +271,7 @@ def main() -> None:
     ap.add_argument("--param-budget", type=float, default=450e6,
                     help="models run side by side only while their parameters add up to at most this")
     ap.add_argument("--fresh-fp", action="store_true",
-                    help="train every FP twin anew instead of reading it from ~/.cache/irconvert/zoo-real-fp")
+                    help="train every FP twin anew instead of reading it from the cache (~/.cache/irconvert/zoo-real-fp)")
     ap.add_argument("--note", default="", help="a sentence for the table, e.g. what else ran on the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--summary", action="store_true", help="write zoo-real-options.md from the result files")

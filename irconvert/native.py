@@ -80,7 +80,8 @@ def _building(build_dir: Path) -> Iterator[None]:
         yield
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """irconvert's cache folder: $IRCONVERT_CACHE, else $XDG_CACHE_HOME/irconvert or ~/.cache/irconvert."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "irconvert"
     return Path(os.environ.get("IRCONVERT_CACHE") or default)
 
@@ -93,7 +94,7 @@ def build(march: str, source: str = "bitwise.cpp") -> tuple[Optional[ModuleType]
     try:
         code = src.read_bytes()
         name = f"irconvert_{source.rsplit('.', 1)[0]}_{build_key(code, march)}"
-        build_dir = _cache_dir() / name
+        build_dir = cache_dir() / name
         build_dir.mkdir(parents=True, exist_ok=True)
         if not _up_to_date(build_dir, name):  # a build takes from seconds to minutes: say so before it starts
             what = "bitwise" if source == "bitwise.cpp" else source.rsplit(".", 1)[0]
