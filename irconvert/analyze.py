@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import ends, feature_layers, owner_names, trace, weighted_layers
+from .graph import ends, feature_layers, gate_layers, owner_names, trace, weighted_layers
 from .layers import can_binarize
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
@@ -80,6 +80,7 @@ class LayerFacts:
     sources: tuple[str, ...] = ()
     magnitude: int = 0  # round(log2 std(weight)): the gain that keeps the layer's output scale
     feature: bool = False  # the classifier reads its output through one-input ops only (graph.feature_layers)
+    gate: bool = False  # on the gate branch of a product x * g(pool(x)), as squeeze-excitation (graph.gate_layers)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def analyze(model: nn.Module) -> Analysis:
 
 
 def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True,
-           sources=(), feature: bool = False) -> LayerFacts:
+           sources=(), feature: bool = False, gate: bool = False) -> LayerFacts:
     ok = can_binarize(m)
     return LayerFacts(
         name=name,
@@ -165,6 +166,7 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
         sources=tuple(sources) or tuple(feeders),
         magnitude=magnitude(m) if ok else 0,
         feature=feature,
+        gate=gate,
     )
 
 
@@ -175,6 +177,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
 
     first, last, called = ends(model, graph, weighted)
     features = feature_layers(graph, weighted, last)
+    gates = gate_layers(model, graph, weighted)
 
     feeders: dict[str, tuple[set, bool]] = {}
     sources: dict[str, set] = {}
@@ -199,7 +202,8 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     for name, m in weighted.items():
         found, functional = feeders.get(name, (set(), False))
         layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called,
-                              sorted(sources.get(name, ())), name in features)
+                              sorted(sources.get(name, ())), name in features,
+                              name in gates)
     index = {n: i for i, n in enumerate(nodes)}
     flow = Dataflow(layers=tuple(tuple(owner_names(n, weighted)) for n in nodes),
                     inputs=tuple(tuple(index[a] for a in n.all_input_nodes) for n in nodes))

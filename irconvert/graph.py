@@ -120,6 +120,52 @@ def feature_layers(graph: fx.Graph, weighted: dict[str, nn.Module], last: set[st
     return out
 
 
+# Nodes that reduce a feature map to a summary (global pooling): a gate branch starts with one.
+_REDUCING_FUNCTIONS = {"mean", "sum", "amax", "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool1d"}
+_REDUCING_MODULES = ("AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "SelectAdaptivePool2d",
+                     "AdaptiveAvgMaxPool2d", "AdaptiveCatAvgMaxPool2d")
+_PRODUCTS = {"mul", "mul_", "imul"}
+
+
+def _callee(n: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """The name of what a node calls: a function's or method's name, a module's class name."""
+    if n.op == "call_module":
+        return type(modules.get(n.target)).__name__
+    return getattr(n.target, "__name__", str(n.target)) if n.op == "call_function" else str(n.target)
+
+
+def gate_layers(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> set[str]:
+    """Return the conv/linear layers of gate branches: in a product x * g where x also feeds g through a
+    global pooling (squeeze-excitation, ECA, CBAM, split attention), the layers that g's value depends on
+    and x's does not. Such a layer sees a pooled summary and scales whole channels of x: its output is
+    what a model multiplies its features by, not a feature map."""
+    modules = dict(model.named_modules())
+
+    def ancestors(n: fx.Node) -> set:
+        seen, stack = set(), list(n.all_input_nodes)
+        while stack:
+            a = stack.pop()
+            if a not in seen:
+                seen.add(a)
+                stack.extend(a.all_input_nodes)
+        return seen
+
+    out: set[str] = set()
+    for n in graph.nodes:
+        if n.op not in ("call_function", "call_method") or _callee(n, modules) not in _PRODUCTS:
+            continue
+        ins = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+        for x, g in (ins, ins[::-1]) if len(ins) == 2 else ():
+            above = ancestors(g)
+            if x not in above:
+                continue
+            branch = above - ancestors(x) - {x} | {g}
+            callees = {_callee(b, modules) for b in branch}
+            if callees & _REDUCING_FUNCTIONS or callees & set(_REDUCING_MODULES):
+                out.update(name for b in branch for name in owner_names(b, weighted))
+    return out
+
+
 def owner_names(node: fx.Node, weighted: dict[str, nn.Module]) -> list[str]:
     """The conv/linear layers a call_module node runs (itself, or those inside a leaf)."""
     if node.op != "call_module":

@@ -32,9 +32,10 @@ class Policy(BaseModel):
       1. global:     every binarizable conv/linear gets `mode` (W1A1 or W1A32) with `method`.
       2. type:       `types` maps a class name (the layer's class or any base class, e.g.
                      "Linear", "StdConv2d") to a decision.
-      3. structure:  `keep_first`, `keep_last`, `keep_depthwise` and `min_fan_in` keep layers full
-                     precision by what the graph says (first = no conv/linear between it and the
-                     input; last = its output reaches the model output without another one);
+      3. structure:  `keep_first`, `keep_last`, `keep_depthwise`, `keep_gates` and `min_fan_in` keep
+                     layers full precision by what the graph says (first = no conv/linear between it
+                     and the input; last = its output reaches the model output without another one;
+                     gate = on the branch g of a product x * g(pool(x)), squeeze-excitation's convs);
                      `features` makes the classifier's feature layer W1A32 (see below).
       4. pattern:    `patterns` maps a glob ("blocks.*.attn.qkv") or a regex prefixed "re:" to a
                      decision, matched against the full module name; when several match, the one
@@ -80,6 +81,7 @@ class Policy(BaseModel):
     keep_first: bool = True
     keep_last: bool = True
     keep_depthwise: bool = True
+    keep_gates: bool = True
     features: Literal["W1A32", "keep", "binary"] = "W1A32"
     min_fan_in: int = Field(0, ge=0)
     types: dict[str, Decision] = Field(default_factory=dict)
@@ -198,6 +200,7 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
         (policy.keep_first and facts.first, "first layer"),
         (policy.keep_last and facts.last, "last layer"),
         (policy.keep_depthwise and facts.depthwise, "depthwise"),
+        (policy.keep_gates and facts.gate, "gate (squeeze-excitation)"),
         (facts.fan_in < policy.min_fan_in, f"fan-in {facts.fan_in} < min_fan_in {policy.min_fan_in}"),
     ]
     for hit, why in structural:

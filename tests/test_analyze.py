@@ -105,3 +105,46 @@ def test_hardtanh_reaches_every_activation_that_feeds_a_binary_layer(build):
     with_ht = irconvert.binarize(model).eval()
     assert not any(nonneg_inputs(with_ht).values())
     assert not any(isinstance(m, nn.ReLU) for n, m in with_ht.named_modules() if n in with_ht.irconvert_plan.hardtanh)
+
+
+class Gated(nn.Module):
+    """A squeeze-excitation gate, a gated linear unit and a plain product: only the first is a gate branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.reduce = nn.Conv2d(8, 2, 1)
+        self.expand = nn.Conv2d(2, 8, 1)
+        self.value = nn.Conv2d(8, 8, 1)
+        self.glu = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x * torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        x = self.value(x) * torch.sigmoid(self.glu(x))  # GLU: x does not feed the gate through a pooling
+        x = x * torch.sigmoid(x)  # SiLU written out: no layer on the gate side
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("build, gates", [
+    (Gated, {"reduce", "expand"}),
+    (lambda: timm.create_model("mobilenetv3_large_100"), 16),  # 8 SE blocks
+    (lambda: torchvision.models.efficientnet_b0(), 32),  # torchvision's SqueezeExcitation: fc1, fc2 in each of 16
+    (lambda: timm.create_model("resnest14d"), 8),  # split attention's fc1, fc2
+    (lambda: timm.create_model("resnet18"), 0),
+    (lambda: timm.create_model("vit_tiny_patch16_224"), 0),
+])
+def test_gate_branches_are_found(build, gates):
+    found = {n for n, f in analyze(build()).layers.items() if f.gate}
+    assert (found == gates) if isinstance(gates, set) else (len(found) == gates)
+
+
+@pytest.mark.parametrize("build", [Gated, lambda: timm.create_model("mobilenetv3_large_100")])
+def test_gates_stay_full_precision_unless_the_policy_says_otherwise(build):
+    gates = {n for n, f in analyze(build()).layers.items() if f.gate}
+    assert gates
+    kept = irconvert.binarize(build()).irconvert_plan.layers
+    assert all(kept[n].mode is None and kept[n].reason.startswith("gate") for n in gates)
+    binary = irconvert.binarize(build(), keep_gates=False).irconvert_plan.layers
+    assert all(binary[n].mode is not None for n in gates)
