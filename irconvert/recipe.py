@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,7 +101,9 @@ class Schedule(_Section):
     # std: each binary layer's lr is lr * spread(w) / median spread over the binary layers, spread = the
     # mean per-output-channel std of its latent weight. Libra-PB standardizes w, so an Adam step of lr
     # moves w_hat by lr / spread: scaled so, w_hat (and its signs) moves at one rate in every layer
-    latent_lr: Literal["same", "std"] = "same"
+    # a number u: each binary layer's lr is u * spread(w), an Adam step of u in units of w_hat (the same flip
+    # dynamics in every layer and model whatever the scale its weights were trained to)
+    latent_lr: Union[Literal["same", "std"], Annotated[float, Field(gt=0)]] = "same"
     # after the last epoch: BatchNorm running statistics recomputed over this many training batches
     # (plain average, train-mode forward, no gradient); 0: keep the running averages of training
     bn_reestimate: int = Field(0, ge=0)

@@ -80,7 +80,8 @@ def param_groups(model: nn.Module, weight_decay: float, latent_weight_decay: Opt
                  latent_lr: str = "same") -> list[dict]:
     """Return optimizer groups: `latent_weight_decay` (None: `weight_decay`) on binary layers' latent
     weights, none on biases and 1-d tensors (norms, scales; timm's rule), `weight_decay` on the other
-    weights. latent_lr 'std': one group per binary layer, its lr scaled by `latent_spread` over the median."""
+    weights. latent_lr 'std': one group per binary layer, its lr scaled by `latent_spread` over the median;
+    a number u: one group per binary layer, its lr u * `latent_spread`."""
     layers = [m for _, m in binary_layers(model) if m._parameters.get("weight") is not None]
     latent = {id(m._parameters["weight"]) for m in layers}
     groups: dict[str, list] = {"decay": [], "none": [], "latent": []}
@@ -92,11 +93,10 @@ def param_groups(model: nn.Module, weight_decay: float, latent_weight_decay: Opt
     decay = {"decay": weight_decay, "none": 0.0, "latent": lwd}
     out = [{"params": ps, "weight_decay": decay[k]} for k, ps in groups.items() if ps and k != "latent"]
     trained = [m for m in layers if m._parameters["weight"].requires_grad]
-    if latent_lr == "std" and trained:
+    if latent_lr != "same" and trained:
         spread = {id(m): latent_spread(m) for m in trained}
-        ref = statistics.median(spread.values())
-        out += [{"params": [m._parameters["weight"]], "weight_decay": lwd, "lr": lr * spread[id(m)] / max(ref, 1e-12)}
-                for m in trained]
+        scale = lr / max(statistics.median(spread.values()), 1e-12) if latent_lr == "std" else float(latent_lr)
+        out += [{"params": [m._parameters["weight"]], "weight_decay": lwd, "lr": scale * spread[id(m)]} for m in trained]
     elif groups["latent"]:
         out.append({"params": groups["latent"], "weight_decay": lwd})
     return out

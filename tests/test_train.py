@@ -254,3 +254,19 @@ def test_kd_with_alpha_one_is_the_distribution_loss_alone():
     assert float(loss) == pytest.approx(float(kd_loss(out, teacher(x), 1.0)))
     stage.distill = DistillSection(alpha=0.9, temperature=1.0)
     assert float(_loss(stage, student, x, torch.tensor([0, 1, 2, 0]), True, False)[1]) != pytest.approx(float(loss))
+
+
+def test_latent_lr_as_a_number_is_the_step_in_units_of_each_layers_spread():
+    from irconvert.train import latent_spread
+
+    torch.manual_seed(0)
+    model = _two_binary_layers()
+    with torch.no_grad():
+        model[6].latent_weight.copy_(4.0 * model[3].latent_weight)
+    opt, _ = make_optimizer(model, Schedule(lr=0.01, latent_lr=0.07, epochs=2), 5)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for n, m in irconvert.binary_layers(model):
+        assert lr[id(m.latent_weight)] == pytest.approx(0.07 * latent_spread(m))
+    assert lr[id(model[0].weight)] == 0.01
+    with pytest.raises(Exception):
+        Schedule(latent_lr=-1.0)
