@@ -256,15 +256,15 @@ def criteria_failure(rec: dict) -> str | None:
     return None
 
 
-def sweep_model(spec: str):
+def sweep_model(spec: str, **kwargs):
     """Return model `spec` as the sweep builds it: seed 0, CLASSES classes, no recorded origin (the packed file
-    must name the architecture as for a model built by timm or torchvision itself)."""
+    must name the architecture as for a model built by timm or torchvision itself); kwargs go to its constructor."""
     import torch
 
     from irconvert.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(spec, num_classes=CLASSES)
+    model = create_model(spec, num_classes=CLASSES, **kwargs)
     del model.irconvert_origin
     return model
 

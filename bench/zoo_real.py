@@ -11,6 +11,8 @@ Per model, in a worker process of bench/zoo.py's pool (per-model timeout, memory
   1. create it as the zoo sweep does (seed 0, 10 classes, random init; the classifier drawn from
      N(0, 0.01) where it is one Linear or 1x1 conv, torchvision's head init, `zoo_check.small_head`),
      at the smallest input size it runs on from 32x32 up (Fashion-MNIST's gray repeated to its channels);
+     a timm model that runs only on its own size as built but takes img_size=32 (ViT, DeiT, LeViT) is
+     built for 32x32, as a user fine-tuning it on small images would (the row's `built_for`);
   2. train it (the FP model) for STEPS AdamW steps, lr 1e-3, batch 64 (train.fit, a teacher stage);
   3. convert it with the default policy (`binarize` section: Policy's defaults, and any --set
      binarize.X), calibrated on a training batch;
@@ -47,7 +49,7 @@ FP_LR = 1e-3
 def blank(name: str, source: str) -> dict:
     """The record of one model before (or without) a result."""
     return {"model": name, "source": source, "status": "fail", "stage": "create", "reason": "", "input_size": None,
-            "small_head": None, "binary_layers": None, "fp_top1": None, "binary_top1": None, "gap": None,
+            "built_for": None, "small_head": None, "binary_layers": None, "fp_top1": None, "binary_top1": None, "gap": None,
             "flip_rate_mean": None, "flip_rate_last": None, "flip_rates": None, "binary_loss": None,
             "fp_seconds": None, "binary_seconds": None, "seconds": None}
 
@@ -68,6 +70,24 @@ def real_input_size(model) -> tuple[int, ...]:
         except Exception:
             continue
     return input_size(model)
+
+
+def built_for_small_input(spec: str, size: tuple[int, ...]) -> dict:
+    """Return the constructor arguments that build `spec` for 32x32 input where it runs only on a larger size as
+    built (timm's ViT, DeiT, LeViT take img_size, as a user fine-tuning them on small images would set): {}
+    where it already runs on 32x32 or no such argument makes it."""
+    from irconvert.models import split_name
+
+    from bench.zoo_check import sweep_model
+
+    if size[1] <= SIDES[0] or split_name(spec)[0] != "timm":
+        return {}
+    try:
+        if real_input_size(sweep_model(spec, img_size=SIDES[0]))[1] == SIDES[0]:
+            return {"img_size": SIDES[0]}
+    except Exception:  # no img_size argument, or it does not fit: the model's own size
+        pass
+    return {}
 
 
 def train_recipe(overrides: list[str], steps: int):
@@ -123,10 +143,10 @@ def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=
             warnings.simplefilter("ignore")
             report(stage)
             recipe = train_recipe(list(overrides), steps)
-            model = sweep_model(spec)
-            size = real_input_size(model)
-            rec["input_size"] = list(size)
-            model = sweep_model(spec)  # a fresh one: the size probe ran BatchNorms in training mode
+            kwargs = built_for_small_input(spec, real_input_size(sweep_model(spec)))
+            size = real_input_size(sweep_model(spec, **kwargs))
+            rec["input_size"], rec["built_for"] = list(size), kwargs or None
+            model = sweep_model(spec, **kwargs)  # a fresh one: the size probe ran BatchNorms in training mode
             rec["small_head"] = small_head(model)
             train, test = fashion_loaders(size, val_subset=EVAL)
 
@@ -230,6 +250,8 @@ def markdown(data: dict) -> str:
     for r in sorted(rows, key=lambda r: (r["source"], r["model"])):
         size = "x".join(map(str, r["input_size"][1:])) if r["input_size"] else "-"
         note = "" if r["status"] == "ok" else f"{r['stage']}: {r['reason'][:120]}".replace("|", "/")
+        if r.get("built_for"):
+            note = "; ".join(filter(None, ["built with " + ", ".join(f"{k}={v}" for k, v in r["built_for"].items()), note]))
         flips = f"{_num(r['flip_rate_mean'], '.2%')} / {_num(r['flip_rate_last'], '.2%')}" if r["flip_rate_mean"] is not None else "-"
         lines.append(f"| {r['model']} | {r['source']} | {size} | {_num(r['fp_top1'], '.1f')} | "
                      f"{_num(r['binary_top1'], '.1f')} | {_num(r['gap'], '.1f')} | {flips} | {_num(r['seconds'], '.0f')} | {note} |")

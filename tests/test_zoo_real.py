@@ -79,3 +79,14 @@ def test_the_options_summary_compares_each_tagged_run_with_the_baseline_on_its_m
     table = zoo_real.summary(tmp_path)
     # the baseline on a and b only: median gap 6, one of two within 5 points; the option: 3.5, both
     assert "| zoo-real-fast-agc | train.grad_clip_mode=agc | 2 | 3.50 | 6.00 | 2 | 1 | 0.50% | 1.50% |" in table
+
+
+def test_a_vit_is_built_for_32x32_and_a_cnn_as_it_is():
+    assert zoo_real.built_for_small_input("vit_tiny_patch16_224", (3, 224, 224)) == {"img_size": 32}
+    assert zoo_real.built_for_small_input("resnet18", (3, 32, 32)) == {}  # runs on 32x32 as built
+    assert zoo_real.built_for_small_input("torchvision:resnet18", (3, 64, 64)) == {}  # torchvision: no img_size
+    table = zoo_real.markdown({"config": {"list": "fast", "tag": None, "steps": 3, "set": [], "note": "",
+                                          "policy": {"mode": "W1A1"}},
+                               "rows": [dict(zoo_real.blank("vit_tiny_patch16_224", "timm"), status="ok", stage="",
+                                             input_size=[3, 32, 32], built_for={"img_size": 32})]})
+    assert "| vit_tiny_patch16_224 | timm | 32x32 |" in table and "built with img_size=32 |" in table
