@@ -258,22 +258,38 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def settings_diff(config: dict, base: dict) -> str:
+    """Return what `config` sets differently from `base` (their policies and train sections), as key=value."""
+    out = []
+    for section, key in (("policy", "binarize"), ("train", "train")):
+        a, b = config.get(section) or {}, base.get(section) or {}
+        out += [f"{key}.{k}={json.dumps(a.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return " ".join(out)
+
+
 def summary(results: Path = RESULTS) -> str:
-    """Return the options table: each zoo-real result file against the untagged run on the same models."""
+    """Return the options table: each tagged zoo-real result file against its baseline on the same models (the
+    run its config names as `baseline`, else the untagged run of its list); the option is what their settings differ in."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("zoo-real-*.json")) if p.stem != "zoo-real-options"}
     lines = ["# zoo_real: training options", "",
-             "Each option against the untagged run (today's defaults) on the same models: median gap "
+             "Each tagged run against its baseline on the same models (the run it was measured against: "
+             "`--baseline`, else the untagged run, today's defaults): the settings they differ in, median gap "
              f"(FP - binary top-1, points), models within {WITHIN:g} points, mean flip rate per log point.", "",
-             "| run | option (--set) | models | median gap | baseline median gap | within 5 | baseline within 5 | mean flips | baseline flips |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | baseline | option (settings that differ) | models | median gap | baseline median gap | within 5 | "
+             "baseline within 5 | mean flips | baseline flips |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for stem, d in runs.items():
         c = d["config"]
-        base = runs.get(f"zoo-real-{c['list']}")
+        if not c.get("tag"):
+            continue
+        bstem = c.get("baseline") or f"zoo-real-{c['list']}"
+        base = runs.get(bstem)
         rows = [r for r in d["rows"] if r["status"] == "ok"]
-        names = {r["model"] for r in rows}
-        brows = [r for r in (base["rows"] if base else []) if r["model"] in names and r["status"] == "ok"]
+        keys = {(r["source"], r["model"]) for r in rows}
+        brows = [r for r in (base["rows"] if base else []) if (r["source"], r["model"]) in keys and r["status"] == "ok"]
+        option = (settings_diff(c, base["config"]) if base else "") or " ".join(c["set"]) or "(the same settings)"
         flips = lambda rs: _num(statistics.fmean([r["flip_rate_mean"] for r in rs]) if rs else None, ".2%")
-        lines.append(f"| {stem} | {' '.join(c['set']) or '(defaults)'} | {len(rows)} | {_num(median_gap(rows), '.2f')} | "
+        lines.append(f"| {stem} | {bstem if base else '-'} | {option} | {len(rows)} | {_num(median_gap(rows), '.2f')} | "
                      f"{_num(median_gap(brows), '.2f')} | {within(rows)} | {within(brows)} | {flips(rows)} | {flips(brows)} |")
     return "\n".join(lines)
 
@@ -287,6 +303,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override, e.g. train.grad_clip=0.01 or binarize.shortcut=true")
     ap.add_argument("--tag", help="write zoo-real-LIST-TAG.* (a run with other settings than the defaults)")
+    ap.add_argument("--baseline", metavar="TAG",
+                    help="the tagged run this one is measured against in --summary (default: the untagged run)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on a 2-core machine)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per model (per 100M parameters above that)")
     ap.add_argument("--mem-gib", type=float, default=18, help="a worker over this resident memory is killed (0: no cap)")
@@ -316,10 +334,12 @@ def main() -> None:
         ap.error(f"--only {args.only!r} matches no model of the {args.list} list")
     name = f"zoo-real-{args.list}" + (f"-{args.tag}" if args.tag else "")
     config = {"list": args.list, "tag": args.tag, "steps": args.steps, "set": args.set,
+              **({"baseline": f"zoo-real-{args.list}-{args.baseline}"} if args.baseline else {}),
               "policy": recipe.binarize.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")}
     path = args.out / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else None
-    same = old is not None and {k: v for k, v in old["config"].items() if k != "note"} == config
+    same = old is not None and {k: v for k, v in old["config"].items() if k not in ("note", "baseline")} == \
+        {k: v for k, v in config.items() if k != "baseline"}
     if old is not None and not same:
         ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
     print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)

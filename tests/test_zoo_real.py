@@ -68,17 +68,28 @@ def test_the_command_runs_a_model_in_a_worker_and_merges_a_rerun(tmp_path, fashi
     assert other.returncode == 2 and "pass --tag NAME" in other.stderr  # other settings: not over this run
 
 
-def test_the_options_summary_compares_each_tagged_run_with_the_baseline_on_its_models(tmp_path):
-    def row(model, gap, flips):
-        return {"model": model, "source": "timm", "status": "ok", "gap": gap, "flip_rate_mean": flips}
+def test_the_options_summary_compares_each_tagged_run_with_its_baseline_on_its_models(tmp_path):
+    def row(model, gap, flips, source="timm"):
+        return {"model": model, "source": source, "status": "ok", "gap": gap, "flip_rate_mean": flips}
 
-    base = {"config": {"list": "fast", "tag": None, "set": []}, "rows": [row("a", 10, 0.01), row("b", 2, 0.02), row("c", 1, 0.0)]}
-    agc = {"config": {"list": "fast", "tag": "agc", "set": ["train.grad_clip_mode=agc"]}, "rows": [row("a", 4, 0.0), row("b", 3, 0.01)]}
-    (tmp_path / "zoo-real-fast.json").write_text(json.dumps(base))
-    (tmp_path / "zoo-real-fast-agc.json").write_text(json.dumps(agc))
+    def config(tag, lr, **more):
+        return {"list": "fast", "tag": tag, "set": [], "policy": {"mode": "W1A1"}, "train": {"lr": lr}, **more}
+
+    base = {"config": config(None, 0.003), "rows": [row("a", 10, 0.01), row("b", 2, 0.02), row("c", 1, 0.0),
+                                                   row("b", 50, 0.0, "torchvision")]}
+    agc = {"config": dict(config("agc", 0.003), set=["train.grad_clip_mode=agc"], train={"lr": 0.003, "grad_clip_mode": "agc"}),
+           "rows": [row("a", 4, 0.0), row("b", 3, 0.01)]}
+    before = {"config": config("before", 0.001), "rows": [row("a", 20, 0.0)]}
+    old = {"config": config("lr", 0.003, baseline="zoo-real-fast-before"), "rows": [row("a", 10, 0.01)]}
+    for name, data in [("", base), ("-agc", agc), ("-before", before), ("-lr", old)]:
+        (tmp_path / f"zoo-real-fast{name}.json").write_text(json.dumps(data))
     table = zoo_real.summary(tmp_path)
-    # the baseline on a and b only: median gap 6, one of two within 5 points; the option: 3.5, both
-    assert "| zoo-real-fast-agc | train.grad_clip_mode=agc | 2 | 3.50 | 6.00 | 2 | 1 | 0.50% | 1.50% |" in table
+    # against the untagged run on a and b only (not torchvision's b): median gap 6, one of two within 5; the option: 3.5, both
+    assert ('| zoo-real-fast-agc | zoo-real-fast | train.grad_clip_mode="agc" | 2 | 3.50 | 6.00 | 2 | 1 | 0.50% | 1.50% |'
+            in table)
+    # a run measured against an earlier baseline names it, and what differs from it
+    assert "| zoo-real-fast-lr | zoo-real-fast-before | train.lr=0.003 | 1 | 10.00 | 20.00 | 0 | 0 | 1.00% | 0.00% |" in table
+    assert "\n| zoo-real-fast |" not in table  # the untagged baseline itself is no option
 
 
 def test_a_vit_is_built_for_32x32_and_a_cnn_as_it_is():
