@@ -107,12 +107,38 @@ def headline() -> str:
     return "\n".join(lines)
 
 
+def misses() -> str:
+    """Return the README's list of zoo_real misses: each model of the untagged fast, timm and torchvision runs
+    whose binary twin is over WITHIN points from its FP twin (or failed), with what its run measured."""
+    from bench.zoo_real import WITHIN, diagnosis, final_losses, median_gap, within
+
+    lines = []
+    for name in ("fast", "timm", "torchvision"):
+        path = RESULTS / f"zoo-real-{name}.json"
+        if not path.is_file():
+            lines.append(f"- **{name}** list: not run yet.")
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        ok = [r for r in rows if r["status"] == "ok"]
+        ref = final_losses(rows)
+        missed = sorted((r for r in rows if diagnosis(r)), key=lambda r: -(r["gap"] if r["gap"] is not None else 1e9))
+        lines.append(f"- **{name}** list, {len(rows)} models measured: {within(ok)} within {WITHIN:g} points "
+                     f"({within(ok) / max(len(rows), 1):.0%}), median gap {median_gap(ok) or 0:.1f}; "
+                     f"{len(missed)} miss{'es' if len(missed) != 1 else ''}:")
+        lines += [f"  - {'torchvision:' if r['source'] == 'torchvision' else ''}{r['model']}"
+                  f"{'' if r['gap'] is None else ' ' + format(r['fp_top1'], '.1f') + ' → ' + format(r['binary_top1'], '.1f')}"
+                  f": {diagnosis(r, ref)}" for r in missed]
+    return "\n".join(lines)
+
+
 def readme(text: str) -> str:
-    """Return README `text` with its headline table regenerated."""
-    pattern = re.compile(r"(<!-- headline -->\n).*?(<!-- /headline -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("README.md: no <!-- headline --> ... <!-- /headline --> block")
-    return pattern.sub(lambda m: m.group(1) + headline() + "\n" + m.group(2), text)
+    """Return README `text` with its headline table and the zoo_real misses regenerated."""
+    for tag, make in (("headline", headline), ("zoo-real-misses", misses)):
+        pattern = re.compile(rf"(<!-- {tag} -->\n).*?(<!-- /{tag} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md: no <!-- {tag} --> ... <!-- /{tag} --> block")
+        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+    return text
 
 
 def outputs() -> dict[Path, bytes]:

@@ -229,17 +229,43 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def final_losses(rows: list[dict]) -> list[float]:
+    """The last distillation loss of each model within WITHIN points: what a miss's loss is compared with."""
+    return sorted(r["binary_loss"][-1] for r in rows
+                  if r["status"] == "ok" and r["gap"] is not None and r["gap"] <= WITHIN and r.get("binary_loss"))
+
+
+def diagnosis(r: dict, within_losses: list[float] = ()) -> str:
+    """Return what a miss (gap over WITHIN points, or a failure) measured, in words: its last distillation loss
+    (against `within_losses`, those of the models within) and where it went over the last three log points
+    (still falling, flat or rising); '' for a model within."""
+    if r["status"] != "ok":
+        return f"{r['stage']}: {r['reason'][:120]}"
+    if r["gap"] is None or r["gap"] <= WITHIN:
+        return ""
+    loss = r.get("binary_loss") or []
+    if len(loss) < 4:
+        return f"gap {r['gap']:.1f}"
+    ref = f" (the models within: {within_losses[0]:.2f}-{within_losses[-1]:.2f})" if within_losses else ""
+    fall = 1 - loss[-1] / loss[-4] if loss[-4] else 0.0
+    trend = (f"still falling, {fall:.0%} lower than 3 log points before" if fall > 0.05 else
+             f"rising at the end, from {loss[-4]:.2f}" if fall < -0.05 else "flat over the last 3 log points")
+    return f"distillation loss {loss[-1]:.2f} at the end{ref}, {trend}"
+
+
 def markdown(data: dict) -> str:
     """Return the Markdown of one zoo_real result: the config, the summary, a row per model."""
     c, rows = data["config"], data["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
-    pol = {k: v for k, v in c["policy"].items() if k in ("mode", "method", "shortcut", "keep_first", "keep_last",
-                                                          "keep_depthwise", "features")}
+    pol = {k: v for k, v in c["policy"].items() if k in ("mode", "method", "shortcut", "shortcut_width", "keep_first",
+                                                          "keep_last", "keep_depthwise", "keep_gates", "features")}
+    tr = c.get("train") or {}
     lines = [f"# zoo_real: {c['list']}{' (' + c['tag'] + ')' if c.get('tag') else ''}", "",
              f"Fashion-MNIST, per model: the FP model trained from random init for {c['steps']} AdamW steps "
              f"(lr {FP_LR:g}, batch 64, at the smallest input size from 32x32 it runs on), converted with the "
              f"policy {json.dumps(pol)} (the whole policy in the JSON), calibrated on a training batch, then "
              f"fine-tuned for {c['steps']} steps with the default recipe's train section"
+             f"{' (lr %s, latent_lr %s)' % (tr['lr'], tr.get('latent_lr', 'same')) if 'lr' in tr else ''}"
              f"{' and ' + ', '.join(c['set']) if c['set'] else ''} (distillation from the FP model, EDE). "
              f"Top-1 on {EVAL} test images. flips: share of binary weight signs flipped per log point "
              f"(a tenth of the binary steps), mean over the run / last. {c['note']}", "",
@@ -249,7 +275,7 @@ def markdown(data: dict) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: (r["source"], r["model"])):
         size = "x".join(map(str, r["input_size"][1:])) if r["input_size"] else "-"
-        note = "" if r["status"] == "ok" else f"{r['stage']}: {r['reason'][:120]}".replace("|", "/")
+        note = diagnosis(r, final_losses(rows)).replace("|", "/")
         if r.get("built_for"):
             note = "; ".join(filter(None, ["built with " + ", ".join(f"{k}={v}" for k, v in r["built_for"].items()), note]))
         flips = f"{_num(r['flip_rate_mean'], '.2%')} / {_num(r['flip_rate_last'], '.2%')}" if r["flip_rate_mean"] is not None else "-"

@@ -101,3 +101,19 @@ def test_a_vit_is_built_for_32x32_and_a_cnn_as_it_is():
                                "rows": [dict(zoo_real.blank("vit_tiny_patch16_224", "timm"), status="ok", stage="",
                                              input_size=[3, 32, 32], built_for={"img_size": 32})]})
     assert "| vit_tiny_patch16_224 | timm | 32x32 |" in table and "built with img_size=32 |" in table
+
+
+def test_a_miss_says_what_its_loss_did_against_the_models_within():
+    def row(gap, loss, status="ok"):
+        return dict(zoo_real.blank("m", "timm"), status=status, gap=gap, binary_loss=loss, stage="binary-train",
+                    reason="" if status == "ok" else "Diverged: loss became nan")
+
+    rows = [row(2.0, [1.0, 0.5, 0.2, 0.15]), row(4.0, [1.0, 0.5, 0.3, 0.11]), row(9.0, [1.0, 0.8, 0.7, 0.5]),
+            row(12.0, [1.0, 0.4, 0.4, 0.4, 0.41]), row(7.0, [1.0, 0.3, 0.3, 0.3, 0.6]), row(None, None, "fail")]
+    ref = zoo_real.final_losses(rows)
+    assert ref == [0.11, 0.15]
+    said = [zoo_real.diagnosis(r, ref) for r in rows]
+    assert said[:2] == ["", ""]
+    assert said[2] == "distillation loss 0.50 at the end (the models within: 0.11-0.15), still falling, 50% lower than 3 log points before"
+    assert said[3].endswith("flat over the last 3 log points") and "rising at the end, from 0.30" in said[4]
+    assert said[5] == "binary-train: Diverged: loss became nan"
