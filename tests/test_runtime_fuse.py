@@ -145,26 +145,28 @@ def test_resnet34_at_224_is_bit_identical(backends, monkeypatch, tmp_path):
     assert_bit_identical(sim, net, x, monkeypatch, backends[:1])
 
 
-@pytest.mark.parametrize("shortcut", [False, "auto"])
+@pytest.mark.parametrize("shortcut, width", [(False, False), ("auto", False), ("auto", True)])
 @torch.no_grad()
-def test_mobilenet_keeps_depthwise_float_and_is_bit_identical(shortcut, backends, monkeypatch, tmp_path):
+def test_mobilenet_keeps_depthwise_float_and_is_bit_identical(shortcut, width, backends, monkeypatch, tmp_path):
     torch.manual_seed(2)
-    model = irconvert.binarize(randomize_bn(create_model("mobilenetv2_100", num_classes=10), 2), shortcut=shortcut)
+    model = irconvert.binarize(randomize_bn(create_model("mobilenetv2_100", num_classes=10), 2), shortcut=shortcut,
+                               shortcut_width=width)
     if shortcut:  # plain shortcuts on the blocks without a residual sum
         assert ("blocks.1.0.conv_pw", "blocks.1.0.bn1") in model.irconvert_plan.shortcuts
     sim, net = packed_pair(model, tmp_path)
     fusion = net.irconvert_runtime.fusion
     assert type(net.get_submodule("blocks.1.0.conv_dw")) is nn.Conv2d and "conv_dw" not in str(list(fusion))
     assert isinstance(net, torch.fx.GraphModule)  # a shortcut's BatchNorm is one node of the graph
+    unfused = "not fused: the Bi-Real shortcut reads its float input"
     if shortcut:  # the shortcut reads the conv's float input, and its BatchNorm adds S(x): neither folds
-        assert fusion["blocks.1.0.conv_pw"] == "not fused: the Bi-Real shortcut reads its float input"
-        assert fusion["blocks.1.0.conv_pwl"] == "not fused: the Bi-Real shortcut reads its float input"
+        assert fusion["blocks.1.0.conv_pw"] == unfused and fusion["blocks.1.0.conv_pwl"] == unfused
         assert "ShortcutBatchNormAct2d" in type(net.get_submodule("blocks.1.0.bn1")).__name__
-        assert fusion["blocks.1.1.conv_pw"].startswith("fused: BatchNorm2d ReLU6 -> float")
+    if shortcut and width:  # every expand and project conv changes the width: each has its shortcut
+        assert fusion["blocks.1.1.conv_pw"] == unfused and fusion["blocks.1.1.conv_pwl"] == unfused
     else:
-        assert fusion["blocks.1.0.conv_pw"].startswith("fused: BatchNorm2d ReLU6 -> float")
-    # the next block's residual sum folds into its conv_pwl; it adds the unfused shortcut BatchNorm's output
-    assert ("+ blocks.1.0.bn3" if shortcut else "+ blocks.1.0.conv_pwl") in fusion["blocks.1.1.conv_pwl"]
+        assert fusion["blocks.1.1.conv_pw"].startswith("fused: BatchNorm2d ReLU6 -> float")
+        # the next block's residual sum folds into its conv_pwl; it adds the unfused shortcut BatchNorm's output
+        assert ("+ blocks.1.0.bn3" if shortcut else "+ blocks.1.0.conv_pwl") in fusion["blocks.1.1.conv_pwl"]
     x = torch.randn(2, 3, 48, 48)
     assert_bit_identical(sim, net, x, monkeypatch, backends)
 
