@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import ends, feature_layers, gate_layers, owner_names, trace, weighted_layers
+from .graph import closure, ends, feature_layers, gate_layers, owner_names, trace, weighted_layers
 from .layers import can_binarize
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
@@ -105,22 +105,11 @@ class Dataflow:
         for i, ins in enumerate(self.inputs):
             for j in ins:
                 users[j].append(i)
-        below = _closure(self.inputs[start], lambda j: self.inputs[j])
+        below = closure(self.inputs[start], lambda j: self.inputs[j])
         blocked = {i for i, names in enumerate(self.layers) if i == start or any(n in barriers for n in names)}
-        around = _closure(below, lambda j: [u for u in users[j] if u not in blocked])
-        after = _closure([start], lambda j: users[j]) - {start}
+        around = closure(below, lambda j: [u for u in users[j] if u not in blocked])
+        after = closure([start], lambda j: users[j]) - {start}
         return bool(after & around)
-
-
-def _closure(start, step) -> set[int]:
-    """The nodes reached from `start` (included) by repeating `step`."""
-    seen, stack = set(start), list(start)
-    while stack:
-        for j in step(stack.pop()):
-            if j not in seen:
-                seen.add(j)
-                stack.append(j)
-    return seen
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,22 @@ def feature_layers(graph: fx.Graph, weighted: dict[str, nn.Module], last: set[st
 
 
 # Nodes that reduce a feature map to a summary (global pooling): a gate branch starts with one.
-_REDUCING_FUNCTIONS = {"mean", "sum", "amax", "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool1d"}
-_REDUCING_MODULES = ("AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "SelectAdaptivePool2d",
-                     "AdaptiveAvgMaxPool2d", "AdaptiveCatAvgMaxPool2d")
+# (functions and methods by name, modules by class name)
+_REDUCING = {"mean", "sum", "amax", "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool1d",
+             "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "SelectAdaptivePool2d",
+             "AdaptiveAvgMaxPool2d", "AdaptiveCatAvgMaxPool2d"}
 _PRODUCTS = {"mul", "mul_", "imul"}
+
+
+def closure(start, step) -> set:
+    """The nodes reached from `start` (included) by repeating `step`."""
+    seen, stack = set(start), list(start)
+    while stack:
+        for j in step(stack.pop()):
+            if j not in seen:
+                seen.add(j)
+                stack.append(j)
+    return seen
 
 
 def _callee(n: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -140,15 +152,7 @@ def gate_layers(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module
     and x's does not. Such a layer sees a pooled summary and scales whole channels of x: its output is
     what a model multiplies its features by, not a feature map."""
     modules = dict(model.named_modules())
-
-    def ancestors(n: fx.Node) -> set:
-        seen, stack = set(), list(n.all_input_nodes)
-        while stack:
-            a = stack.pop()
-            if a not in seen:
-                seen.add(a)
-                stack.extend(a.all_input_nodes)
-        return seen
+    ancestors = lambda n: closure(n.all_input_nodes, lambda a: a.all_input_nodes)
 
     out: set[str] = set()
     for n in graph.nodes:
@@ -160,8 +164,7 @@ def gate_layers(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module
             if x not in above:
                 continue
             branch = above - ancestors(x) - {x} | {g}
-            callees = {_callee(b, modules) for b in branch}
-            if callees & _REDUCING_FUNCTIONS or callees & set(_REDUCING_MODULES):
+            if any(_callee(b, modules) in _REDUCING for b in branch):
                 out.update(name for b in branch for name in owner_names(b, weighted))
     return out
 
