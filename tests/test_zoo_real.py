@@ -36,6 +36,16 @@ def test_the_fp_twin_is_trained_once_and_read_back_for_the_next_run(fashion_root
     fresh = zoo_real.real_model("test_resnet", steps=2, overrides=["train.grad_clip=1.0"])  # no cache: trained anew
     assert "fp_cached" not in fresh and fresh["fp_top1"] == first["fp_top1"]  # and to the same weights
     assert fresh["binary_top1"] == again["binary_top1"]  # the binary stage cannot tell a cached twin from a fresh one
+    import torch
+
+    path, = (tmp_path / "irconvert" / "zoo-real-fp").glob("test_resnet-*.pt")
+    saved = torch.load(path, weights_only=True)
+    assert saved["bn_batches"] == zoo_real.FP_BN_BATCHES  # stored with its BatchNorms re-estimated
+    del saved["bn_batches"]  # an entry from before the re-estimate: re-estimated on load, then stored again
+    torch.save(saved, path)
+    old = zoo_real.real_model("test_resnet", steps=2, fp_cache_on=True)
+    assert old["fp_cached"] and old["fp_top1"] == first["fp_top1"] and old["binary_top1"] == first["binary_top1"]
+    assert torch.load(path, weights_only=True)["bn_batches"] == zoo_real.FP_BN_BATCHES
 
 
 def test_the_recipe_is_the_default_policy_and_the_step_budget_over_its_epochs():
