@@ -17,7 +17,9 @@ Ops emitted, and why each one computes what the PyTorch model computes:
   the XOR-popcount a in 0..K (K = kh * kw * C_in), and dot = K - 2a is the +-1 convolution the
   PyTorch layer computes before its scale; float output is dot * m[o] + b[o]. m = s (the layer's
   per-channel scale) and b = its bias; a BatchNorm after it (eval, z = alpha * y + beta) folds into
-  m = alpha * s, b = alpha * bias + beta (one float rounding each: ~1e-7 relative). The filter is
+  m = alpha * s, b = alpha * bias + beta (one float rounding each: ~1e-7 relative; LCE's kernels then compute
+  (2a) * (-m) + (b + K * m), the latter rounded once to float in bconv2d.cc, so an exact model stays exact: a
+  model whose every float is a short binary fraction agrees bit for bit, its ties at 0 included). The filter is
   LCE's OHWI with every (o, kh, kw) pixel's channels packed into their own words; irconvert's file
   packs kh * kw * C_in densely, so the signs are repacked per pixel (the same words when C_in % 32 == 0).
 - Zero padding. PyTorch pads the +-1 input with 0 on every side; LCE's `pad_values=0` with SAME

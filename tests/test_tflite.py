@@ -357,3 +357,48 @@ def test_verify_without_lce_says_how_to_install(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(lce.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(IRConvertError, match=r"pip install 'irconvert\[lce\]'"):
         lce.interpreter_path()
+
+
+def test_exact_ties_sign_zero_is_plus_one_in_every_kernel(tmp_path):
+    """Every float a short binary fraction (integer inputs and conv weights, BatchNorm var 1 and dyadic gammas,
+    a power-of-two pool), so neither PyTorch nor LCE rounds: thousands of pre-sign values are exactly 0, and
+    sign(0) = +1 must hold on every path: LceQuantize of a float output (the padded 3x3 conv), the integer
+    thresholds of a bitpacked output (the chained 1x1 convs) and the last float one. Bit for bit, not 1e-4."""
+    C, g = 32, torch.Generator().manual_seed(0)
+
+    def block(cin, k):
+        return [nn.Conv2d(cin, C, k, padding=k // 2, bias=False), nn.BatchNorm2d(C, eps=2 ** -30), nn.Hardtanh()]
+
+    net = nn.Sequential(*block(3, 3), *block(C, 3), *block(C, 1), *block(C, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(C, 10))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randint(-2, 3, m.weight.shape, generator=g).float())
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_var.fill_(1.0)  # 1 + 2^-30 is 1 in float32: the fold is exact
+                m.running_mean.copy_(torch.randint(-2, 3, (C,), generator=g).float() * 2)  # even, as dot is (K even)
+                sign = torch.where(torch.rand(C, generator=g) < 0.3, -1.0, 1.0)  # some flipped channels
+                m.weight.copy_(torch.randint(1, 4, (C,), generator=g).float() * sign / 4)
+                m.bias.zero_()
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randint(-4, 5, m.weight.shape, generator=g).float() / 8)
+                m.bias.zero_()
+    size = (3, 8, 8)
+    b = irconvert.binarize(net.eval(), features="binary", shortcut=False)
+    assert len(list(irconvert.binary_layers(b))) == 3
+    b.irconvert_input_size = size
+    path = export_tflite(b, tmp_path / "model.tflite")
+    data = path.read_bytes()
+    assert b"_6_bits" in data and b"_8_bits" not in data  # the first 1x1 conv's bitpacked output feeds the second
+    x = torch.randint(-1, 2, (16,) + size, generator=g).float() * (torch.rand((16,) + size, generator=g) < 0.5)
+    zeros = []
+    hooks = [m.register_forward_hook(lambda m, i, o: zeros.append(int((i[0] == 0).sum())))
+             for _, m in irconvert.binary_layers(b)]
+    with torch.no_grad():
+        ref = b(x).numpy()
+    for h in hooks:
+        h.remove()
+    assert min(zeros) > 1000, zeros  # ties at every binary layer's input
+    for kernel, row in compare(ref, run_tflite(path, _nhwc(x))).items():
+        assert row["max_abs"] == 0.0, (kernel, row)
