@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import closure, ends, feature_layers, gate_layers, owner_names, trace, weighted_layers
+from .graph import closure, ends, feature_layers, gates, owner_names, trace, weighted_layers
 from .layers import can_binarize
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
@@ -80,7 +80,8 @@ class LayerFacts:
     sources: tuple[str, ...] = ()
     magnitude: int = 0  # round(log2 std(weight)): the gain that keeps the layer's output scale
     feature: bool = False  # the classifier reads its output through one-input ops only (graph.feature_layers)
-    gate: bool = False  # on the gate branch of a product x * g(pool(x)), as squeeze-excitation (graph.gate_layers)
+    gate: bool = False  # on the gate branch of a product x * g(pool(x)), as squeeze-excitation (graph.gates)
+    gated_input: bool = False  # reads such a product x * g itself, as an inverted residual's project conv (graph.gates)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def analyze(model: nn.Module) -> Analysis:
 
 
 def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True,
-           sources=(), feature: bool = False, gate: bool = False) -> LayerFacts:
+           sources=(), feature: bool = False, gate: bool = False, gated_input: bool = False) -> LayerFacts:
     ok = can_binarize(m)
     return LayerFacts(
         name=name,
@@ -156,6 +157,7 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
         magnitude=magnitude(m) if ok else 0,
         feature=feature,
         gate=gate,
+        gated_input=gated_input,
     )
 
 
@@ -166,7 +168,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
 
     first, last, called = ends(model, graph, weighted)
     features = feature_layers(graph, weighted, last)
-    gates = gate_layers(model, graph, weighted)
+    gate_branches, gated_readers = gates(model, graph, weighted)
 
     feeders: dict[str, tuple[set, bool]] = {}
     sources: dict[str, set] = {}
@@ -192,7 +194,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
         found, functional = feeders.get(name, (set(), False))
         layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called,
                               sorted(sources.get(name, ())), name in features,
-                              name in gates)
+                              name in gate_branches, name in gated_readers)
     index = {n: i for i, n in enumerate(nodes)}
     flow = Dataflow(layers=tuple(tuple(owner_names(n, weighted)) for n in nodes),
                     inputs=tuple(tuple(index[a] for a in n.all_input_nodes) for n in nodes))

@@ -126,6 +126,7 @@ _REDUCING = {"mean", "sum", "amax", "adaptive_avg_pool2d", "adaptive_max_pool2d"
              "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "SelectAdaptivePool2d",
              "AdaptiveAvgMaxPool2d", "AdaptiveCatAvgMaxPool2d"}
 _PRODUCTS = {"mul", "mul_", "imul"}
+_PASS_THROUGH = {"Identity", "Dropout", "Dropout2d", "DropPath", "dropout", "contiguous"}
 
 
 def closure(start, step) -> set:
@@ -146,15 +147,19 @@ def _callee(n: fx.Node, modules: dict[str, nn.Module]) -> str:
     return getattr(n.target, "__name__", str(n.target)) if n.op == "call_function" else str(n.target)
 
 
-def gate_layers(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> set[str]:
-    """Return the conv/linear layers of gate branches: in a product x * g where x also feeds g through a
-    global pooling (squeeze-excitation, ECA, CBAM, split attention), the layers that g's value depends on
-    and x's does not. Such a layer sees a pooled summary and scales whole channels of x: its output is
-    what a model multiplies its features by, not a feature map."""
+def gates(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> tuple[set[str], set[str]]:
+    """Return (gate layers, gated readers) of the products x * g where x also feeds g through a global pooling
+    (squeeze-excitation, ECA, CBAM, split attention). Gate layers: the conv/linear layers that g's value
+    depends on and x's does not; such a layer sees a pooled summary and scales whole channels of x, so its
+    output is what a model multiplies its features by, not a feature map. Gated readers: the conv/linear
+    layers that read the product itself (through identity or dropout only), as an inverted residual's
+    project conv reads x * SE(x); the sign of their input is sign(x) wherever g > 0, so a W1A1 reader
+    cannot see the gate at all."""
     modules = dict(model.named_modules())
     ancestors = lambda n: closure(n.all_input_nodes, lambda a: a.all_input_nodes)
 
-    out: set[str] = set()
+    layers: set[str] = set()
+    readers: set[str] = set()
     for n in graph.nodes:
         if n.op not in ("call_function", "call_method") or _callee(n, modules) not in _PRODUCTS:
             continue
@@ -165,7 +170,19 @@ def gate_layers(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module
                 continue
             branch = above - ancestors(x) - {x} | {g}
             if any(_callee(b, modules) in _REDUCING for b in branch):
-                out.update(name for b in branch for name in owner_names(b, weighted))
+                layers.update(name for b in branch for name in owner_names(b, weighted))
+                readers.update(_readers(n, modules, weighted))
+    return layers, readers
+
+
+def _readers(node: fx.Node, modules: dict[str, nn.Module], weighted: dict[str, nn.Module]) -> set[str]:
+    """The conv/linear layers that read `node`'s value through pass-through ops only (identity, dropout)."""
+    out: set[str] = set()
+    for u in node.users:
+        if u.op == "call_module" and u.target in weighted:
+            out.add(u.target)
+        elif _callee(u, modules) in _PASS_THROUGH and len(u.all_input_nodes) == 1:
+            out |= _readers(u, modules, weighted)
     return out
 
 

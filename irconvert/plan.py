@@ -36,7 +36,8 @@ class Policy(BaseModel):
                      layers full precision by what the graph says (first = no conv/linear between it
                      and the input; last = its output reaches the model output without another one;
                      gate = on the branch g of a product x * g(pool(x)), squeeze-excitation's convs);
-                     `features` makes the classifier's feature layer W1A32 (see below).
+                     `features` makes the classifier's feature layer W1A32 (see below), and
+                     `gated_input` each layer that reads a gated product x * g (see below).
       4. pattern:    `patterns` maps a glob ("blocks.*.attn.qkv") or a regex prefixed "re:" to a
                      decision, matched against the full module name; when several match, the one
                      written last wins.
@@ -58,6 +59,10 @@ class Policy(BaseModel):
     classifier: with a freshly drawn classifier (timm's EfficientNet-family init, U(+-1/sqrt(classes)))
     such a model does not learn (the zoo's "learns" check). A residual sum in front of the classifier
     (ResNet, ViT, ConvNeXt) has no feature layer. Structure level, so patterns and names override it.
+    `gated_input` is what a layer reading a gate's product x * g becomes (an inverted residual's project conv
+    after squeeze-excitation; graph.gates): "W1A32" by default, "keep" or "binary". A W1A1 layer there sees
+    sign(x * g) = sign(x) for a positive gate, so the gate does nothing for it: measured in bench.zoo_real
+    (docs/policy.md, Gates). Structure level, like `features`.
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
@@ -87,6 +92,7 @@ class Policy(BaseModel):
     keep_depthwise: bool = True
     keep_gates: bool = True
     features: Literal["W1A32", "keep", "binary"] = "W1A32"
+    gated_input: Literal["W1A32", "keep", "binary"] = "W1A32"
     min_fan_in: int = Field(0, ge=0)
     types: dict[str, Decision] = Field(default_factory=dict)
     patterns: dict[str, Decision] = Field(default_factory=dict)
@@ -216,6 +222,9 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
         if facts.feature and policy.features != "binary":
             mode = None if policy.features == "keep" else ("W1A32" if mode is not None else None)
             reason = f"feature layer of the classifier ({policy.features})"
+        elif facts.gated_input and policy.gated_input != "binary":
+            mode = None if policy.gated_input == "keep" else ("W1A32" if mode is not None else None)
+            reason = f"reads a gated product x * g, whose sign is sign(x) ({policy.gated_input})"
     for pat, dec in policy.patterns.items():
         if _matches(pat, facts.name):
             mode, reason = _resolve(dec, policy), f"pattern {pat}"

@@ -127,17 +127,34 @@ class Gated(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("build, gates", [
-    (Gated, {"reduce", "expand"}),
-    (lambda: timm.create_model("mobilenetv3_large_100"), 16),  # 8 SE blocks
-    (lambda: torchvision.models.efficientnet_b0(), 32),  # torchvision's SqueezeExcitation: fc1, fc2 in each of 16
-    (lambda: timm.create_model("resnest14d"), 8),  # split attention's fc1, fc2
-    (lambda: timm.create_model("resnet18"), 0),
-    (lambda: timm.create_model("vit_tiny_patch16_224"), 0),
+@pytest.mark.parametrize("build, gates, readers", [
+    (Gated, {"reduce", "expand"}, {"value", "glu"}),  # both read the SE product; the GLU's product is no gate
+    (lambda: timm.create_model("mobilenetv3_large_100"), 16, 8),  # 8 SE blocks, each read by its conv_pwl
+    # torchvision's SqueezeExcitation: fc1, fc2 in each of 16 blocks, read by the project conv (block.3.0, or
+    # block.2.0 in the first block, which has no expand conv)
+    (lambda: torchvision.models.efficientnet_b0(), 32, 16),
+    (lambda: timm.create_model("resnest14d"), 8, 0),  # split attention's fc1, fc2; its products are summed first
+    (lambda: timm.create_model("resnet18"), 0, 0),
+    (lambda: timm.create_model("vit_tiny_patch16_224"), 0, 0),
 ])
-def test_gate_branches_are_found(build, gates):
-    found = {n for n, f in analyze(build()).layers.items() if f.gate}
+def test_gate_branches_and_their_readers_are_found(build, gates, readers):
+    layers = analyze(build()).layers
+    found = {n for n, f in layers.items() if f.gate}
     assert (found == gates) if isinstance(gates, set) else (len(found) == gates)
+    read = {n for n, f in layers.items() if f.gated_input}
+    assert (read == readers) if isinstance(readers, set) else (len(read) == readers)
+    if isinstance(build(), torchvision.models.EfficientNet):
+        assert "features.1.0.block.2.0" in read and all(n.endswith(".block.3.0") for n in read - {"features.1.0.block.2.0"})
+
+
+def test_a_gated_reader_is_w1a32_unless_the_policy_says_otherwise():
+    """sign(x * g) = sign(x) for a positive gate: a W1A1 reader of the product would not see the gate."""
+    plan = irconvert.binarize(Gated()).irconvert_plan.layers
+    assert plan["value"].mode == "W1A32" and "gated product" in plan["value"].reason
+    assert irconvert.binarize(Gated(), gated_input="binary").irconvert_plan.layers["value"].mode == "W1A1"
+    assert irconvert.binarize(Gated(), gated_input="keep").irconvert_plan.layers["value"].mode is None
+    assert irconvert.binarize(Gated(), mode="W1A32").irconvert_plan.layers["value"].mode == "W1A32"
+    assert irconvert.binarize(Gated(), patterns={"value": "W1A1"}).irconvert_plan.layers["value"].mode == "W1A1"
 
 
 @pytest.mark.parametrize("build", [Gated, lambda: timm.create_model("mobilenetv3_large_100")])
