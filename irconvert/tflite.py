@@ -46,6 +46,13 @@ Ops emitted, and why each one computes what the PyTorch model computes:
   (residual sums), `RELU`, `RELU6`, `RELU_N1_TO_1` / `MAXIMUM` + `MINIMUM` (Hardtanh), `SUB` + `PRELU`
   + `ADD` (RPReLU: beta * y for y <= 0, y above, at y = 0 both 0), `RESHAPE` / `TRANSPOSE` (flatten
   in PyTorch's NCHW order).
+- The mobile families' float pieces: `LOGISTIC` (Sigmoid), `LOGISTIC` + `MUL` (SiLU, x * sigmoid(x)),
+  `HARD_SWISH`, `ADD` 3 + `RELU6` + `DIV` 6 (Hardsigmoid, PyTorch's order), and `MUL` of two tensors (a
+  squeeze-excitation product x * g, the [1, 1, 1, C] gate broadcast) or by a constant. Their TFLite kernels
+  are not PyTorch's bit for bit (exp and its rounding: ~1e-6 relative, measured on EfficientNet-B0 and
+  MobileNetV3). timm's BatchNormAct2d applies its activation before the Bi-Real shortcut's sum
+  (ShortcutMixin adds S(x) to the module's whole output); torchvision's stochastic depth is the identity
+  in eval mode.
 - The Bi-Real shortcut S(x) (shortcut.bireal_shortcut), step by step in its order. The stride's pool:
   `AVERAGE_POOL_2D` SAME with filter = stride, which counts only the valid pixels, as PyTorch's
   ceil-mode pool with count_include_pad=False does, and whose windows are PyTorch's where TF's SAME pads
@@ -92,11 +99,16 @@ from .shortcut import ShortcutMixin
 from .errors import result_log
 
 try:
+    from timm.layers.linear import Linear as _TimmLinear
     from timm.layers.norm_act import BatchNormAct2d
 except ImportError:  # pragma: no cover - timm is a dependency
-    BatchNormAct2d = None
+    BatchNormAct2d = _TimmLinear = None
 
 _ADDS = (operator.add, operator.iadd, torch.add)
+_MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+_GATE_ACTS = {"silu": nn.SiLU, "sigmoid": nn.Sigmoid, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid}
+_GATE_FUNCS = {F.silu: "silu", torch.sigmoid: "sigmoid", "sigmoid": "sigmoid", F.sigmoid: "sigmoid",
+               F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
 _F32, _I32 = 0, 2  # TensorType FLOAT32, INT32
 _SAME, _VALID = 0, 1  # Padding (TFLite's enum, and LCE's option)
 
@@ -335,7 +347,7 @@ def _offsets(b, offsets) -> int:
 _BUILTIN = {"ADD": 0, "AVERAGE_POOL_2D": 1, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 9,
             "MAX_POOL_2D": 17, "MUL": 18, "RELU": 19, "RELU_N1_TO_1": 20, "RELU6": 21, "RESHAPE": 22,
             "CUSTOM": 32, "PAD": 34, "TRANSPOSE": 39, "MEAN": 40, "SUB": 41, "MAXIMUM": 55, "MINIMUM": 57,
-            "DIV": 42, "PRELU": 54, "PADV2": 60, "SLICE": 65, "TILE": 69}
+            "DIV": 42, "PRELU": 54, "PADV2": 60, "SLICE": 65, "TILE": 69, "LOGISTIC": 14, "HARD_SWISH": 117}
 
 
 def _options(table: str, union: int, **fields):
@@ -421,7 +433,7 @@ class _Converter:
             return self._binary(node, m)
         if isinstance(m, nn.Conv2d) and type(m) is nn.Conv2d:
             return self._float_conv(node, m, m.weight.detach(), m.bias)
-        if type(m) is nn.Linear:
+        if type(m) is nn.Linear or _TimmLinear is not None and type(m) is _TimmLinear:  # timm's: F.linear in eval
             return self._float_linear(node, m.weight.detach(), m.bias, self._in(node, x))
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or (BatchNormAct2d and isinstance(m, BatchNormAct2d)):
             return self._batchnorm(node, m, self._in(node, x))
@@ -465,8 +477,29 @@ class _Converter:
         elif isinstance(m, (nn.Identity, nn.Dropout)):
             self.float[node] = x
         else:
-            return False
+            kind = next((k for k, types in _GATE_ACTS.items() if isinstance(m, types)), None)
+            if kind is None:
+                return False
+            self._smooth(node, kind, x)
         return True
+
+    def _smooth(self, node: fx.Node, kind: str, x: int) -> None:
+        """SiLU as x * LOGISTIC(x), Sigmoid as LOGISTIC, Hardswish as HARD_SWISH, Hardsigmoid as
+        min(max(x + 3, 0), 6) / 6 in PyTorch's order (ADD, RELU6, DIV): squeeze-excitation and its blocks."""
+        if kind in ("sigmoid", "silu"):
+            if kind == "sigmoid":
+                self._emit(node, "LOGISTIC", [x])
+                return
+            y = self.fb.tensor(self._shape(node))
+            self.fb.op(_BUILTIN["LOGISTIC"], [x], [y])
+            self._emit(node, "MUL", [x, y], _opt("MulOptions"))
+        elif kind == "hardswish":
+            self._emit(node, "HARD_SWISH", [x])
+        else:
+            y, z = self.fb.tensor(self._shape(node)), self.fb.tensor(self._shape(node))
+            self.fb.op(_BUILTIN["ADD"], [x, self.fb.const(np.float32([3.0]))], [y], _opt("AddOptions"))
+            self.fb.op(_BUILTIN["RELU6"], [y], [z])
+            self._emit(node, "DIV", [z, self.fb.const(np.float32([6.0]))], _opt("DivOptions"))
 
     def _clamp(self, node: fx.Node, x: int, lo: float, hi: float) -> None:
         if (lo, hi) == (-1.0, 1.0):
@@ -489,13 +522,21 @@ class _Converter:
         self._after_bn(node, m, out)
 
     def _after_bn(self, node: fx.Node, m: nn.Module, y: int) -> None:
-        """What a BatchNorm module adds after its affine: the Bi-Real shortcut, timm's fused activation."""
+        """What a BatchNorm module adds after its affine, in its forward's order: timm's fused activation
+        (BatchNormAct2d), then the Bi-Real shortcut (ShortcutMixin adds S(x) to the module's whole output)."""
+        if BatchNormAct2d is not None and isinstance(m, BatchNormAct2d):
+            if not (isinstance(m.drop, nn.Identity) or isinstance(m.drop, nn.Dropout)):
+                raise IRConvertError(f"export tflite: {node.target} ({type(m.drop).__name__} inside) is not supported")
+            if not self._activation(node, m.act, self.float[node]):
+                raise IRConvertError(f"export tflite: layer {node.target}.act ({type(m.act).__name__}) has no "
+                                     "TFLite/LCE form in irconvert's exporter")
         if isinstance(m, ShortcutMixin):
             conv_node = node.args[0]
             conv = m.bireal_conv
             if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
                     and self.modules[conv_node.target] is conv):
                 raise IRConvertError(f"export tflite: the Bi-Real shortcut of {node.target} does not follow its conv")
+            y = self.float[node]
             s = self._bireal_shortcut(node, conv_node, conv)
             gate = m._parameters.get("shortcut_gate")
             if gate is not None:
@@ -503,12 +544,6 @@ class _Converter:
                 self.fb.op(_BUILTIN["MUL"], [s, self.fb.const(gate.detach().float().numpy())], [g], _opt("MulOptions"))
                 s = g
             self._emit(node, "ADD", [y, s], _opt("AddOptions"))
-        if BatchNormAct2d is not None and isinstance(m, BatchNormAct2d):
-            if not (isinstance(m.drop, nn.Identity) or isinstance(m.drop, nn.Dropout)):
-                raise IRConvertError(f"export tflite: {node.target} ({type(m.drop).__name__} inside) is not supported")
-            if not self._activation(node, m.act, self.float[node]):
-                raise IRConvertError(f"export tflite: layer {node.target}.act ({type(m.act).__name__}) has no "
-                                     "TFLite/LCE form in irconvert's exporter")
 
     def _bireal_shortcut(self, node: fx.Node, conv_node: fx.Node, conv: nn.Module) -> int:
         """S(x) of shortcut.bireal_shortcut as TFLite ops, in its order: the stride's pool, the centred crop
@@ -919,6 +954,17 @@ class _Converter:
             if isinstance(scalar, (int, float)):
                 self._emit(node, "ADD", [self._in(node, tensor), self.fb.const(np.float32([scalar]))], _opt("AddOptions"))
                 return
+        if t in _MULS:
+            a, b = args[0], args[1]
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node):  # a gate's product: [N, 1, 1, C] broadcasts
+                return self._emit(node, "MUL", [self._in(node, a), self._in(node, b)], _opt("MulOptions")) and None
+            tensor, scalar = (a, b) if isinstance(a, fx.Node) else (b, a)
+            if isinstance(scalar, (int, float)):
+                return self._emit(node, "MUL", [self._in(node, tensor), self.fb.const(np.float32([scalar]))],
+                                  _opt("MulOptions")) and None
+        kind = _GATE_FUNCS.get(t)
+        if kind is not None:
+            return self._smooth(node, kind, self._in(node, args[0]))
         if t in (torch.flatten, "flatten", "view", "reshape", torch.reshape):
             return self._reshape(node, args[0])
         if t in (F.relu, torch.relu, "relu"):
@@ -931,6 +977,11 @@ class _Converter:
             return self._clamp(node, self._in(node, args[0]), float(lo), float(hi))
         if t in (F.dropout, "contiguous"):
             return self._alias(node, args[0])
+        if getattr(t, "__name__", None) == "stochastic_depth":  # torchvision's: the identity in eval mode
+            training = node.kwargs.get("training", args[3] if len(args) > 3 else True)
+            if not training:
+                return self._alias(node, args[0])
+            raise IRConvertError(f"export tflite: {node.name} is stochastic depth in training mode; call model.eval()")
         if t in (F.adaptive_avg_pool2d,) and tuple(val.shape[2:]) == (1, 1):
             return self._mean(node, args[0], (1, 2))
         if t in ("mean", torch.mean) and self.values[args[0]].dim() == 4:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import irconvert
 from irconvert.errors import IRConvertError
@@ -301,6 +302,59 @@ def test_bireal_shortcut_shapes(tmp_path, shape, gated):
         short = irconvert.shortcut.bireal_shortcut(b.act0(b.bn0(b.stem(x))), b.conv.stride, cout, out.shape[-2:])
     assert short.abs().max() > 0.05 * ref.abs().max()  # S(x) is a visible part of what is compared
     _check(path, b, x)
+
+
+class _Excite(nn.Module):
+    """The mobile blocks' float pieces around binary convs: timm's BatchNormAct2d with SiLU (its act before the Bi-Real
+    shortcut's sum), a squeeze-excitation gate (mean, SiLU, sigmoid) whose product x * g a W1A32 conv reads
+    (policy.gated_input), Hardswish, and x * hardsigmoid(x) as a functional product."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.norm_act import BatchNormAct2d
+
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = BatchNormAct2d(16, act_layer=nn.SiLU)
+        self.conv1 = nn.Conv2d(16, 24, 3, padding=1, bias=False)  # widening: a tiled shortcut under auto
+        self.bn1 = BatchNormAct2d(24, act_layer=nn.SiLU)
+        self.reduce = nn.Conv2d(24, 8, 1)
+        self.act = nn.SiLU()
+        self.expand = nn.Conv2d(8, 24, 1)
+        self.conv2 = nn.Conv2d(24, 24, 3, padding=1, bias=False)  # reads x * g
+        self.bn2 = nn.BatchNorm2d(24)
+        self.hs = nn.Hardswish()
+        self.conv3 = nn.Conv2d(24, 32, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(self.bn0(self.stem(x))))
+        g = torch.sigmoid(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
+        x = self.hs(self.bn2(self.conv2(x * g)))
+        x = self.bn3(self.conv3(x))
+        x = x * F.hardsigmoid(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_squeeze_excitation_and_smooth_activations(tmp_path):
+    """SiLU, Sigmoid, Hardswish, Hardsigmoid, the SE product and BatchNormAct2d + shortcut in all three kernels."""
+    b = irconvert.binarize(_randomize_bn(_Excite()).eval(), calibrate=_x(8, (3, 8, 8)), shortcut="auto")
+    layers = b.irconvert_plan.layers
+    assert layers["conv2"].mode == "W1A32" and layers["conv1"].mode == "W1A1"
+    assert isinstance(b.bn1, irconvert.shortcut.ShortcutMixin)
+    b.irconvert_input_size = (3, 8, 8)
+    _check(export_tflite(b, tmp_path / "model.tflite"), b, _x(3, (3, 8, 8)))
+
+
+@pytest.mark.parametrize("name,source", [("efficientnet_b0", "timm"), ("efficientnet_b0", "torchvision"),
+                                         ("mobilenetv3_large_100", "timm")])
+def test_mobile_families(tmp_path, name, source):
+    """EfficientNet-B0 (timm's BatchNormAct2d + SiLU, torchvision's stochastic depth) and MobileNetV3 (Hardswish,
+    Hardsigmoid gates) at 64x64 under the default policy (auto shortcuts, W1A32 gated readers), random init."""
+    from irconvert.models import create_model
+
+    packed = _packed(_randomize_bn(create_model(name, source, num_classes=10)), (3, 64, 64), tmp_path)
+    _check(packed.with_name("model.tflite"), load_packed(packed), _x(2, (3, 64, 64)))
 
 
 def test_unsupported_layer_one_line_nothing_written(tmp_path):
