@@ -22,7 +22,7 @@ def test_a_tiny_model_trains_converts_fine_tunes_and_reports_gap_and_flip_rate(f
     table = zoo_real.markdown({"config": {"list": "fast", "tag": None, "steps": 3, "set": [], "note": "",
                                           "policy": {"mode": "W1A1"}}, "rows": [rec]})
     assert f"| test_resnet | timm | 32x32 | {rec['fp_top1']:.1f} | {rec['binary_top1']:.1f} |" in table
-    assert ("**1 of 1 within 5 points**" if rec["gap"] <= 5 else "**0 of 1 within 5 points**") in table
+    assert ("**1 of 1 within 5 points**" if zoo_real.within([rec]) else "**0 of 1 within 5 points**") in table
 
 
 @pytest.mark.slow  # about 30 s: the same model twice
@@ -127,3 +127,18 @@ def test_a_miss_says_what_its_loss_did_against_the_models_within():
     assert said[2] == "distillation loss 0.50 at the end (the models within: 0.11-0.15), still falling, 50% lower than 3 log points before"
     assert said[3].endswith("flat over the last 3 log points") and "rising at the end, from 0.30" in said[4]
     assert said[5] == "binary-train: Diverged: loss became nan"
+
+
+def test_a_row_whose_fp_twin_is_at_chance_is_a_miss_not_a_conversion():
+    """An FP twin that learned nothing (10 classes: 10% is chance) makes any binary twin "within" it: such a row
+    counts as a miss, stays out of the median, and says why."""
+    def row(fp, gap):
+        return dict(zoo_real.blank("m", "timm"), status="ok", fp_top1=fp, binary_top1=fp - gap, gap=gap,
+                    binary_loss=[1.0, 0.5, 0.2, 0.1])
+
+    rows = [row(80.0, 2.0), row(10.6, 0.5), row(81.0, 7.0), row(20.0, 3.0)]
+    assert zoo_real.within(rows) == 2  # 80 -> 78 and 20 -> 17: 20% is twice the prior, the twin learned something
+    assert zoo_real.median_gap(rows) == 3.0  # of 2, 3 and 7; the 0.5 at chance is no gap
+    assert zoo_real.final_losses(rows) == [0.1, 0.1]
+    said = zoo_real.diagnosis(rows[1])
+    assert said.startswith("the FP twin did not learn (10.6%") and "counts as a miss" in said
