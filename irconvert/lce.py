@@ -74,7 +74,9 @@ def interpreter_path() -> Path:
 
 def numpy_folder() -> Path:
     """A folder holding numpy < 2 for the interpreter's subprocess (installed into irconvert's cache on first use)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "irconvert"
+    from .native import cache_dir  # IRCONVERT_CACHE, as the kernels' cache
+
+    cache = cache_dir()
     folder = cache / f"lce-numpy-cp{sys.version_info.major}{sys.version_info.minor}"
     if (folder / "numpy" / "__init__.py").is_file():
         return folder

@@ -456,3 +456,15 @@ def test_exact_ties_sign_zero_is_plus_one_in_every_kernel(tmp_path):
     assert min(zeros) > 1000, zeros  # ties at every binary layer's input
     for kernel, row in compare(ref, run_tflite(path, _nhwc(x))).items():
         assert row["max_abs"] == 0.0, (kernel, row)
+
+
+def test_the_interpreters_numpy_lives_in_irconverts_cache(monkeypatch, tmp_path):
+    """numpy < 2 for LCE's subprocess is looked for (and installed) under IRCONVERT_CACHE, like the kernels."""
+    import irconvert.lce as lce
+
+    monkeypatch.setenv("IRCONVERT_CACHE", str(tmp_path))
+    folder = tmp_path / f"lce-numpy-cp{sys.version_info.major}{sys.version_info.minor}"
+    (folder / "numpy").mkdir(parents=True)
+    (folder / "numpy" / "__init__.py").write_text("")
+    monkeypatch.setattr(lce.subprocess, "run", lambda *a, **k: pytest.fail("installed although it was there"))
+    assert lce.numpy_folder() == folder
