@@ -107,6 +107,23 @@ def headline() -> str:
     return "\n".join(lines)
 
 
+def _unrun(name: str) -> str:
+    """What running zoo_real's `name` list would take here: its models (the learns sweep's list of that name)
+    at the fast run's median seconds a model, on 2 workers."""
+    import statistics
+
+    sweep, fast = RESULTS / f"zoo-{name}.json", RESULTS / "zoo-real-fast.json"
+    if not (sweep.is_file() and fast.is_file()):
+        return ""
+    n = len(json.loads(sweep.read_text()))
+    seconds = [r["seconds"] for r in json.loads(fast.read_text())["rows"] if r.get("seconds")]
+    if not seconds:
+        return ""
+    med = statistics.median(seconds)
+    return (f": {n} models, at least {n * med / 2 / 3600:.1f} hours on 2 workers here (the fast run's median, "
+            f"{med / 60:.1f} minutes a model; the large ones take far longer)")
+
+
 def misses() -> str:
     """Return the README's list of zoo_real misses: each model of the untagged fast, timm and torchvision runs
     whose binary twin is over WITHIN points from its FP twin (or failed), with what its run measured."""
@@ -116,7 +133,7 @@ def misses() -> str:
     for name in ("fast", "timm", "torchvision"):
         path = RESULTS / f"zoo-real-{name}.json"
         if not path.is_file():
-            lines.append(f"- **{name}** list: not run yet.")
+            lines.append(f"- **{name}** list: not run yet{_unrun(name)}.")
             continue
         rows = json.loads(path.read_text())["rows"]
         ok = [r for r in rows if r["status"] == "ok"]
