@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import closure, ends, feature_layers, gates, owner_names, trace, weighted_layers
+from .graph import closure, ends, feature_layers, gates, owner_names, projections, trace, weighted_layers
 from .layers import can_binarize
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
@@ -82,6 +82,7 @@ class LayerFacts:
     feature: bool = False  # the classifier reads its output through one-input ops only (graph.feature_layers)
     gate: bool = False  # on the gate branch of a product x * g(pool(x)), as squeeze-excitation (graph.gates)
     gated_input: bool = False  # reads such a product x * g itself, as an inverted residual's project conv (graph.gates)
+    projection: bool = False  # on a residual sum's shorter side, as ResNet's 1x1 downsample (graph.projections)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def analyze(model: nn.Module) -> Analysis:
 
 
 def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functional=False, called=True,
-           sources=(), feature: bool = False, gate: bool = False, gated_input: bool = False) -> LayerFacts:
+           sources=(), feature: bool = False, gate: bool = False, gated_input: bool = False,
+           projection: bool = False) -> LayerFacts:
     ok = can_binarize(m)
     return LayerFacts(
         name=name,
@@ -158,6 +160,7 @@ def _facts(name: str, m: nn.Module, first: bool, last: bool, feeders=(), functio
         feature=feature,
         gate=gate,
         gated_input=gated_input,
+        projection=projection,
     )
 
 
@@ -169,6 +172,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
     first, last, called = ends(model, graph, weighted)
     features = feature_layers(graph, weighted, last)
     gate_branches, gated_readers = gates(model, graph, weighted)
+    projecting = projections(model, graph, weighted)
 
     feeders: dict[str, tuple[set, bool]] = {}
     sources: dict[str, set] = {}
@@ -194,7 +198,7 @@ def _analyze_graph(model: nn.Module, graph: fx.Graph) -> Analysis:
         found, functional = feeders.get(name, (set(), False))
         layers[name] = _facts(name, m, name in first, name in last, sorted(found), functional, name in called,
                               sorted(sources.get(name, ())), name in features,
-                              name in gate_branches, name in gated_readers)
+                              name in gate_branches, name in gated_readers, name in projecting)
     index = {n: i for i, n in enumerate(nodes)}
     flow = Dataflow(layers=tuple(tuple(owner_names(n, weighted)) for n in nodes),
                     inputs=tuple(tuple(index[a] for a in n.all_input_nodes) for n in nodes))

@@ -175,6 +175,40 @@ def gates(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> 
     return layers, readers
 
 
+_SUMS = {"add", "add_", "iadd"}
+
+
+def projections(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> set[str]:
+    """Return the conv/linear layers on a residual sum's shorter side. A sum a + b + ... (a chain of adds read
+    as one) whose terms start from a common value: the layers that only one term depends on are that term's;
+    a term with at least one, but fewer than the term with the most, is the block's path around its main
+    branch, as ResNet's 1x1 downsample (a projection shortcut) or GhostNet's depthwise + 1x1 shortcut. An
+    identity shortcut has no layer; the equal branches of RepVGG and MobileOne are no shorter side."""
+    modules = dict(model.named_modules())
+    ancestors = lambda n: closure([n], lambda a: a.all_input_nodes)
+    is_sum = lambda n: n.op in ("call_function", "call_method") and _callee(n, modules) in _SUMS and \
+        sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2
+
+    def terms(n: fx.Node) -> list[fx.Node]:
+        out = []
+        for a in n.args[:2]:
+            out += terms(a) if is_sum(a) and len(a.users) == 1 else [a]
+        return out
+
+    out: set[str] = set()
+    for n in graph.nodes:
+        if not is_sum(n) or any(is_sum(u) and n in u.args[:2] for u in n.users) and len(n.users) == 1:
+            continue  # not a sum, or part of a longer chain read from its last add
+        up = [ancestors(t) for t in terms(n)]
+        if not set.intersection(*up):
+            continue
+        own = [{name for b in mine - set().union(*(o for j, o in enumerate(up) if j != i))
+                for name in owner_names(b, weighted)} for i, mine in enumerate(up)]
+        most = max(map(len, own))
+        out.update(name for layers in own if 0 < len(layers) < most for name in layers)
+    return out
+
+
 def _readers(node: fx.Node, modules: dict[str, nn.Module], weighted: dict[str, nn.Module]) -> set[str]:
     """The conv/linear layers that read `node`'s value through pass-through ops only (identity, dropout)."""
     out: set[str] = set()

@@ -32,10 +32,12 @@ class Policy(BaseModel):
       1. global:     every binarizable conv/linear gets `mode` (W1A1 or W1A32) with `method`.
       2. type:       `types` maps a class name (the layer's class or any base class, e.g.
                      "Linear", "StdConv2d") to a decision.
-      3. structure:  `keep_first`, `keep_last`, `keep_depthwise`, `keep_gates` and `min_fan_in` keep
-                     layers full precision by what the graph says (first = no conv/linear between it
-                     and the input; last = its output reaches the model output without another one;
-                     gate = on the branch g of a product x * g(pool(x)), squeeze-excitation's convs);
+      3. structure:  `keep_first`, `keep_last`, `keep_depthwise`, `keep_gates`, `keep_projections` and
+                     `min_fan_in` keep layers full precision by what the graph says (first = no conv/linear
+                     between it and the input; last = its output reaches the model output without another
+                     one; gate = on the branch g of a product x * g(pool(x)), squeeze-excitation's convs;
+                     projection = on a residual sum's shorter side, ResNet's 1x1 downsample:
+                     graph.projections);
                      `features` makes the classifier's feature layer W1A32 (see below), and
                      `gated_input` each layer that reads a gated product x * g (see below).
       4. pattern:    `patterns` maps a glob ("blocks.*.attn.qkv") or a regex prefixed "re:" to a
@@ -91,6 +93,7 @@ class Policy(BaseModel):
     keep_last: bool = True
     keep_depthwise: bool = True
     keep_gates: bool = True
+    keep_projections: bool = False
     features: Literal["W1A32", "keep", "binary"] = "W1A32"
     gated_input: Literal["W1A32", "keep", "binary"] = "W1A32"
     min_fan_in: int = Field(0, ge=0)
@@ -212,6 +215,7 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
         (policy.keep_last and facts.last, "last layer"),
         (policy.keep_depthwise and facts.depthwise, "depthwise"),
         (policy.keep_gates and facts.gate, "gate (squeeze-excitation)"),
+        (policy.keep_projections and facts.projection, "projection shortcut (the shorter side of a residual sum)"),
         (facts.fan_in < policy.min_fan_in, f"fan-in {facts.fan_in} < min_fan_in {policy.min_fan_in}"),
     ]
     for hit, why in structural:

@@ -165,3 +165,46 @@ def test_gates_stay_full_precision_unless_the_policy_says_otherwise(build):
     assert all(kept[n].mode is None and kept[n].reason.startswith("gate") for n in gates)
     binary = irconvert.binarize(build(), keep_gates=False).irconvert_plan.layers
     assert all(binary[n].mode is not None for n in gates)
+
+
+class Branches(nn.Module):
+    """A residual block with a 1x1 projection on its shorter side, then three equal branches and an identity
+    summed in one chain (RepVGG's shape): only the projection is on a shorter side."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.proj = nn.Conv2d(8, 16, 1)
+        self.b3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.b1 = nn.Conv2d(16, 16, 1)
+        self.b5 = nn.Conv2d(16, 16, 5, padding=2)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.conv2(torch.relu(self.conv1(x))) + self.proj(x)
+        x = self.b3(x) + self.b1(x) + self.b5(x) + x
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("build, found", [
+    (Branches, {"proj"}),
+    (lambda: timm.create_model("resnet18"), {"layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"}),
+    (lambda: torchvision.models.resnet50(), 4),  # layer1's too: 64 -> 256 channels
+    (lambda: timm.create_model("ghostnet_100"), 10),  # depthwise + 1x1 shortcuts of the blocks that change shape
+    (lambda: timm.create_model("repvgg_a0"), 0),  # equal branches, summed
+    (lambda: timm.create_model("mobileone_s0"), 0),
+    (lambda: timm.create_model("mobilenetv2_100"), 0),  # identity shortcuts only
+])
+def test_projection_shortcuts_are_found_on_the_shorter_side_of_a_sum(build, found):
+    got = {n for n, f in analyze(build()).layers.items() if f.projection}
+    assert (got == found) if isinstance(found, set) else (len(got) == found)
+
+
+def test_projections_stay_full_precision_where_the_policy_keeps_them():
+    assert irconvert.binarize(Branches()).irconvert_plan.layers["proj"].mode == "W1A1"
+    kept = irconvert.binarize(Branches(), keep_projections=True).irconvert_plan.layers
+    assert kept["proj"].mode is None and kept["proj"].reason.startswith("projection shortcut")
+    assert kept["b1"].mode == "W1A1" and kept["conv2"].mode is not None  # W1A32: fed by a functional relu
