@@ -26,7 +26,9 @@ Per model, in a worker process of bench/zoo.py's pool (per-model timeout, memory
 
 Writes bench/results/zoo-real-LIST[-TAG].json (the config: policy, train section, steps; and a row per
 model) and .md through bench.common.write_results. A run with the same config merges its rows into the
-file (a model rerun replaces its row); another config needs its own --tag.
+file (a model rerun replaces its row); another config needs its own --tag. A new policy default is the
+exception: the stored rows whose model the new policy plans exactly as the old one did (unchanged_rows) stay,
+and the run must include every model it plans differently, so a default that touches a few models reruns those.
 """
 
 from __future__ import annotations
@@ -210,6 +212,43 @@ def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=
     return rec
 
 
+def plan_signature(spec: str, built_for: dict | None, policy: dict) -> tuple:
+    """What `policy` decides for `spec` as zoo_real builds it, from its graph: each layer's mode and gain, the
+    shortcuts, the activations replaced. Two policies with the same signature convert the model the same way."""
+    import warnings
+
+    from bench.zoo_check import sweep_model
+    from irconvert.analyze import analyze
+    from irconvert.plan import Policy, plan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sweep_model(spec, **(built_for or {}))
+        p = plan(analyze(model), Policy(**policy), dict(model.named_modules()))
+    return (tuple((n, lp.mode, lp.gain) for n, lp in p.layers.items()), p.shortcuts, p.hardtanh)
+
+
+def unchanged_rows(old: dict, config: dict) -> tuple[list[dict], list[str]]:
+    """Of stored run `old`, the rows still valid under `config`: all of them where the settings are the same;
+    where only the policy differs, those whose model both policies plan alike (plan_signature), so that a new
+    policy default reruns only the models it changes. Returns (rows kept, specs to rerun)."""
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("note", "baseline", "policy", "policy_since")}
+    spec = lambda r: r["model"] if r["source"] == "timm" else f"{r['source']}:{r['model']}"
+    if strip(old["config"]) != strip(config):
+        return [], [spec(r) for r in old["rows"]]
+    if old["config"]["policy"] == config["policy"]:
+        return list(old["rows"]), []
+    kept, rerun = [], []
+    for r in old["rows"]:
+        try:
+            same = plan_signature(spec(r), r.get("built_for"), old["config"]["policy"]) == \
+                plan_signature(spec(r), r.get("built_for"), config["policy"])
+        except Exception:  # the model does not build or trace any more: measure it again
+            same = False
+        (kept if same else rerun).append(r if same else spec(r))
+    return kept, rerun
+
+
 def worker_main(config: dict) -> None:
     """Read model specs from stdin, write stage and result lines (JSON) to the original stdout (bench.zoo's protocol)."""
     import torch
@@ -289,7 +328,8 @@ def markdown(data: dict) -> str:
              f"{' (lr %s, latent_lr %s)' % (tr['lr'], tr.get('latent_lr', 'same')) if 'lr' in tr else ''}"
              f"{' and ' + ', '.join(c['set']) if c['set'] else ''} (distillation from the FP model, EDE). "
              f"Top-1 on {EVAL} test images. flips: share of binary weight signs flipped per log point "
-             f"(a tenth of the binary steps), mean over the run / last. {c['note']}", "",
+             f"(a tenth of the binary steps), mean over the run / last. {c['note']}"
+             f"{'; ' + c['policy_since'] if c.get('policy_since') else ''}", "",
              f"**{within(ok)} of {len(rows)} within {WITHIN:g} points** of their FP twin; median gap "
              f"{_num(median_gap(ok), '.2f')} points; {len(rows) - len(ok)} failed to run.", "",
              "| model | source | input | FP top-1 | binary top-1 | gap | flips mean / last | s | note |",
@@ -385,17 +425,22 @@ def main() -> None:
               "policy": recipe.binarize.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")}
     path = args.out / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else None
-    same = old is not None and {k: v for k, v in old["config"].items() if k not in ("note", "baseline")} == \
-        {k: v for k, v in config.items() if k != "baseline"}
-    if old is not None and not same:
-        ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
+    stored, rerun = unchanged_rows(old, config) if old is not None else ([], [])
+    missing = [spec for spec in rerun if spec not in {s for s, _ in specs}]
+    if missing:
+        ap.error(f"{path} holds a run with other settings, under which {len(missing)} of its models would convert "
+                 f"differently ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); rerun them too "
+                 "(--only), pass --tag NAME for these settings, or delete the file")
+    if old is not None and old["config"]["policy"] != config["policy"]:
+        config["policy_since"] = (f"{len(stored)} rows measured under an earlier policy that plans their models "
+                                  "identically (bench.zoo_real.plan_signature)")
     print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
     t0 = time.perf_counter()
     worker_args = (json.dumps({"steps": args.steps, "set": args.set, "fp_cache": not args.fresh_fp}),)
 
     def write(rows: list[dict]) -> None:
         done = {(r["source"], r["model"]) for r in rows}
-        kept = [r for r in (old["rows"] if same else []) if (r["source"], r["model"]) not in done]
+        kept = [r for r in stored if (r["source"], r["model"]) not in done]
         note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s wall"
                 + (f"; {args.note}" if args.note else ""))
         data = {"config": dict(config, note=note), "rows": kept + rows}

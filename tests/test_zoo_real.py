@@ -142,3 +142,21 @@ def test_a_row_whose_fp_twin_is_at_chance_is_a_miss_not_a_conversion():
     assert zoo_real.final_losses(rows) == [0.1, 0.1]
     said = zoo_real.diagnosis(rows[1])
     assert said.startswith("the FP twin did not learn (10.6%") and "counts as a miss" in said
+
+
+def test_a_new_policy_default_keeps_the_rows_whose_models_it_plans_alike():
+    """A policy change reruns only the models it converts differently: keep_projections changes ResNet-18 (its
+    1x1 downsamples) and not MobileNetV2 (identity shortcuts only); any other change reruns every model."""
+    from irconvert.plan import Policy
+
+    def row(model):
+        return dict(zoo_real.blank(model, "timm"), status="ok", gap=1.0)
+
+    before = Policy().model_dump(mode="json")
+    old = {"config": {"list": "fast", "tag": None, "steps": 300, "set": [], "policy": before, "train": {"lr": 0.003}},
+           "rows": [row("resnet18"), row("mobilenetv2_100")]}
+    new = dict(old["config"], policy=dict(before, keep_projections=True))
+    kept, rerun = zoo_real.unchanged_rows(old, new)
+    assert [r["model"] for r in kept] == ["mobilenetv2_100"] and rerun == ["resnet18"]
+    assert zoo_real.unchanged_rows(old, dict(old["config"])) == (old["rows"], [])
+    assert zoo_real.unchanged_rows(old, dict(new, train={"lr": 0.01}))[1] == ["resnet18", "mobilenetv2_100"]
