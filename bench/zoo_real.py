@@ -402,6 +402,9 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence for the table, e.g. what else ran on the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--summary", action="store_true", help="write zoo-real-options.md from the result files")
+    ap.add_argument("--adopt", metavar="TAG",
+                    help="take the rows of the run tagged TAG into this table without running, where its settings "
+                         "(policy, train section, steps) are the ones this table is for: an option made a default")
     ap.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -426,6 +429,19 @@ def main() -> None:
     path = args.out / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     stored, rerun = unchanged_rows(old, config) if old is not None else ([], [])
+    adopted = []
+    if args.adopt:
+        src = args.out / f"zoo-real-{args.list}-{args.adopt}.json"
+        if not src.is_file():
+            ap.error(f"--adopt {args.adopt}: {src} does not exist")
+        tagged = json.loads(src.read_text())
+        keys = ("list", "steps", "policy", "train")
+        differ = [k for k in keys if tagged["config"].get(k) != config[k]]
+        if differ:
+            ap.error(f"--adopt {args.adopt}: {src.name} was measured under other settings than this table's "
+                     f"(its {', '.join(differ)}); only a run under today's defaults can be adopted")
+        adopted = [dict(r, adopted_from=args.adopt) for r in tagged["rows"]]
+        specs = [(r["model"] if r["source"] == "timm" else f"{r['source']}:{r['model']}", [args.list]) for r in adopted]
     missing = [spec for spec in rerun if spec not in {s for s, _ in specs}]
     if missing:
         ap.error(f"{path} holds a run with other settings, under which {len(missing)} of its models would convert "
@@ -434,18 +450,28 @@ def main() -> None:
     if old is not None and old["config"]["policy"] != config["policy"]:
         config["policy_since"] = (f"{len(stored)} rows measured under an earlier policy that plans their models "
                                   "identically (bench.zoo_real.plan_signature)")
-    print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
+    if not args.adopt:
+        print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
     t0 = time.perf_counter()
     worker_args = (json.dumps({"steps": args.steps, "set": args.set, "fp_cache": not args.fresh_fp}),)
 
     def write(rows: list[dict]) -> None:
         done = {(r["source"], r["model"]) for r in rows}
         kept = [r for r in stored if (r["source"], r["model"]) not in done]
-        note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s wall"
-                + (f"; {args.note}" if args.note else ""))
+        if args.adopt:  # no run: the table's note stays, and says where the adopted rows come from
+            names = ", ".join(r["model"] for r in rows)
+            note = "; ".join(filter(None, [old["config"].get("note", "") if old else "", args.note,
+                                           f"the rows of {names} come from the run tagged {args.adopt} "
+                                           "(zoo-real-{list}-{tag}.json), made under these settings".format(
+                                               list=args.list, tag=args.adopt)]))
+        else:
+            note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s "
+                    "wall" + (f"; {args.note}" if args.note else ""))
         data = {"config": dict(config, note=note), "rows": kept + rows}
         write_results(name, data, markdown(data), results=args.out, quiet=len(rows) < len(specs))
 
+    if args.adopt:
+        return write(adopted)
     rows = zoo.sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget,
                      make_worker=lambda: zoo.Worker(args.mem_gib, "bench.zoo_real", worker_args, blank), on_result=write)
     write(rows)

@@ -160,3 +160,32 @@ def test_a_new_policy_default_keeps_the_rows_whose_models_it_plans_alike():
     assert [r["model"] for r in kept] == ["mobilenetv2_100"] and rerun == ["resnet18"]
     assert zoo_real.unchanged_rows(old, dict(old["config"])) == (old["rows"], [])
     assert zoo_real.unchanged_rows(old, dict(new, train={"lr": 0.01}))[1] == ["resnet18", "mobilenetv2_100"]
+
+
+def test_an_option_made_a_default_is_adopted_without_running(tmp_path, monkeypatch):
+    """--adopt TAG takes a tagged run's rows into the untagged table where its settings are today's defaults; the
+    stored rows the new default plans alike stay, and a run under other settings is refused in one line."""
+    recipe = zoo_real.train_recipe([], zoo_real.STEPS)
+    today = {"list": "fast", "tag": None, "steps": zoo_real.STEPS, "set": [],
+             "policy": recipe.binarize.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")}
+    flipped = dict(today["policy"], keep_projections=not today["policy"]["keep_projections"])
+
+    def row(model, gap):
+        return dict(zoo_real.blank(model, "timm"), status="ok", fp_top1=80.0, binary_top1=80.0 - gap, gap=gap)
+
+    (tmp_path / "zoo-real-fast.json").write_text(json.dumps(
+        {"config": dict(today, policy=flipped, note="the morning's run"), "rows": [row("resnet18", 3.0), row("mobilenetv2_100", 2.0)]}))
+    tagged = {"config": dict(today, tag="proj", set=["binarize.keep_projections=..."], note=""), "rows": [row("resnet18", 0.5)]}
+    (tmp_path / "zoo-real-fast-proj.json").write_text(json.dumps(tagged))
+    monkeypatch.setattr(sys, "argv", ["zoo_real", "--adopt", "proj", "--out", str(tmp_path)])
+    zoo_real.main()
+    data = json.loads((tmp_path / "zoo-real-fast.json").read_text())
+    assert {r["model"]: r["gap"] for r in data["rows"]} == {"resnet18": 0.5, "mobilenetv2_100": 2.0}
+    assert data["config"]["policy"] == today["policy"] and "1 rows measured under an earlier policy" in data["config"]["policy_since"]
+    assert data["config"]["note"].startswith("the morning's run; the rows of resnet18 come from the run tagged proj")
+
+    tagged["config"]["train"] = dict(today["train"], lr=0.01)
+    (tmp_path / "zoo-real-fast-proj.json").write_text(json.dumps(tagged))
+    with pytest.raises(SystemExit) as exit_:
+        zoo_real.main()
+    assert exit_.value.code == 2
