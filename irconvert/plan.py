@@ -93,7 +93,7 @@ class Policy(BaseModel):
     keep_last: bool = True
     keep_depthwise: bool = True
     keep_gates: bool = True
-    keep_projections: bool = False
+    keep_projections: bool = True
     features: Literal["W1A32", "keep", "binary"] = "W1A32"
     gated_input: Literal["W1A32", "keep", "binary"] = "W1A32"
     min_fan_in: int = Field(0, ge=0)

@@ -203,8 +203,8 @@ def test_projection_shortcuts_are_found_on_the_shorter_side_of_a_sum(build, foun
     assert (got == found) if isinstance(found, set) else (len(got) == found)
 
 
-def test_projections_stay_full_precision_where_the_policy_keeps_them():
-    assert irconvert.binarize(Branches()).irconvert_plan.layers["proj"].mode == "W1A1"
-    kept = irconvert.binarize(Branches(), keep_projections=True).irconvert_plan.layers
+def test_projections_stay_full_precision_unless_the_policy_says_otherwise():
+    assert irconvert.binarize(Branches(), keep_projections=False).irconvert_plan.layers["proj"].mode == "W1A1"
+    kept = irconvert.binarize(Branches()).irconvert_plan.layers
     assert kept["proj"].mode is None and kept["proj"].reason.startswith("projection shortcut")
     assert kept["b1"].mode == "W1A1" and kept["conv2"].mode is not None  # W1A32: fed by a functional relu

@@ -117,8 +117,10 @@ def test_bn_affine_reads_torchs_own_alpha_and_beta():
 @torch.no_grad()
 def test_resnet_is_bit_identical_to_load_packed(name, method, backends, monkeypatch, tmp_path):
     torch.manual_seed(0)
-    # no shortcut (auto puts one on each binary downsample conv): every BatchNorm of the blocks folds
-    model = irconvert.binarize(randomize_bn(create_model(name, num_classes=10)), method=method, shortcut=False)
+    # no shortcut (auto puts one on each binary downsample conv): every BatchNorm of the blocks folds; binary
+    # downsamples (keep_projections off), so all 19 convs after the stem run bitwise
+    model = irconvert.binarize(randomize_bn(create_model(name, num_classes=10)), method=method, shortcut=False,
+                               keep_projections=False)
     sim, net = packed_pair(model, tmp_path)
     assert isinstance(net, torch.fx.GraphModule) and set(net.irconvert_runtime.values()) == {"bitwise"}
     fusion = net.irconvert_runtime.fusion

@@ -199,7 +199,7 @@ def _plan(model, **fields):
 
 def test_auto_puts_a_shortcut_only_where_no_real_valued_path_goes_around_the_conv():
     assert Policy().shortcut == "auto" and Policy().shortcut_width
-    the_plan, said = _plan(Net(), shortcut_width=False)  # the path rule alone
+    the_plan, said = _plan(Net(), shortcut_width=False, keep_projections=False)  # the path rule alone, a binary downsample
     reasons = the_plan.shortcut_reasons
     # the residual block's sum spans both convs; in the downsampling block every path is binary until the
     # downsample gets its shortcut (visited first, the last in the graph), which then spans conv1 and conv2
@@ -210,13 +210,15 @@ def test_auto_puts_a_shortcut_only_where_no_real_valued_path_goes_around_the_con
     assert the_plan.layers["conv_head"].mode == "W1A32" and "conv_head" not in reasons  # only W1A1 convs count
     assert any("shortcut auto: a Bi-Real shortcut on 2 of 6 W1A1 convs" in w for w in said)
     # gated: the same places
-    gated, _ = _plan(Net(), shortcut="auto-gated", shortcut_width=False)
+    gated, _ = _plan(Net(), shortcut="auto-gated", shortcut_width=False, keep_projections=False)
     assert gated.shortcuts == the_plan.shortcuts and gated.policy.shortcut_gated
-    # a full-precision downsample is a real-valued path already: no shortcut in the block at all
-    kept, _ = _plan(Net(), patterns={"*.down.0": "keep"}, shortcut_width=False)
-    assert dict(kept.shortcuts) == {"conv": "bn"}
+    # a full-precision downsample (keep_projections, the default, or a pattern) is a real-valued path already:
+    # no shortcut in the block at all
+    for fields in ({}, {"patterns": {"*.down.0": "keep"}, "keep_projections": False}):
+        kept, _ = _plan(Net(), shortcut_width=False, **fields)
+        assert dict(kept.shortcuts) == {"conv": "bn"} and kept.layers["block2.down.0"].mode is None
     # every conv: true; none: false
-    every, _ = _plan(Net(), shortcut=True)
+    every, _ = _plan(Net(), shortcut=True, keep_projections=False)
     assert len(every.shortcuts) == 6
     none, said = _plan(Net(), shortcut=False)
     assert none.shortcuts == () and none.shortcut_reasons == {} and not any("shortcut" in w for w in said)
@@ -225,7 +227,7 @@ def test_auto_puts_a_shortcut_only_where_no_real_valued_path_goes_around_the_con
 def test_shortcut_width_adds_one_on_every_conv_that_changes_the_channel_count():
     from irconvert.plan import SHORTCUT_WIDTH
 
-    the_plan, said = _plan(Net())  # the default
+    the_plan, said = _plan(Net(), keep_projections=False)  # the default, with a binary downsample
     reasons = the_plan.shortcut_reasons
     # block2.conv1 (8 -> 16), block2.down.0 (8 -> 16) and conv (16 -> 12) change the width; block1's convs do not,
     # and block2.conv2 (16 -> 16) is spanned by the downsample's shortcut
@@ -233,6 +235,8 @@ def test_shortcut_width_adds_one_on_every_conv_that_changes_the_channel_count():
     assert reasons["block1.conv1"] == reasons["block1.conv2"] == reasons["block2.conv2"] == SHORTCUT_AROUND
     assert dict(the_plan.shortcuts) == {"block2.conv1": "block2.bn1", "block2.down.0": "block2.down.1", "conv": "bn"}
     assert any("a Bi-Real shortcut on 3 of 6 W1A1 convs" in w for w in said)
+    default, _ = _plan(Net())  # the downsample full precision: the other two stay
+    assert dict(default.shortcuts) == {"block2.conv1": "block2.bn1", "conv": "bn"}
 
 
 def test_a_residual_network_converts_as_before_under_auto():

@@ -152,7 +152,7 @@ def test_a_new_policy_default_keeps_the_rows_whose_models_it_plans_alike():
     def row(model):
         return dict(zoo_real.blank(model, "timm"), status="ok", gap=1.0)
 
-    before = Policy().model_dump(mode="json")
+    before = dict(Policy().model_dump(mode="json"), keep_projections=False)
     old = {"config": {"list": "fast", "tag": None, "steps": 300, "set": [], "policy": before, "train": {"lr": 0.003}},
            "rows": [row("resnet18"), row("mobilenetv2_100")]}
     new = dict(old["config"], policy=dict(before, keep_projections=True))
