@@ -318,7 +318,8 @@ def markdown(data: dict) -> str:
     c, rows = data["config"], data["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
     pol = {k: v for k, v in c["policy"].items() if k in ("mode", "method", "shortcut", "shortcut_width", "keep_first",
-                                                          "keep_last", "keep_depthwise", "keep_gates", "features")}
+                                                          "keep_last", "keep_depthwise", "keep_gates", "keep_projections",
+                                                          "features", "gated_input")}
     tr = c.get("train") or {}
     lines = [f"# zoo_real: {c['list']}{' (' + c['tag'] + ')' if c.get('tag') else ''}", "",
              f"Fashion-MNIST, per model: the FP model trained from random init for {c['steps']} AdamW steps "
@@ -447,9 +448,6 @@ def main() -> None:
         ap.error(f"{path} holds a run with other settings, under which {len(missing)} of its models would convert "
                  f"differently ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); rerun them too "
                  "(--only), pass --tag NAME for these settings, or delete the file")
-    if old is not None and old["config"]["policy"] != config["policy"]:
-        config["policy_since"] = (f"{len(stored)} rows measured under an earlier policy that plans their models "
-                                  "identically (bench.zoo_real.plan_signature)")
     if not args.adopt:
         print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
     t0 = time.perf_counter()
@@ -467,7 +465,11 @@ def main() -> None:
         else:
             note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s "
                     "wall" + (f"; {args.note}" if args.note else ""))
-        data = {"config": dict(config, note=note), "rows": kept + rows}
+        since = {}
+        if old is not None and old["config"]["policy"] != config["policy"] and kept:
+            since = {"policy_since": f"{len(kept)} rows measured under an earlier policy that plans their models "
+                                     "identically (bench.zoo_real.plan_signature)"}
+        data = {"config": dict(config, note=note, **since), "rows": kept + rows}
         write_results(name, data, markdown(data), results=args.out, quiet=len(rows) < len(specs))
 
     if args.adopt:
