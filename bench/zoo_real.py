@@ -443,6 +443,9 @@ def main() -> None:
                      f"(its {', '.join(differ)}); only a run under today's defaults can be adopted")
         adopted = [dict(r, adopted_from=args.adopt) for r in tagged["rows"]]
         specs = [(r["model"] if r["source"] == "timm" else f"{r['source']}:{r['model']}", [args.list]) for r in adopted]
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("note", "baseline", "policy", "policy_since")}
+    if old is not None and strip(old["config"]) != strip(config):
+        ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
     missing = [spec for spec in rerun if spec not in {s for s, _ in specs}]
     if missing:
         ap.error(f"{path} holds a run with other settings, under which {len(missing)} of its models would convert "

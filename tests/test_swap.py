@@ -22,7 +22,7 @@ def test_state_dict_is_compatible_and_original_untouched():
 
 @pytest.mark.slow
 def test_converted_model_trains_and_set_ede_reaches_all_layers():
-    b = irconvert.binarize(timm.create_model("resnet18", num_classes=10))
+    b = irconvert.binarize(timm.create_model("resnet18", num_classes=10), keep_projections=False)
     irconvert.set_ede(b, 0.5)
     layers = list(irconvert.binary_layers(b))
     assert len(layers) == 19 and all(m.ede_t == 0.5 and m.ede_k == 2.0 for _, m in layers)
@@ -35,8 +35,8 @@ def test_converted_model_trains_and_set_ede_reaches_all_layers():
 def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10).eval()
-    plain = irconvert.binarize(model, shortcut=False).eval()
-    short = irconvert.binarize(model, shortcut=True).eval()
+    plain = irconvert.binarize(model, shortcut=False, keep_projections=False).eval()
+    short = irconvert.binarize(model, shortcut=True, keep_projections=False).eval()
     pairs = dict(short.irconvert_plan.shortcuts)
     assert pairs["layer1.0.conv1"] == "layer1.0.bn1" and pairs["layer2.0.downsample.0"] == "layer2.0.downsample.1"
     assert len(pairs) == 19 and list(short.state_dict()) == list(model.state_dict())
@@ -69,8 +69,8 @@ def test_bireal_shortcut_adds_the_real_input_after_the_norm(tmp_path):
 def test_gated_shortcut_starts_as_the_plain_model_then_trains_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10, zero_init_last=False).eval()  # (a zero bn2 blocks all grads)
-    plain = irconvert.binarize(model, shortcut=False).eval()
-    gated = irconvert.binarize(model, shortcut="gated").eval()
+    plain = irconvert.binarize(model, shortcut=False, keep_projections=False).eval()
+    gated = irconvert.binarize(model, shortcut="gated", keep_projections=False).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(plain(x), gated(x))  # every gate is 0: the converted network is unchanged
