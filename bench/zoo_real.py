@@ -212,9 +212,10 @@ def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=
     return rec
 
 
-def plan_signature(spec: str, built_for: dict | None, policy: dict) -> tuple:
-    """What `policy` decides for `spec` as zoo_real builds it, from its graph: each layer's mode and gain, the
-    shortcuts, the activations replaced. Two policies with the same signature convert the model the same way."""
+def plan_signatures(spec: str, built_for: dict | None, *policies: dict) -> list[tuple]:
+    """What each of `policies` decides for `spec` as zoo_real builds it, from its graph (built and analysed once):
+    each layer's mode and gain, the shortcuts, the activations replaced. Two policies with the same signature
+    convert the model the same way."""
     import warnings
 
     from bench.zoo_check import sweep_model
@@ -224,28 +225,36 @@ def plan_signature(spec: str, built_for: dict | None, policy: dict) -> tuple:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = sweep_model(spec, **(built_for or {}))
-        p = plan(analyze(model), Policy(**policy), dict(model.named_modules()))
-    return (tuple((n, lp.mode, lp.gain) for n, lp in p.layers.items()), p.shortcuts, p.hardtanh)
+        analysis, modules = analyze(model), dict(model.named_modules())
+        plans = [plan(analysis, Policy(**policy), modules) for policy in policies]
+    return [(tuple((n, lp.mode, lp.gain) for n, lp in p.layers.items()), p.shortcuts, p.hardtanh) for p in plans]
+
+
+def _settings(config: dict) -> dict:
+    """A run's settings other than its policy: what no stored row can be kept across."""
+    return {k: v for k, v in config.items() if k not in ("note", "baseline", "policy", "policy_since")}
+
+
+def _spec(row: dict) -> str:
+    return row["model"] if row["source"] == "timm" else f"{row['source']}:{row['model']}"
 
 
 def unchanged_rows(old: dict, config: dict) -> tuple[list[dict], list[str]]:
     """Of stored run `old`, the rows still valid under `config`: all of them where the settings are the same;
-    where only the policy differs, those whose model both policies plan alike (plan_signature), so that a new
+    where only the policy differs, those whose model both policies plan alike (plan_signatures), so that a new
     policy default reruns only the models it changes. Returns (rows kept, specs to rerun)."""
-    strip = lambda c: {k: v for k, v in c.items() if k not in ("note", "baseline", "policy", "policy_since")}
-    spec = lambda r: r["model"] if r["source"] == "timm" else f"{r['source']}:{r['model']}"
-    if strip(old["config"]) != strip(config):
-        return [], [spec(r) for r in old["rows"]]
+    if _settings(old["config"]) != _settings(config):
+        return [], [_spec(r) for r in old["rows"]]
     if old["config"]["policy"] == config["policy"]:
         return list(old["rows"]), []
     kept, rerun = [], []
     for r in old["rows"]:
         try:
-            same = plan_signature(spec(r), r.get("built_for"), old["config"]["policy"]) == \
-                plan_signature(spec(r), r.get("built_for"), config["policy"])
+            before, after = plan_signatures(_spec(r), r.get("built_for"), old["config"]["policy"], config["policy"])
+            same = before == after
         except Exception:  # the model does not build or trace any more: measure it again
             same = False
-        (kept if same else rerun).append(r if same else spec(r))
+        (kept if same else rerun).append(r if same else _spec(r))
     return kept, rerun
 
 
@@ -429,6 +438,8 @@ def main() -> None:
               "policy": recipe.binarize.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")}
     path = args.out / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and _settings(old["config"]) != _settings(config):
+        ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
     stored, rerun = unchanged_rows(old, config) if old is not None else ([], [])
     adopted = []
     if args.adopt:
@@ -442,10 +453,7 @@ def main() -> None:
             ap.error(f"--adopt {args.adopt}: {src.name} was measured under other settings than this table's "
                      f"(its {', '.join(differ)}); only a run under today's defaults can be adopted")
         adopted = [dict(r, adopted_from=args.adopt) for r in tagged["rows"]]
-        specs = [(r["model"] if r["source"] == "timm" else f"{r['source']}:{r['model']}", [args.list]) for r in adopted]
-    strip = lambda c: {k: v for k, v in c.items() if k not in ("note", "baseline", "policy", "policy_since")}
-    if old is not None and strip(old["config"]) != strip(config):
-        ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
+        specs = [(_spec(r), [args.list]) for r in adopted]
     missing = [spec for spec in rerun if spec not in {s for s, _ in specs}]
     if missing:
         ap.error(f"{path} holds a run with other settings, under which {len(missing)} of its models would convert "
@@ -471,7 +479,7 @@ def main() -> None:
         since = {}
         if old is not None and old["config"]["policy"] != config["policy"] and kept:
             since = {"policy_since": f"{len(kept)} rows measured under an earlier policy that plans their models "
-                                     "identically (bench.zoo_real.plan_signature)"}
+                                     "identically (bench.zoo_real.plan_signatures)"}
         data = {"config": dict(config, note=note, **since), "rows": kept + rows}
         write_results(name, data, markdown(data), results=args.out, quiet=len(rows) < len(specs))
 

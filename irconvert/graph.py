@@ -140,6 +140,11 @@ def closure(start, step) -> set:
     return seen
 
 
+def _ancestors(n: fx.Node) -> set:
+    """The nodes `n`'s value depends on (itself not included)."""
+    return closure(n.all_input_nodes, lambda a: a.all_input_nodes)
+
+
 def _callee(n: fx.Node, modules: dict[str, nn.Module]) -> str:
     """The name of what a node calls: a function's or method's name, a module's class name."""
     if n.op == "call_module":
@@ -156,8 +161,6 @@ def gates(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> 
     project conv reads x * SE(x); the sign of their input is sign(x) wherever g > 0, so a W1A1 reader
     cannot see the gate at all."""
     modules = dict(model.named_modules())
-    ancestors = lambda n: closure(n.all_input_nodes, lambda a: a.all_input_nodes)
-
     layers: set[str] = set()
     readers: set[str] = set()
     for n in graph.nodes:
@@ -165,10 +168,10 @@ def gates(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module]) -> 
             continue
         ins = [a for a in n.args[:2] if isinstance(a, fx.Node)]
         for x, g in (ins, ins[::-1]) if len(ins) == 2 else ():
-            above = ancestors(g)
+            above = _ancestors(g)
             if x not in above:
                 continue
-            branch = above - ancestors(x) - {x} | {g}
+            branch = above - _ancestors(x) - {x} | {g}
             if any(_callee(b, modules) in _REDUCING for b in branch):
                 layers.update(name for b in branch for name in owner_names(b, weighted))
                 readers.update(_readers(n, modules, weighted))
@@ -185,21 +188,19 @@ def projections(model: nn.Module, graph: fx.Graph, weighted: dict[str, nn.Module
     branch, as ResNet's 1x1 downsample (a projection shortcut) or GhostNet's depthwise + 1x1 shortcut. An
     identity shortcut has no layer; the equal branches of RepVGG and MobileOne are no shorter side."""
     modules = dict(model.named_modules())
-    ancestors = lambda n: closure([n], lambda a: a.all_input_nodes)
-    is_sum = lambda n: n.op in ("call_function", "call_method") and _callee(n, modules) in _SUMS and \
-        sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2
+    is_sum = lambda n: isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and \
+        _callee(n, modules) in _SUMS and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2
+    # a sum whose one user is another sum is part of that one's chain, read from the chain's last add
+    chained = lambda n: is_sum(n) and len(n.users) == 1 and is_sum(next(iter(n.users)))
 
     def terms(n: fx.Node) -> list[fx.Node]:
-        out = []
-        for a in n.args[:2]:
-            out += terms(a) if is_sum(a) and len(a.users) == 1 else [a]
-        return out
+        return [t for a in n.args[:2] for t in (terms(a) if chained(a) else [a])]
 
     out: set[str] = set()
     for n in graph.nodes:
-        if not is_sum(n) or any(is_sum(u) and n in u.args[:2] for u in n.users) and len(n.users) == 1:
-            continue  # not a sum, or part of a longer chain read from its last add
-        up = [ancestors(t) for t in terms(n)]
+        if not is_sum(n) or chained(n):
+            continue
+        up = [_ancestors(t) | {t} for t in terms(n)]
         if not set.intersection(*up):
             continue
         own = [{name for b in mine - set().union(*(o for j, o in enumerate(up) if j != i))

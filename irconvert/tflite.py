@@ -486,10 +486,9 @@ class _Converter:
     def _smooth(self, node: fx.Node, kind: str, x: int) -> None:
         """SiLU as x * LOGISTIC(x), Sigmoid as LOGISTIC, Hardswish as HARD_SWISH, Hardsigmoid as
         min(max(x + 3, 0), 6) / 6 in PyTorch's order (ADD, RELU6, DIV): squeeze-excitation and its blocks."""
-        if kind in ("sigmoid", "silu"):
-            if kind == "sigmoid":
-                self._emit(node, "LOGISTIC", [x])
-                return
+        if kind == "sigmoid":
+            self._emit(node, "LOGISTIC", [x])
+        elif kind == "silu":
             y = self.fb.tensor(self._shape(node))
             self.fb.op(_BUILTIN["LOGISTIC"], [x], [y])
             self._emit(node, "MUL", [x, y], _opt("MulOptions"))
@@ -938,30 +937,32 @@ class _Converter:
         return out
 
     # --- functions and methods ---------------------------------------------------------------------
+    def _arith(self, node: fx.Node, op: str, broadcast: bool) -> bool:
+        """`op` (ADD or MUL) of two tensors (of one shape unless `broadcast`) or of a tensor and a Python number;
+        False for anything else."""
+        a, b = node.args[0], node.args[1]
+        options = _opt("AddOptions" if op == "ADD" else "MulOptions")
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            if not broadcast and self.values[a].shape != self.values[b].shape:
+                raise IRConvertError(f"export tflite: {node.name} adds tensors of shapes "
+                                     f"{tuple(self.values[a].shape)} and {tuple(self.values[b].shape)}; not supported")
+            self._emit(node, op, [self._in(node, a), self._in(node, b)], options)
+            return True
+        tensor, scalar = (a, b) if isinstance(a, fx.Node) else (b, a)
+        if isinstance(scalar, (int, float)):
+            self._emit(node, op, [self._in(node, tensor), self.fb.const(np.float32([scalar]))], options)
+            return True
+        return False
+
     def _function(self, node: fx.Node) -> None:
         t, args = node.target, node.args
         val = self.values.get(node)
         if not isinstance(val, torch.Tensor):
             return  # sizes and other Python values: used at trace time only
-        if t in _ADDS or t == "add" or t == "add_":
-            a, b = args[0], args[1]
-            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
-                if self.values[a].shape != self.values[b].shape:
-                    raise IRConvertError(f"export tflite: {node.name} adds tensors of shapes "
-                                         f"{tuple(self.values[a].shape)} and {tuple(self.values[b].shape)}; not supported")
-                return self._emit(node, "ADD", [self._in(node, a), self._in(node, b)], _opt("AddOptions")) and None
-            tensor, scalar = (a, b) if isinstance(a, fx.Node) else (b, a)
-            if isinstance(scalar, (int, float)):
-                self._emit(node, "ADD", [self._in(node, tensor), self.fb.const(np.float32([scalar]))], _opt("AddOptions"))
-                return
-        if t in _MULS:
-            a, b = args[0], args[1]
-            if isinstance(a, fx.Node) and isinstance(b, fx.Node):  # a gate's product: [N, 1, 1, C] broadcasts
-                return self._emit(node, "MUL", [self._in(node, a), self._in(node, b)], _opt("MulOptions")) and None
-            tensor, scalar = (a, b) if isinstance(a, fx.Node) else (b, a)
-            if isinstance(scalar, (int, float)):
-                return self._emit(node, "MUL", [self._in(node, tensor), self.fb.const(np.float32([scalar]))],
-                                  _opt("MulOptions")) and None
+        if (t in _ADDS or t == "add" or t == "add_") and self._arith(node, "ADD", broadcast=False):
+            return
+        if t in _MULS and self._arith(node, "MUL", broadcast=True):  # a gate's product: [N, 1, 1, C] broadcasts
+            return
         kind = _GATE_FUNCS.get(t)
         if kind is not None:
             return self._smooth(node, kind, self._in(node, args[0]))
