@@ -5,6 +5,8 @@
     python -m bench.zoo_real --list fast --only 'efficientnet*' --set train.grad_clip=0.01 \\
         --set train.grad_clip_mode=agc --tag agc               # a training option, in its own table
     python -m bench.zoo_real --summary                         # the options table over every tagged run
+    python -m bench.zoo_real --list timm --reuse fast          # the timm list; its models the fast run measured
+                                                               # under the same settings are taken from there
 
 Per model, in a worker process of bench/zoo.py's pool (per-model timeout, memory cap, restart after a crash):
 
@@ -29,6 +31,7 @@ model) and .md through bench.common.write_results. A run with the same config me
 file (a model rerun replaces its row); another config needs its own --tag. A new policy default is the
 exception: the stored rows whose model the new policy plans exactly as the old one did (unchanged_rows) stay,
 and the run must include every model it plans differently, so a default that touches a few models reruns those.
+The JSON's `unrun` names the list's models no row measures yet (a partial run, `--only`).
 """
 
 from __future__ import annotations
@@ -341,7 +344,9 @@ def markdown(data: dict) -> str:
              f"(a tenth of the binary steps), mean over the run / last. {c['note']}"
              f"{'; ' + c['policy_since'] if c.get('policy_since') else ''}", "",
              f"**{within(ok)} of {len(rows)} within {WITHIN:g} points** of their FP twin; median gap "
-             f"{_num(median_gap(ok), '.2f')} points; {len(rows) - len(ok)} failed to run.", "",
+             f"{_num(median_gap(ok), '.2f')} points; {len(rows) - len(ok)} failed to run."
+             + (f" Not run yet: {len(data['unrun'])} of the list's {len(data['unrun']) + len(rows)} models "
+                f"({', '.join(data['unrun'])})." if data.get("unrun") else ""), "",
              "| model | source | input | FP top-1 | binary top-1 | gap | flips mean / last | s | note |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: (r["source"], r["model"])):
@@ -349,6 +354,8 @@ def markdown(data: dict) -> str:
         note = diagnosis(r, final_losses(rows)).replace("|", "/")
         if r.get("built_for"):
             note = "; ".join(filter(None, ["built with " + ", ".join(f"{k}={v}" for k, v in r["built_for"].items()), note]))
+        if r.get("reused_from"):
+            note = "; ".join(filter(None, [f"measured in {r['reused_from']}", note]))
         flips = f"{_num(r['flip_rate_mean'], '.2%')} / {_num(r['flip_rate_last'], '.2%')}" if r["flip_rate_mean"] is not None else "-"
         lines.append(f"| {r['model']} | {r['source']} | {size} | {_num(r['fp_top1'], '.1f')} | "
                      f"{_num(r['binary_top1'], '.1f')} | {_num(r['gap'], '.1f')} | {flips} | {_num(r['seconds'], '.0f')} | {note} |")
@@ -415,6 +422,9 @@ def main() -> None:
     ap.add_argument("--adopt", metavar="TAG",
                     help="take the rows of the run tagged TAG into this table without running, where its settings "
                          "(policy, train section, steps) are the ones this table is for: an option made a default")
+    ap.add_argument("--reuse", metavar="LIST",
+                    help="take the rows of this list's models that the untagged LIST table (e.g. fast) measured under "
+                         "this table's settings (steps, policy, train section) instead of running them again")
     ap.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -454,7 +464,22 @@ def main() -> None:
                      f"(its {', '.join(differ)}); only a run under today's defaults can be adopted")
         adopted = [dict(r, adopted_from=args.adopt) for r in tagged["rows"]]
         specs = [(_spec(r), [args.list]) for r in adopted]
-    missing = [spec for spec in rerun if spec not in {s for s, _ in specs}]
+    reused = []
+    if args.reuse:
+        src = args.out / f"zoo-real-{args.reuse}.json"
+        if args.reuse == args.list or not src.is_file():
+            ap.error(f"--reuse {args.reuse}: {src} does not exist or is this table; name another list's run")
+        other = json.loads(src.read_text())
+        differ = [k for k in ("steps", "set", "policy", "train") if other["config"].get(k) != config[k]]
+        if differ:
+            ap.error(f"--reuse {args.reuse}: {src.name} was measured under other settings than this table's "
+                     f"(its {', '.join(differ)}); only rows made under these settings can be reused")
+        wanted = {s for s, _ in specs}
+        reused = [dict(r, lists=[args.list], reused_from=src.name) for r in other["rows"] if _spec(r) in wanted]
+        done = {_spec(r) for r in reused}
+        stored = [r for r in stored if _spec(r) not in done] + reused
+        specs = [(s, lists) for s, lists in specs if s not in done]
+    missing = [spec for spec in rerun if spec not in {s for s, _ in specs} | {_spec(r) for r in reused}]
     if missing:
         ap.error(f"{path} holds a run with other settings, under which {len(missing)} of its models would convert "
                  f"differently ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); rerun them too "
@@ -464,9 +489,12 @@ def main() -> None:
     t0 = time.perf_counter()
     worker_args = (json.dumps({"steps": args.steps, "set": args.set, "fp_cache": not args.fresh_fp}),)
 
+    whole = [s for s, _ in zoo.select(args.list, None, None)[0]]
+
     def write(rows: list[dict]) -> None:
         done = {(r["source"], r["model"]) for r in rows}
         kept = [r for r in stored if (r["source"], r["model"]) not in done]
+        measured = {_spec(r) for r in kept + rows}
         if args.adopt:  # no run: the table's note stays, and says where the adopted rows come from
             names = ", ".join(r["model"] for r in rows)
             note = "; ".join(filter(None, [old["config"].get("note", "") if old else "", args.note,
@@ -476,14 +504,19 @@ def main() -> None:
         else:
             note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s "
                     "wall" + (f"; {args.note}" if args.note else ""))
+        if reused:
+            since_note = other["config"].get("policy_since")
+            note += (f"; the rows of {', '.join(r['model'] for r in reused)} come from {src.name}, measured there under "
+                     "these settings" + (f" ({src.name}: {since_note})" if since_note else ""))
         since = {}
         if old is not None and old["config"]["policy"] != config["policy"] and kept:
             since = {"policy_since": f"{len(kept)} rows measured under an earlier policy that plans their models "
                                      "identically (bench.zoo_real.plan_signatures)"}
-        data = {"config": dict(config, note=note, **since), "rows": kept + rows}
+        data = {"config": dict(config, note=note, **since), "rows": kept + rows,
+                "unrun": [s for s in whole if s not in measured]}
         write_results(name, data, markdown(data), results=args.out, quiet=len(rows) < len(specs))
 
-    if args.adopt:
+    if args.adopt or not specs:  # nothing to run: every selected model was adopted or reused
         return write(adopted)
     rows = zoo.sweep(specs, args.jobs, args.timeout, args.mem_gib, families, args.param_budget,
                      make_worker=lambda: zoo.Worker(args.mem_gib, "bench.zoo_real", worker_args, blank), on_result=write)

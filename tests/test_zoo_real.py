@@ -189,3 +189,31 @@ def test_an_option_made_a_default_is_adopted_without_running(tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_:
         zoo_real.main()
     assert exit_.value.code == 2
+
+
+def test_another_lists_rows_made_under_the_same_settings_are_reused_not_rerun(tmp_path):
+    """--reuse fast takes the fast table's row of a model this list also holds, when the fast run's steps,
+    policy and train section are this table's; no worker runs, and the list's other models are named as not run."""
+    recipe = zoo_real.train_recipe([], 2)
+    config = {"list": "fast", "tag": None, "steps": 2, "set": [], "note": "",
+              "policy": recipe.binarize.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")}
+    row = dict(zoo_real.blank("test_resnet", "timm"), status="ok", stage="", fp_top1=80.0, binary_top1=78.0, gap=2.0,
+               input_size=[3, 32, 32], seconds=1.0, lists=["fast"])
+    (tmp_path / "zoo-real-fast.json").write_text(json.dumps({"config": config, "rows": [row]}))
+    cmd = [sys.executable, "-m", "bench.zoo_real", "--list", "timm", "--only", "test_resnet", "--steps", "2",
+           "--reuse", "fast", "--out", str(tmp_path)]
+    root = Path(__file__).parents[1]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "zoo-real-timm.json").read_text())
+    assert [(r["model"], r["gap"], r["reused_from"], r["lists"]) for r in data["rows"]] == [
+        ("test_resnet", 2.0, "zoo-real-fast.json", ["timm"])]
+    assert len(data["unrun"]) > 50 and "vit_tiny_patch16_224" in data["unrun"] and "test_resnet" not in data["unrun"]
+    md = (tmp_path / "zoo-real-timm.md").read_text()
+    assert "measured in zoo-real-fast.json" in md and f"Not run yet: {len(data['unrun'])} of the list's" in md
+    (tmp_path / "zoo-real-timm.json").unlink()
+    config["train"]["lr"] = 0.5  # the fast run under other settings: refused, nothing written
+    (tmp_path / "zoo-real-fast.json").write_text(json.dumps({"config": config, "rows": [row]}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 2 and "--reuse fast" in proc.stderr and "its train" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "zoo-real-timm.json").exists()
