@@ -93,35 +93,57 @@ def headline() -> str:
          "training-throughput"),
         ("model zoo: converts, exports, reloads exactly and learns", ", ".join(zoo), "model-zoo"),
     ]
-    real = RESULTS / "zoo-real-fast.json"
-    if real.is_file():  # bench.zoo_real: trained models converted on real data
-        from bench.zoo_real import WITHIN, median_gap, within
+    real = []  # bench.zoo_real: trained models converted on real data, per list run
+    for name in ("fast", "timm", "torchvision"):
+        path = RESULTS / f"zoo-real-{name}.json"
+        if path.is_file():
+            from bench.zoo_real import median_gap, within
 
-        data = json.loads(real.read_text())
-        ok = [r for r in data["rows"] if r["status"] == "ok"]
+            data = json.loads(path.read_text())
+            ok = [r for r in data["rows"] if r["status"] == "ok"]
+            total = len(data["rows"]) + len(data.get("unrun", [])) if "unrun" in data else 40
+            real.append(f"{name} list {within(ok)} of {len(data['rows'])} models measured (of {total}), median gap "
+                        f"{median_gap(ok):.1f} points")
+    if real:
+        from bench.zoo_real import WITHIN
+
         rows.append((f"the zoo on real data: a trained model's binary twin within {WITHIN:g} points of it (Fashion-MNIST)",
-                     f"{within(ok)} of {len(data['rows'])} fast-list models measured (of 40), median gap "
-                     f"{median_gap(ok):.1f} points", "the-zoo-on-real-data"))
+                     "; ".join(real), "the-zoo-on-real-data"))
     lines = ["| measured | result | details |", "|---|---|---|"]
     lines += [f"| {what} | {result} | [benchmarks](docs/benchmarks.md#{anchor}) |" for what, result, anchor in rows]
     return "\n".join(lines)
 
 
-def _unrun(name: str) -> str:
-    """What running zoo_real's `name` list would take here: its models (the learns sweep's list of that name)
-    at the fast run's median seconds a model, on 2 workers."""
+def _unrun(name: str, specs: list[str] | None = None) -> str:
+    """What running zoo_real's `specs` of the `name` list (all of the learns sweep's list of that name when None)
+    would take here: each model's learns-sweep seconds times the median ratio of zoo_real's seconds to the
+    sweep's, over the models both measured, on 2 workers."""
     import statistics
 
-    sweep, fast = RESULTS / f"zoo-{name}.json", RESULTS / "zoo-real-fast.json"
-    if not (sweep.is_file() and fast.is_file()):
+    sweep = RESULTS / f"zoo-{name}.json"
+    if not sweep.is_file():
         return ""
-    n = len(json.loads(sweep.read_text()))
-    seconds = [r["seconds"] for r in json.loads(fast.read_text())["rows"] if r.get("seconds")]
-    if not seconds:
+    spec = lambda r: r["model"] if r["source"] == "timm" else f"{r['source']}:{r['model']}"
+    swept = {}
+    for path in (RESULTS / f"zoo-{n}.json" for n in ("fast", "timm", "torchvision")):
+        data = json.loads(path.read_text()) if path.is_file() else []
+        swept.update({spec(r): r["seconds"] for r in data if r.get("seconds")})
+    ratios = []
+    for path in sorted(RESULTS.glob("zoo-real-*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and not data.get("config", {}).get("tag"):
+            ratios += [r["seconds"] / swept[spec(r)] for r in data.get("rows", [])
+                       if r["status"] == "ok" and not r.get("reused_from") and swept.get(spec(r))]
+    if specs is None:
+        specs = [spec(r) for r in json.loads(sweep.read_text())]
+    if not ratios or not specs:
         return ""
-    med = statistics.median(seconds)
-    return (f": {n} models, at least {n * med / 2 / 3600:.1f} hours on 2 workers here (the fast run's median, "
-            f"{med / 60:.1f} minutes a model; the large ones take far longer)")
+    ratio = statistics.median(ratios)
+    fallback = statistics.median(swept.values())
+    hours = sum(swept.get(s, fallback) * ratio for s in specs) / 2 / 3600
+    return (f"{len(specs)} models, about {hours:.0f} hours on 2 workers here (each one's learns-sweep seconds times "
+            f"{ratio:.0f}, the median ratio of zoo_real's seconds to the sweep's over the {len(ratios)} models both "
+            "measured, on a busy machine)")
 
 
 def misses() -> str:
@@ -133,9 +155,11 @@ def misses() -> str:
     for name in ("fast", "timm", "torchvision"):
         path = RESULTS / f"zoo-real-{name}.json"
         if not path.is_file():
-            lines.append(f"- **{name}** list: not run yet{_unrun(name)}.")
+            unrun = _unrun(name)
+            lines.append(f"- **{name}** list: not run yet{': ' + unrun if unrun else ''}.")
             continue
-        rows = json.loads(path.read_text())["rows"]
+        data = json.loads(path.read_text())
+        rows = data["rows"]
         ok = [r for r in rows if r["status"] == "ok"]
         ref = final_losses(rows)
         missed = sorted((r for r in rows if diagnosis(r)), key=lambda r: -(r["gap"] if r["gap"] is not None else 1e9))
@@ -145,6 +169,8 @@ def misses() -> str:
         lines += [f"  - {'torchvision:' if r['source'] == 'torchvision' else ''}{r['model']}"
                   f"{'' if r['gap'] is None else ' ' + format(r['fp_top1'], '.1f') + ' → ' + format(r['binary_top1'], '.1f')}"
                   f": {diagnosis(r, ref)}" for r in missed]
+        if data.get("unrun"):
+            lines.append(f"  - not run yet: {_unrun(name, data['unrun']) or str(len(data['unrun'])) + ' models'}.")
     return "\n".join(lines)
 
 

@@ -501,6 +501,8 @@ def main() -> None:
                                            f"the rows of {names} come from the run tagged {args.adopt} "
                                            "(zoo-real-{list}-{tag}.json), made under these settings".format(
                                                list=args.list, tag=args.adopt)]))
+        elif not specs:  # every model reused, none run: the table's note stays
+            note = "; ".join(filter(None, [old["config"].get("note", "") if old else "", args.note]))
         else:
             note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s "
                     "wall" + (f"; {args.note}" if args.note else ""))
