@@ -63,7 +63,8 @@ FP_BN_BATCHES = 20
 def blank(name: str, source: str) -> dict:
     """The record of one model before (or without) a result."""
     return {"model": name, "source": source, "status": "fail", "stage": "create", "reason": "", "input_size": None,
-            "built_for": None, "small_head": None, "binary_layers": None, "fp_top1": None, "binary_top1": None, "gap": None,
+            "built_for": None, "small_head": None, "binary_layers": None,
+            "binary_mac_share": None, "w1a1_mac_share": None, "fp_top1": None, "binary_top1": None, "gap": None,
             "flip_rate_mean": None, "flip_rate_last": None, "flip_rates": None, "binary_loss": None,
             "fp_seconds": None, "binary_seconds": None, "seconds": None}
 
@@ -132,6 +133,16 @@ def fp_cache(spec: str, size: tuple[int, ...], steps: int) -> Path:
     return cache_dir() / "zoo-real-fp" / f"{spec.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
 
+def mac_shares(student, size) -> dict:
+    """The shares of the binary model's conv/linear MACs whose weights are binary (W1A1 or W1A32) and that
+    are bitwise (W1A1): a rule that keeps layers real-valued shows what it costs next to the gap it saves."""
+    import irconvert
+
+    s = irconvert.summary(student, tuple(size))
+    w1a1 = sum(r.macs for r in s.rows if r.binary == "W1A1")
+    return {"binary_mac_share": round(s.binary_mac_share, 4), "w1a1_mac_share": round(w1a1 / max(s.macs, 1), 4)}
+
+
 def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=lambda stage: None,
                fp_cache_on: bool = False) -> dict:
     """Train, convert and fine-tune model `spec` on Fashion-MNIST; return its record. With `fp_cache_on` the
@@ -191,6 +202,7 @@ def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=
             x = next(iter(train))[0]
             student = irconvert.binarize(model, recipe.binarize, calibrate=x)
             rec["binary_layers"] = len(student.irconvert_plan.binary) if hasattr(student, "irconvert_plan") else None
+            rec.update(mac_shares(student, size))
 
             stage = "binary-train"
             report(stage)

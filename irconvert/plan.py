@@ -39,7 +39,8 @@ class Policy(BaseModel):
                      projection = on a residual sum's shorter side, ResNet's 1x1 downsample:
                      graph.projections);
                      `features` makes the classifier's feature layer W1A32 (see below), and
-                     `gated_input` each layer that reads a gated product x * g (see below).
+                     `gated_input` each layer that reads a gated product x * g (see below);
+                     `w1a1_min_fan_in` makes a W1A1 layer with a smaller fan-in W1A32 (see below).
       4. pattern:    `patterns` maps a glob ("blocks.*.attn.qkv") or a regex prefixed "re:" to a
                      decision, matched against the full module name; when several match, the one
                      written last wins.
@@ -65,6 +66,11 @@ class Policy(BaseModel):
     after squeeze-excitation; graph.gates): "W1A32" by default, "keep" or "binary". A W1A1 layer there sees
     sign(x * g) = sign(x) for a positive gate, so the gate does nothing for it: measured in bench.zoo_real
     (docs/policy.md, Gates). Structure level, like `features`.
+    `w1a1_min_fan_in` makes a W1A1 layer whose fan-in (inputs per output, C_in * k * k / groups) is under
+    it W1A32: binary weights, real input. A W1A1 output is an integer in [-fan_in, fan_in], so a narrow
+    layer (ShuffleNetV2-0.5's 24-channel 1x1 convs) passes on a coarse count of agreeing signs; its
+    weights stay 1 bit. 0 (off) by default; measured in bench.zoo_real (docs/policy.md, Narrow layers).
+    Structure level: patterns and names override it.
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
@@ -97,6 +103,7 @@ class Policy(BaseModel):
     features: Literal["W1A32", "keep", "binary"] = "W1A32"
     gated_input: Literal["W1A32", "keep", "binary"] = "W1A32"
     min_fan_in: int = Field(0, ge=0)
+    w1a1_min_fan_in: int = Field(0, ge=0)
     types: dict[str, Decision] = Field(default_factory=dict)
     patterns: dict[str, Decision] = Field(default_factory=dict)
     layers: dict[str, Decision] = Field(default_factory=dict)
@@ -229,6 +236,8 @@ def decide(facts: LayerFacts, policy: Policy, mro_names: tuple[str, ...]) -> Lay
         elif facts.gated_input and policy.gated_input != "binary":
             mode = None if policy.gated_input == "keep" else ("W1A32" if mode is not None else None)
             reason = f"reads a gated product x * g, whose sign is sign(x) ({policy.gated_input})"
+    if mode == "W1A1" and facts.fan_in < policy.w1a1_min_fan_in:
+        mode, reason = "W1A32", f"{reason}; W1A32 as its fan-in {facts.fan_in} < w1a1_min_fan_in {policy.w1a1_min_fan_in}"
     for pat, dec in policy.patterns.items():
         if _matches(pat, facts.name):
             mode, reason = _resolve(dec, policy), f"pattern {pat}"

@@ -41,6 +41,22 @@ def test_min_fan_in_and_binarize_depthwise():
             assert lp.mode == "W1A1", name
 
 
+def test_w1a1_layers_under_the_fan_in_floor_become_w1a32_and_patterns_still_win():
+    model = timm.create_model("mobilenetv2_100")
+    a = analyze(model)
+    base = irconvert.binarize(model).irconvert_plan.layers
+    narrow = irconvert.binarize(model, w1a1_min_fan_in=100, patterns={"blocks.1.0.conv_pw": "W1A1"}).irconvert_plan.layers
+    hits = [n for n, lp in base.items() if lp.mode == "W1A1" and a.layers[n].fan_in < 100]
+    assert len(hits) > 2  # the early expand convs read 16-32 channels
+    for name, lp in base.items():
+        if name == "blocks.1.0.conv_pw":
+            assert narrow[name].mode == "W1A1"  # a pattern overrides the structure rule
+        elif name in hits:
+            assert narrow[name].mode == "W1A32" and "w1a1_min_fan_in 100" in narrow[name].reason, name
+        else:
+            assert narrow[name].mode == lp.mode, name  # kept, W1A32 and wide W1A1 layers as before
+
+
 def test_bad_policy_values_are_rejected():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         irconvert.Policy(method="nope")

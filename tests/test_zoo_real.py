@@ -19,6 +19,7 @@ def test_a_tiny_model_trains_converts_fine_tunes_and_reports_gap_and_flip_rate(f
     assert rec["gap"] == pytest.approx(rec["fp_top1"] - rec["binary_top1"], abs=0.011)
     assert len(rec["flip_rates"]) == 3 and rec["flip_rate_last"] == rec["flip_rates"][-1]  # a point per step
     assert rec["binary_layers"] > 0 and rec["seconds"] >= rec["binary_seconds"] > 0
+    assert 0 < rec["w1a1_mac_share"] <= rec["binary_mac_share"] < 1  # the first and last layers stay real
     table = zoo_real.markdown({"config": {"list": "fast", "tag": None, "steps": 3, "set": [], "note": "",
                                           "policy": {"mode": "W1A1"}}, "rows": [rec]})
     assert f"| test_resnet | timm | 32x32 | {rec['fp_top1']:.1f} | {rec['binary_top1']:.1f} |" in table
