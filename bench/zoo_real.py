@@ -245,6 +245,21 @@ def plan_signatures(spec: str, built_for: dict | None, *policies: dict) -> list[
     return [(tuple((n, lp.mode, lp.gain) for n, lp in p.layers.items()), p.shortcuts, p.hardtanh) for p in plans]
 
 
+# Policy fields added after runs were stored, with the default that computes what those runs computed: a stored
+# policy without one is filled in, so that the new field alone does not make every stored row look stale.
+# (A field whose default changed behaviour, keep_projections, is not one: runs without it ran without it.)
+NEUTRAL_POLICY = {"w1a1_min_fan_in": 0}
+
+
+def read_run(path: Path) -> dict:
+    """A stored run, its policy completed with NEUTRAL_POLICY's fields."""
+    data = json.loads(path.read_text())
+    if isinstance(data.get("config", {}).get("policy"), dict):
+        data["config"]["policy"] = {**data["config"]["policy"],
+                                    **{k: v for k, v in NEUTRAL_POLICY.items() if k not in data["config"]["policy"]}}
+    return data
+
+
 def _settings(config: dict) -> dict:
     """A run's settings other than its policy: what no stored row can be kept across."""
     return {k: v for k, v in config.items() if k not in ("note", "baseline", "policy", "policy_since")}
@@ -386,14 +401,15 @@ def settings_diff(config: dict, base: dict) -> str:
 def summary(results: Path = RESULTS) -> str:
     """Return the options table: each tagged zoo-real result file against its baseline on the same models (the
     run its config names as `baseline`, else the untagged run of its list); the option is what their settings differ in."""
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("zoo-real-*.json")) if p.stem != "zoo-real-options"}
+    runs = {p.stem: read_run(p) for p in sorted(results.glob("zoo-real-*.json")) if p.stem != "zoo-real-options"}
     lines = ["# zoo_real: training options", "",
              "Each tagged run against its baseline on the same models (the run it was measured against: "
              "`--baseline`, else the untagged run, today's defaults): the settings they differ in, median gap "
-             f"(FP - binary top-1, points), models within {WITHIN:g} points, mean flip rate per log point.", "",
+             f"(FP - binary top-1, points), models within {WITHIN:g} points, mean flip rate per log point, mean share of the MACs that are W1A1 (bitwise; '-' for runs made before "
+             "rows recorded it).", "",
              "| run | baseline | option (settings that differ) | models | median gap | baseline median gap | within 5 | "
-             "baseline within 5 | mean flips | baseline flips |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "baseline within 5 | mean flips | baseline flips | W1A1 MACs | baseline W1A1 MACs |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stem, d in runs.items():
         c = d["config"]
         if not c.get("tag"):
@@ -405,8 +421,11 @@ def summary(results: Path = RESULTS) -> str:
         brows = [r for r in (base["rows"] if base else []) if (r["source"], r["model"]) in keys and r["status"] == "ok"]
         option = (settings_diff(c, base["config"]) if base else "") or " ".join(c["set"]) or "(the same settings)"
         flips = lambda rs: _num(statistics.fmean([r["flip_rate_mean"] for r in rs]) if rs else None, ".2%")
+        macs = lambda rs: _num(statistics.fmean([r["w1a1_mac_share"] for r in rs])
+                               if rs and all(r.get("w1a1_mac_share") is not None for r in rs) else None, ".0%")
         lines.append(f"| {stem} | {bstem if base else '-'} | {option} | {len(rows)} | {_num(median_gap(rows), '.2f')} | "
-                     f"{_num(median_gap(brows), '.2f')} | {within(rows)} | {within(brows)} | {flips(rows)} | {flips(brows)} |")
+                     f"{_num(median_gap(brows), '.2f')} | {within(rows)} | {within(brows)} | {flips(rows)} | {flips(brows)} | "
+                     f"{macs(rows)} | {macs(brows)} |")
     return "\n".join(lines)
 
 
@@ -459,7 +478,7 @@ def main() -> None:
               **({"baseline": f"zoo-real-{args.list}-{args.baseline}"} if args.baseline else {}),
               "policy": recipe.binarize.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json")}
     path = args.out / f"{name}.json"
-    old = json.loads(path.read_text()) if path.is_file() else None
+    old = read_run(path) if path.is_file() else None
     if old is not None and _settings(old["config"]) != _settings(config):
         ap.error(f"{path} holds a run with other settings; pass --tag NAME for these, or delete the file")
     stored, rerun = unchanged_rows(old, config) if old is not None else ([], [])
@@ -468,7 +487,7 @@ def main() -> None:
         src = args.out / f"zoo-real-{args.list}-{args.adopt}.json"
         if not src.is_file():
             ap.error(f"--adopt {args.adopt}: {src} does not exist")
-        tagged = json.loads(src.read_text())
+        tagged = read_run(src)
         keys = ("list", "steps", "policy", "train")
         differ = [k for k in keys if tagged["config"].get(k) != config[k]]
         if differ:
@@ -481,7 +500,7 @@ def main() -> None:
         src = args.out / f"zoo-real-{args.reuse}.json"
         if args.reuse == args.list or not src.is_file():
             ap.error(f"--reuse {args.reuse}: {src} does not exist or is this table; name another list's run")
-        other = json.loads(src.read_text())
+        other = read_run(src)
         differ = [k for k in ("steps", "set", "policy", "train") if other["config"].get(k) != config[k]]
         if differ:
             ap.error(f"--reuse {args.reuse}: {src.name} was measured under other settings than this table's "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import irconvert
 from bench import zoo_real
 
 
@@ -80,8 +81,9 @@ def test_the_command_runs_a_model_in_a_worker_and_merges_a_rerun(tmp_path, fashi
 
 
 def test_the_options_summary_compares_each_tagged_run_with_its_baseline_on_its_models(tmp_path):
-    def row(model, gap, flips, source="timm"):
-        return {"model": model, "source": source, "status": "ok", "gap": gap, "flip_rate_mean": flips}
+    def row(model, gap, flips, source="timm", w1a1=None):
+        return {"model": model, "source": source, "status": "ok", "gap": gap, "flip_rate_mean": flips,
+                **({"w1a1_mac_share": w1a1} if w1a1 is not None else {})}
 
     def config(tag, lr, **more):
         return {"list": "fast", "tag": tag, "set": [], "policy": {"mode": "W1A1"}, "train": {"lr": lr}, **more}
@@ -92,14 +94,20 @@ def test_the_options_summary_compares_each_tagged_run_with_its_baseline_on_its_m
            "rows": [row("a", 4, 0.0), row("b", 3, 0.01)]}
     before = {"config": config("before", 0.001), "rows": [row("a", 20, 0.0)]}
     old = {"config": config("lr", 0.003, baseline="zoo-real-fast-before"), "rows": [row("a", 10, 0.01)]}
-    for name, data in [("", base), ("-agc", agc), ("-before", before), ("-lr", old)]:
+    narrow = {"config": dict(config("narrow", 0.003), set=["binarize.w1a1_min_fan_in=64"], policy={"mode": "W1A1", "w1a1_min_fan_in": 64},
+                             baseline="zoo-real-fast-rerun"), "rows": [row("a", 1, 0.01, w1a1=0.2), row("b", 2, 0.01, w1a1=0.4)]}
+    rerun = {"config": config("rerun", 0.003), "rows": [row("a", 9, 0.02, w1a1=0.5), row("b", 3, 0.02, w1a1=0.7)]}
+    for name, data in [("", base), ("-agc", agc), ("-before", before), ("-lr", old), ("-narrow", narrow), ("-rerun", rerun)]:
         (tmp_path / f"zoo-real-fast{name}.json").write_text(json.dumps(data))
     table = zoo_real.summary(tmp_path)
     # against the untagged run on a and b only (not torchvision's b): median gap 6, one of two within 5; the option: 3.5, both
-    assert ('| zoo-real-fast-agc | zoo-real-fast | train.grad_clip_mode="agc" | 2 | 3.50 | 6.00 | 2 | 1 | 0.50% | 1.50% |'
+    assert ('| zoo-real-fast-agc | zoo-real-fast | train.grad_clip_mode="agc" | 2 | 3.50 | 6.00 | 2 | 1 | 0.50% | 1.50% | - | - |'
             in table)
     # a run measured against an earlier baseline names it, and what differs from it
-    assert "| zoo-real-fast-lr | zoo-real-fast-before | train.lr=0.003 | 1 | 10.00 | 20.00 | 0 | 0 | 1.00% | 0.00% |" in table
+    assert "| zoo-real-fast-lr | zoo-real-fast-before | train.lr=0.003 | 1 | 10.00 | 20.00 | 0 | 0 | 1.00% | 0.00% | - | - |" in table
+    # a rule that takes layers off the bitwise path shows it: the mean W1A1 share of the MACs, against the baseline's
+    assert ("| zoo-real-fast-narrow | zoo-real-fast-rerun | binarize.w1a1_min_fan_in=64 | 2 | 1.50 | 6.00 | 2 | 1 | 1.00% | "
+            "2.00% | 30% | 60% |") in table
     assert "\n| zoo-real-fast |" not in table  # the untagged baseline itself is no option
 
 
@@ -218,3 +226,17 @@ def test_another_lists_rows_made_under_the_same_settings_are_reused_not_rerun(tm
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     assert proc.returncode == 2 and "--reuse fast" in proc.stderr and "its train" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "zoo-real-timm.json").exists()
+
+
+def test_a_policy_field_added_with_a_neutral_default_does_not_make_stored_rows_stale(tmp_path):
+    policy = irconvert.Policy().model_dump(mode="json")
+    before = {k: v for k, v in policy.items() if k not in ("w1a1_min_fan_in", "keep_projections")}
+    config = {"list": "fast", "tag": None, "steps": 300, "set": [], "train": {}, "policy": policy}
+    stored = dict(config, policy=before)
+    row = dict(zoo_real.blank("vit_tiny_patch16_224", "timm"), status="ok", gap=1.0)
+    (tmp_path / "zoo-real-fast.json").write_text(json.dumps({"config": stored, "rows": [row]}))
+    run = zoo_real.read_run(tmp_path / "zoo-real-fast.json")
+    assert run["config"]["policy"]["w1a1_min_fan_in"] == 0  # filled: the runs before it computed with 0
+    assert "keep_projections" not in run["config"]["policy"]  # not neutral: a run without it ran without it
+    assert zoo_real.unchanged_rows(dict(run, config=dict(run["config"], policy=dict(policy, keep_projections=None))),
+                                   dict(config, policy=dict(policy, keep_projections=None))) == ([run["rows"][0]], [])
