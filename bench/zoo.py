@@ -145,8 +145,9 @@ def select(which: str, only: str | None, limit: int | None) -> tuple[list[tuple[
             specs = [s for s in specs if any(fnmatch.fnmatch(s.rpartition(":")[2], p) or fnmatch.fnmatch(s, p) for p in pats)]
         for s in specs[:limit] if limit else specs:
             member.setdefault(s, []).append(lst)
+    short = {s.rpartition(":")[2] for s in member}  # torchvision:resnet18 is what "resnet18" selected there
     for name in (only or "").split(","):  # an exact name no list holds runs too, under the chosen list's name
-        if name and not any(c in name for c in "*?[") and name not in member and _known(name):
+        if name and not any(c in name for c in "*?[") and name not in member and name not in short and _known(name):
             member[name] = [which]
     return list(member.items()), families
 

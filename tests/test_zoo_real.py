@@ -240,3 +240,12 @@ def test_a_policy_field_added_with_a_neutral_default_does_not_make_stored_rows_s
     assert "keep_projections" not in run["config"]["policy"]  # not neutral: a run without it ran without it
     assert zoo_real.unchanged_rows(dict(run, config=dict(run["config"], policy=dict(policy, keep_projections=None))),
                                    dict(config, policy=dict(policy, keep_projections=None))) == ([run["rows"][0]], [])
+
+
+def test_only_a_torchvision_name_selects_that_model_alone_not_also_timm_s_namesake():
+    from bench import zoo
+
+    specs = [s for s, _ in zoo.select("torchvision", "resnet18,efficientnet_b0", None)[0]]
+    assert sorted(specs) == ["torchvision:efficientnet_b0", "torchvision:resnet18"]
+    outside = [s for s, _ in zoo.select("torchvision", "resnet18,test_resnet", None)[0]]
+    assert "test_resnet" in outside and "resnet18" not in outside  # a name no list holds still runs
