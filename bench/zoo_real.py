@@ -139,8 +139,7 @@ def mac_shares(student, size) -> dict:
     import irconvert
 
     s = irconvert.summary(student, tuple(size))
-    w1a1 = sum(r.macs for r in s.rows if r.binary == "W1A1")
-    return {"binary_mac_share": round(s.binary_mac_share, 4), "w1a1_mac_share": round(w1a1 / max(s.macs, 1), 4)}
+    return {"binary_mac_share": round(s.binary_mac_share, 4), "w1a1_mac_share": round(s.w1a1_mac_share, 4)}
 
 
 def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=lambda stage: None,
@@ -255,8 +254,7 @@ def read_run(path: Path) -> dict:
     """A stored run, its policy completed with NEUTRAL_POLICY's fields."""
     data = json.loads(path.read_text())
     if isinstance(data.get("config", {}).get("policy"), dict):
-        data["config"]["policy"] = {**data["config"]["policy"],
-                                    **{k: v for k, v in NEUTRAL_POLICY.items() if k not in data["config"]["policy"]}}
+        data["config"]["policy"] = {**NEUTRAL_POLICY, **data["config"]["policy"]}
     return data
 
 

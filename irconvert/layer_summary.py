@@ -44,6 +44,11 @@ class Summary:
     def binary_mac_share(self) -> float:
         return self.binary_macs / max(self.macs, 1)
 
+    @property
+    def w1a1_mac_share(self) -> float:
+        """The share of the MACs that run bitwise (W1A1 layers; W1A32 ones have binary weights, real inputs)."""
+        return sum(r.macs for r in self.rows if r.binary == "W1A1") / max(self.macs, 1)
+
     def to_dict(self) -> dict:
         """Return the totals (and rows) as plain JSON-ready values."""
         d = asdict(self)
