@@ -110,17 +110,30 @@ class BinaryMixin:
             self.bireal_input = input
         if self.binary_mode == "W1A1":
             if self.binary_frozen:
-                return super().forward(self._frozen_sign(input), *args, **kwargs)
+                return self._w1a1_forward(self._frozen_sign(input), *args, **kwargs)
             if self.input_grad_scale != 1.0 and torch.is_grad_enabled():
                 input = GradScale.apply(input, self.input_grad_scale)
             signs = self._input_signs(input)
             # what the operator keeps for its backward: the signs recomputed from input, or int8; Q as bits
             source = input if plain_input_mode(type(self.binarizer)) is not None else None
             with kept_small(signs, source, self._parameters["weight"].shape if _plain_q(self) else None):
-                return super().forward(signs, *args, **kwargs)
+                return self._w1a1_forward(signs, *args, **kwargs)
         if self.binary.clip:  # made W1A32 after swap.fuse_hardtanh took the Hardtanh in front: it is here
             input = nn.functional.hardtanh(input)
         return super().forward(input, *args, **kwargs)
+
+    def _w1a1_forward(self, signs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The operator on B_a, its bias added after it: conv(B_a, s * B_w) + b. Each term is +-2^e, so
+        the sum is exact in any order, and the one rounding of + b is the bitwise kernels'. A conv kernel
+        that starts its sums at the bias (oneDNN's AVX-512 path) rounds at every step, so the packed model
+        and the runtime would differ by an ulp on some machines. Other classes (timm's) run their own forward."""
+        bias = self._parameters.get("bias")
+        if bias is None or type(self) not in _PLAIN_BINARY:
+            return super().forward(signs, *args, **kwargs)
+        if isinstance(self, nn.Linear):
+            return nn.functional.linear(signs, self.weight) + bias
+        out = self._conv_forward(signs, self.weight, None)
+        return out + bias.view(-1, *([1] * len(self.kernel_size)))  # batched or not
 
     def _input_signs(self, x: torch.Tensor) -> torch.Tensor:
         """B_a, the input's signs with the method's gradient. Inside torch.compile the sign op is marked for
@@ -224,6 +237,7 @@ class BinaryConv3d(BinaryMixin, nn.Conv3d):
 
 
 _STATIC = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear, nn.Conv1d: BinaryConv1d, nn.Conv3d: BinaryConv3d}
+_PLAIN_BINARY = frozenset(_STATIC.values())
 
 
 @functools.lru_cache(maxsize=None)

@@ -59,7 +59,7 @@ def test_sdbnn_forward_and_gradients_match_hand_computation(method):
     x2 = x.detach().clone().requires_grad_()
     bw = straight(w + dw.view(-1, 1, 1, 1), grad) * 0.25  # the gain 2^-2, no scale
     ba = straight(x2 + da.view(1, -1, 1, 1), grad)
-    ref = F.conv2d(ba, bw, layer.bias, padding=1)
+    ref = F.conv2d(ba, bw, padding=1) + layer.bias.view(1, -1, 1, 1)  # the bias after the exact sum
     assert torch.equal(layer(x).detach(), ref.detach())
     (ref * g).sum().backward()
     for got, want in [(x.grad, x2.grad), (layer.weight_shift.grad, dw.grad), (layer.input_shift.grad, da.grad),
@@ -91,7 +91,7 @@ def test_scaled_forward_gradients_and_l2_match_hand_computation():
     x2 = x.detach().clone().requires_grad_()
     bw = straight(w, ste) * (alpha.view(-1, 1, 1, 1) * 2.0**-3)
     ba = straight(x2, approx) * beta
-    ref = F.conv2d(ba, bw, layer.bias, padding=1)
+    ref = F.conv2d(ba, bw, padding=1) + layer.bias.view(1, -1, 1, 1)  # the bias after the exact sum
     torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-6, atol=1e-6)
     ((ref * g).sum() + 0.5 * 1e-4 * alpha.square().sum()).backward()
     for got, want in [(x.grad, x2.grad), (layer.weight_scale.grad, alpha.grad), (layer.input_scale.grad, beta.grad),
