@@ -125,8 +125,8 @@ class BinaryMixin:
     def _w1a1_forward(self, signs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The operator on B_a, its bias added after it: conv(B_a, s * B_w) + b. Each term is +-2^e, so
         the sum is exact in any order, and the one rounding of + b is the bitwise kernels'. A conv kernel
-        that starts its sums at the bias (oneDNN's AVX-512 path) rounds at every step, so the packed model
-        and the runtime would differ by an ulp on some machines. Other classes (timm's) run their own forward."""
+        that starts its sums at the bias rounds at every step (oneDNN's choice, by CPU: an AMD EPYC), so the
+        packed model and the runtime differed by an ulp there. Other classes (timm's) run their own forward."""
         bias = self._parameters.get("bias")
         if bias is None or type(self) not in _PLAIN_BINARY:
             return super().forward(signs, *args, **kwargs)
