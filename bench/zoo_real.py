@@ -356,7 +356,7 @@ def markdown(data: dict) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     pol = {k: v for k, v in c["policy"].items() if k in ("mode", "method", "shortcut", "shortcut_width", "keep_first",
                                                           "keep_last", "keep_depthwise", "keep_gates", "keep_projections",
-                                                          "features", "gated_input")}
+                                                          "features", "gated_input", "w1a1_min_fan_in")}
     tr = c.get("train") or {}
     lines = [f"# zoo_real: {c['list']}{' (' + c['tag'] + ')' if c.get('tag') else ''}", "",
              f"Fashion-MNIST, per model: the FP model trained from random init for {c['steps']} AdamW steps "
@@ -414,9 +414,11 @@ def summary(results: Path = RESULTS) -> str:
             continue
         bstem = c.get("baseline") or f"zoo-real-{c['list']}"
         base = runs.get(bstem)
-        rows = [r for r in d["rows"] if r["status"] == "ok"]
-        keys = {(r["source"], r["model"]) for r in rows}
-        brows = [r for r in (base["rows"] if base else []) if (r["source"], r["model"]) in keys and r["status"] == "ok"]
+        ok = lambda rs: {(r["source"], r["model"]): r for r in rs if r["status"] == "ok"}  # noqa: E731
+        mine, theirs = ok(d["rows"]), ok(base["rows"] if base else [])
+        if base:  # the models both measured: a run that measured more than its baseline is compared on those
+            mine = {k: r for k, r in mine.items() if k in theirs}
+        rows, brows = list(mine.values()), [theirs[k] for k in mine if k in theirs]
         option = (settings_diff(c, base["config"]) if base else "") or " ".join(c["set"]) or "(the same settings)"
         flips = lambda rs: _num(statistics.fmean([r["flip_rate_mean"] for r in rs]) if rs else None, ".2%")
         macs = lambda rs: _num(statistics.fmean([r["w1a1_mac_share"] for r in rs])

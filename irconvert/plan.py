@@ -69,8 +69,8 @@ class Policy(BaseModel):
     `w1a1_min_fan_in` makes a W1A1 layer whose fan-in (inputs per output, C_in * k * k / groups) is under
     it W1A32: binary weights, real input. A W1A1 output is an integer in [-fan_in, fan_in], so a narrow
     layer (ShuffleNetV2-0.5's 24-channel 1x1 convs) passes on a coarse count of agreeing signs; its
-    weights stay 1 bit. 0 (off) by default; measured in bench.zoo_real (docs/policy.md, Narrow layers).
-    Structure level: patterns and names override it.
+    weights stay 1 bit. 64 by default, measured in bench.zoo_real on the 27 fast-list models it changes
+    (docs/policy.md, Narrow layers); 0 turns it off. Structure level: patterns and names override it.
     `keep_magnitude` gives each binary layer the fixed gain 2^round(log2 std(w)) of its weight at
     conversion (see `layers`), so that it keeps the output scale of the layer it replaces; off
     gives the paper's equations exactly (the same under a BatchNorm).
@@ -103,7 +103,7 @@ class Policy(BaseModel):
     features: Literal["W1A32", "keep", "binary"] = "W1A32"
     gated_input: Literal["W1A32", "keep", "binary"] = "W1A32"
     min_fan_in: int = Field(0, ge=0)
-    w1a1_min_fan_in: int = Field(0, ge=0)
+    w1a1_min_fan_in: int = Field(64, ge=0)
     types: dict[str, Decision] = Field(default_factory=dict)
     patterns: dict[str, Decision] = Field(default_factory=dict)
     layers: dict[str, Decision] = Field(default_factory=dict)

@@ -149,9 +149,9 @@ def test_gate_branches_and_their_readers_are_found(build, gates, readers):
 
 def test_a_gated_reader_is_w1a32_unless_the_policy_says_otherwise():
     """sign(x * g) = sign(x) for a positive gate: a W1A1 reader of the product would not see the gate."""
-    plan = irconvert.binarize(Gated()).irconvert_plan.layers
+    plan = irconvert.binarize(Gated(), w1a1_min_fan_in=0).irconvert_plan.layers  # tiny layers: W1A1 as the policy says
     assert plan["value"].mode == "W1A32" and "gated product" in plan["value"].reason
-    assert irconvert.binarize(Gated(), gated_input="binary").irconvert_plan.layers["value"].mode == "W1A1"
+    assert irconvert.binarize(Gated(), gated_input="binary", w1a1_min_fan_in=0).irconvert_plan.layers["value"].mode == "W1A1"
     assert irconvert.binarize(Gated(), gated_input="keep").irconvert_plan.layers["value"].mode is None
     assert irconvert.binarize(Gated(), mode="W1A32").irconvert_plan.layers["value"].mode == "W1A32"
     assert irconvert.binarize(Gated(), patterns={"value": "W1A1"}).irconvert_plan.layers["value"].mode == "W1A1"
@@ -204,7 +204,7 @@ def test_projection_shortcuts_are_found_on_the_shorter_side_of_a_sum(build, foun
 
 
 def test_projections_stay_full_precision_unless_the_policy_says_otherwise():
-    assert irconvert.binarize(Branches(), keep_projections=False).irconvert_plan.layers["proj"].mode == "W1A1"
-    kept = irconvert.binarize(Branches()).irconvert_plan.layers
+    assert irconvert.binarize(Branches(), keep_projections=False, w1a1_min_fan_in=0).irconvert_plan.layers["proj"].mode == "W1A1"
+    kept = irconvert.binarize(Branches(), w1a1_min_fan_in=0).irconvert_plan.layers
     assert kept["proj"].mode is None and kept["proj"].reason.startswith("projection shortcut")
     assert kept["b1"].mode == "W1A1" and kept["conv2"].mode is not None  # W1A32: fed by a functional relu

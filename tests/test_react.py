@@ -176,7 +176,7 @@ def test_linear_consumers_get_channels_last_parameters():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     batch = torch.randn(4, 5, 8)  # [batch, tokens, 8]
-    model = irconvert.binarize(net, activation="rprelu", features="binary", calibrate=batch)
+    model = irconvert.binarize(net, activation="rprelu", features="binary", calibrate=batch, w1a1_min_fan_in=0)
     assert isinstance(model[1], RPReLU) and tuple(model[1].gamma.shape) == (16,)
     assert model(torch.randn(2, 5, 8)).shape == (2, 5, 4)
 

@@ -191,7 +191,7 @@ class Mixed(nn.Module):
 @torch.no_grad()
 def test_only_plain_w1a1_layers_are_taken_over(backends, monkeypatch, tmp_path):
     torch.manual_seed(3)
-    policy = irconvert.Policy(keep_depthwise=False, layers={"fc2": "W1A32"})
+    policy = irconvert.Policy(keep_depthwise=False, layers={"fc2": "W1A32"}, w1a1_min_fan_in=0)
     model = irconvert.binarize(Mixed(), policy, calibrate=False)  # random weights: fc1 would look dead
     path = irconvert.save_packed(model, tmp_path / "packed.safetensors")
     sim, net = irconvert.load_packed(path, model=Mixed()), rt.load(path, model=Mixed())

@@ -152,7 +152,7 @@ def test_resnet34_at_224_is_bit_identical(backends, monkeypatch, tmp_path):
 def test_mobilenet_keeps_depthwise_float_and_is_bit_identical(shortcut, width, backends, monkeypatch, tmp_path):
     torch.manual_seed(2)
     model = irconvert.binarize(randomize_bn(create_model("mobilenetv2_100", num_classes=10), 2), shortcut=shortcut,
-                               shortcut_width=width)
+                               shortcut_width=width, w1a1_min_fan_in=0)  # blocks.1's 16-channel convs W1A1 too
     if shortcut:  # plain shortcuts on the blocks without a residual sum
         assert ("blocks.1.0.conv_pw", "blocks.1.0.bn1") in model.irconvert_plan.shortcuts
     sim, net = packed_pair(model, tmp_path)
@@ -286,7 +286,7 @@ class MaskedHead(nn.Module):
 def test_a_head_behind_a_default_argument_stays_in_the_fused_model(backends, monkeypatch, tmp_path):
     # fx makes `mask` a proxy, never None: the fused graph lost the head and returned the features
     torch.manual_seed(6)
-    model = irconvert.binarize(randomize_bn(MaskedHead().eval()), shortcut=False)
+    model = irconvert.binarize(randomize_bn(MaskedHead().eval()), shortcut=False, w1a1_min_fan_in=0)
     sim, net = packed_pair(model, tmp_path, MaskedHead)
     assert isinstance(net, torch.fx.GraphModule)
     assert net.irconvert_runtime.fusion["b"].startswith("fused"), net.irconvert_runtime.fusion

@@ -126,7 +126,8 @@ def test_every_shape_reloads_bit_identical_and_runs_bitwise_exactly(shape, side,
     x = torch.randn(3, 3, side, side)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = irconvert.binarize(_randomized(Chain(cin, cout, k, s, p, d)).eval(), shortcut=form, calibrate=x).eval()
+        net = irconvert.binarize(_randomized(Chain(cin, cout, k, s, p, d)).eval(), shortcut=form, calibrate=x,
+                                 w1a1_min_fan_in=0).eval()  # W1A1 however narrow: the shortcut is on W1A1 convs
     assert net.irconvert_plan.layers["conv"].mode == "W1A1" and dict(net.irconvert_plan.shortcuts) == {"conv": "bn1"}
     for g in [p for n, p in net.named_parameters() if n.endswith("shortcut_gate")]:
         g.normal_()  # an open gate, so that the shortcut is in the outputs compared
@@ -193,7 +194,7 @@ class Net(nn.Module):
 def _plan(model, **fields):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        net = irconvert.binarize(model, calibrate=torch.randn(2, 3, 16, 16), **fields)
+        net = irconvert.binarize(model, calibrate=torch.randn(2, 3, 16, 16), **{"w1a1_min_fan_in": 0, **fields})
     return net.irconvert_plan, [str(w.message) for w in caught]
 
 

@@ -290,7 +290,7 @@ def test_bireal_shortcut_shapes(tmp_path, shape, gated):
     cin, cout, k, s, p, size = _SHAPES[shape]
     model = _randomize_bn(_OneShortcut(cin, cout, k, s, p))
     b = irconvert.binarize(model.eval(), calibrate=_x(8, (3, size, size)), features="binary",
-                           shortcut="gated" if gated else True)
+                           shortcut="gated" if gated else True, w1a1_min_fan_in=0)
     (bn,) = [m for m in b.modules() if isinstance(m, irconvert.shortcut.ShortcutMixin)]
     if gated:
         bn.shortcut_gate.data.copy_(torch.rand(cout, generator=torch.Generator().manual_seed(3)) + 0.5)
@@ -440,7 +440,7 @@ def test_exact_ties_sign_zero_is_plus_one_in_every_kernel(tmp_path):
                 m.weight.copy_(torch.randint(-4, 5, m.weight.shape, generator=g).float() / 8)
                 m.bias.zero_()
     size = (3, 8, 8)
-    b = irconvert.binarize(net.eval(), features="binary", shortcut=False)
+    b = irconvert.binarize(net.eval(), features="binary", shortcut=False, w1a1_min_fan_in=0)
     assert len(list(irconvert.binary_layers(b))) == 3
     b.irconvert_input_size = size
     path = export_tflite(b, tmp_path / "model.tflite")

@@ -180,7 +180,8 @@ class FunctionalQKV(nn.Module):
 def test_layers_whose_weight_is_read_directly_are_w1a32():
     a = analyze(FunctionalQKV())
     assert not a.layers["qkv"].called and not a.layers["mha.out_proj"].called and a.layers["mlp"].called
-    net = irconvert.binarize(FunctionalQKV(), calibrate=torch.randn(4, 5, 8), features="binary")  # mlp: W1A1
+    net = irconvert.binarize(FunctionalQKV(), calibrate=torch.randn(4, 5, 8), features="binary",
+                            w1a1_min_fan_in=0)  # mlp: W1A1, narrow as it is
     modes = {n: p.mode for n, p in net.irconvert_plan.layers.items()}
     # nn.MultiheadAttention's projections become called layers (irconvert.attention): binary like the rest
     assert modes == {"stem": None, "qkv": "W1A32", "mha.out_proj": "W1A1", "mha.in_proj": "W1A1", "mlp": "W1A1",
