@@ -131,9 +131,10 @@ class BinaryMixin:
         if bias is None or type(self) not in _PLAIN_BINARY:
             return super().forward(signs, *args, **kwargs)
         if isinstance(self, nn.Linear):
-            return nn.functional.linear(signs, self.weight) + bias
+            out = nn.functional.linear(signs, self.weight)
+            return out + bias.to(out.dtype)  # autocast's dtype, as the operator would give it
         out = self._conv_forward(signs, self.weight, None)
-        return out + bias.view(-1, *([1] * len(self.kernel_size)))  # batched or not
+        return out + bias.to(out.dtype).view(-1, *([1] * len(self.kernel_size)))  # batched or not; autocast's dtype
 
     def _input_signs(self, x: torch.Tensor) -> torch.Tensor:
         """B_a, the input's signs with the method's gradient. Inside torch.compile the sign op is marked for
