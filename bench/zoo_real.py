@@ -350,6 +350,36 @@ def diagnosis(r: dict, within_losses: list[float] = ()) -> str:
     return f"distillation loss {loss[-1]:.2f} at the end{ref}, {trend}"
 
 
+def _run_key(r: dict) -> str | None:
+    return json.dumps(r["run"], sort_keys=True) if r.get("run") else None
+
+
+def run_labels(rows: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """Return a letter per run that measured rows of this table (reused rows are the other table's) and the lines
+    that say, per run, when, on how many workers and cores, and what else the machine was doing."""
+    order = []
+    for r in rows:
+        if not r.get("reused_from") and _run_key(r) and _run_key(r) not in order:
+            order.append(_run_key(r))
+    labels = {k: chr(ord("a") + i) for i, k in enumerate(order)}
+    text = []
+    for k in order:
+        run, n = json.loads(k), sum(_run_key(r) == k and not r.get("reused_from") for r in rows)
+        text.append(f"- run {labels[k]} ({n} rows, {run['date']}, {run['jobs']} worker(s) on {run['cores']} cores): "
+                    f"{run['note'] or 'what else ran on the machine was not recorded'}")
+    unknown = sum(not r.get("reused_from") and not r.get("run") for r in rows)
+    if unknown:
+        text.append(f"- {unknown} rows from runs made before rows recorded their run's conditions")
+    return labels, (text + [""] if text else [])
+
+
+def since_note(rows: list[dict]) -> str:
+    """Say how many of this table's own rows were measured under an earlier policy that plans them the same."""
+    n = sum(bool(r.get("earlier_policy")) and not r.get("reused_from") for r in rows)
+    return (f"; {n} rows measured under an earlier policy that plans their models identically "
+            "(bench.zoo_real.plan_signatures)") if n else ""
+
+
 def markdown(data: dict) -> str:
     """Return the Markdown of one zoo_real result: the config, the summary, a row per model."""
     c, rows = data["config"], data["rows"]
@@ -358,6 +388,7 @@ def markdown(data: dict) -> str:
                                                           "keep_last", "keep_depthwise", "keep_gates", "keep_projections",
                                                           "features", "gated_input", "w1a1_min_fan_in")}
     tr = c.get("train") or {}
+    labels, runs_text = run_labels(rows)
     lines = [f"# zoo_real: {c['list']}{' (' + c['tag'] + ')' if c.get('tag') else ''}", "",
              f"Fashion-MNIST, per model: the FP model trained from random init for {c['steps']} AdamW steps "
              f"(lr {FP_LR:g}, batch 64, at the smallest input size from 32x32 it runs on), converted with the "
@@ -367,7 +398,7 @@ def markdown(data: dict) -> str:
              f"{' and ' + ', '.join(c['set']) if c['set'] else ''} (distillation from the FP model, EDE). "
              f"Top-1 on {EVAL} test images. flips: share of binary weight signs flipped per log point "
              f"(a tenth of the binary steps), mean over the run / last. {c['note']}"
-             f"{'; ' + c['policy_since'] if c.get('policy_since') else ''}", "",
+             f"{'; ' + c['policy_since'] if c.get('policy_since') else ''}{since_note(rows)}", "", *runs_text,
              f"**{within(ok)} of {len(rows)} within {WITHIN:g} points** of their FP twin; median gap "
              f"{_num(median_gap(ok), '.2f')} points; {len(rows) - len(ok)} failed to run."
              + (f" Not run yet: {len(data['unrun'])} of the list's {len(data['unrun']) + len(rows)} models "
@@ -381,6 +412,8 @@ def markdown(data: dict) -> str:
             note = "; ".join(filter(None, ["built with " + ", ".join(f"{k}={v}" for k, v in r["built_for"].items()), note]))
         if r.get("reused_from"):
             note = "; ".join(filter(None, [f"measured in {r['reused_from']}", note]))
+        elif _run_key(r) in labels:
+            note = "; ".join(filter(None, [f"run {labels[_run_key(r)]}", note]))
         flips = f"{_num(r['flip_rate_mean'], '.2%')} / {_num(r['flip_rate_last'], '.2%')}" if r["flip_rate_mean"] is not None else "-"
         lines.append(f"| {r['model']} | {r['source']} | {size} | {_num(r['fp_top1'], '.1f')} | "
                      f"{_num(r['binary_top1'], '.1f')} | {_num(r['gap'], '.1f')} | {flips} | {_num(r['seconds'], '.0f')} | {note} |")
@@ -518,6 +551,7 @@ def main() -> None:
     if not args.adopt:
         print(f"{len(specs)} models, {args.jobs} worker(s), {args.steps} steps each", file=sys.stderr)
     t0 = time.perf_counter()
+    run = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "jobs": args.jobs, "note": args.note}
     worker_args = (json.dumps({"steps": args.steps, "set": args.set, "fp_cache": not args.fresh_fp}),)
 
     whole = [s for s, _ in zoo.select(args.list, None, None)[0]]
@@ -538,14 +572,14 @@ def main() -> None:
             note = (f"{args.jobs} worker(s) on {os.cpu_count()} CPU cores, last run {time.perf_counter() - t0:.0f} s "
                     "wall" + (f"; {args.note}" if args.note else ""))
         if reused:
-            since_note = other["config"].get("policy_since")
+            theirs = other["config"].get("policy_since") or since_note(other["rows"]).removeprefix("; ")
             note += (f"; the rows of {', '.join(r['model'] for r in reused)} come from {src.name}, measured there under "
-                     "these settings" + (f" ({src.name}: {since_note})" if since_note else ""))
-        since = {}
-        if old is not None and old["config"]["policy"] != config["policy"] and kept:
-            since = {"policy_since": f"{len(kept)} rows measured under an earlier policy that plans their models "
-                                     "identically (bench.zoo_real.plan_signatures)"}
-        data = {"config": dict(config, note=note, **since), "rows": kept + rows,
+                     "these settings" + (f" ({src.name}: {theirs})" if theirs else ""))
+        if old is not None and old["config"]["policy"] != config["policy"]:
+            kept = [dict(r, earlier_policy=True) for r in kept]
+        if specs and not args.adopt:  # what the machine was doing stays with each row this run measured
+            rows = [dict(r, run=r.get("run") or run) for r in rows]
+        data = {"config": dict(config, note=note), "rows": kept + rows,
                 "unrun": [s for s in whole if s not in measured]}
         write_results(name, data, markdown(data), results=args.out, quiet=len(rows) < len(specs))
 

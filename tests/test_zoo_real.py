@@ -190,7 +190,9 @@ def test_an_option_made_a_default_is_adopted_without_running(tmp_path, monkeypat
     zoo_real.main()
     data = json.loads((tmp_path / "zoo-real-fast.json").read_text())
     assert {r["model"]: r["gap"] for r in data["rows"]} == {"resnet18": 0.5, "mobilenetv2_100": 2.0}
-    assert data["config"]["policy"] == today["policy"] and data["config"]["policy_since"].startswith("1 rows measured under an earlier policy")
+    assert data["config"]["policy"] == today["policy"]
+    assert [r["model"] for r in data["rows"] if r.get("earlier_policy")] == ["mobilenetv2_100"]
+    assert "; 1 rows measured under an earlier policy" in (tmp_path / "zoo-real-fast.md").read_text()
     assert data["config"]["note"].startswith("the morning's run; the rows of resnet18 come from the run tagged proj")
 
     tagged["config"]["train"] = dict(today["train"], lr=0.01)
@@ -249,3 +251,26 @@ def test_only_a_torchvision_name_selects_that_model_alone_not_also_timm_s_namesa
     assert sorted(specs) == ["torchvision:efficientnet_b0", "torchvision:resnet18"]
     outside = [s for s, _ in zoo.select("torchvision", "resnet18,test_resnet", None)[0]]
     assert "test_resnet" in outside and "resnet18" not in outside  # a name no list holds still runs
+
+
+def test_each_row_says_which_run_measured_it_and_what_the_machine_was_doing():
+    """A table filled by several partial runs keeps each run's conditions with its rows: a later run's note does
+    not replace what an earlier one said (that the slow tests shared its cores)."""
+    def row(model, run=None, **kw):
+        return dict(zoo_real.blank(model, "timm"), status="ok", fp_top1=80.0, binary_top1=79.0, gap=1.0,
+                    input_size=[3, 32, 32], seconds=1.0, **({"run": run} if run else {}), **kw)
+
+    busy = {"date": "2026-12-03", "cores": 2, "jobs": 2, "note": "the slow tests beside it, so busy"}
+    idle = {"date": "2026-12-04", "cores": 2, "jobs": 2, "note": "nothing else ran"}
+    rows = [row("a_net", busy), row("b_net", idle), row("c_net", busy), row("d_net"),
+            row("e_net", busy, reused_from="zoo-real-fast.json"), row("f_net", earlier_policy=True)]
+    config = {"list": "timm", "tag": None, "steps": 2, "set": [], "note": "last run 10 s wall",
+              "policy": irconvert.Policy().model_dump(mode="json"), "train": {}}
+    md = zoo_real.markdown({"config": config, "rows": rows})
+    assert "- run a (2 rows, 2026-12-03, 2 worker(s) on 2 cores): the slow tests beside it, so busy" in md
+    assert "- run b (1 rows, 2026-12-04, 2 worker(s) on 2 cores): nothing else ran" in md
+    assert "- 2 rows from runs made before rows recorded their run's conditions" in md
+    assert "; 1 rows measured under an earlier policy" in md
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[-1] for line in md.splitlines() if line.startswith("| ")}
+    assert cells["a_net"] == "run a |" and cells["b_net"] == "run b |" and cells["c_net"] == "run a |"
+    assert cells["d_net"] == " |" and cells["e_net"] == "measured in zoo-real-fast.json |"
