@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from bench.common import RESULTS, write_results
@@ -357,17 +358,14 @@ def _run_key(r: dict) -> str | None:
 def run_labels(rows: list[dict]) -> tuple[dict[str, str], list[str]]:
     """Return a letter per run that measured rows of this table (reused rows are the other table's) and the lines
     that say, per run, when, on how many workers and cores, and what else the machine was doing."""
-    order = []
-    for r in rows:
-        if not r.get("reused_from") and _run_key(r) and _run_key(r) not in order:
-            order.append(_run_key(r))
-    labels = {k: chr(ord("a") + i) for i, k in enumerate(order)}
+    counts = Counter(_run_key(r) for r in rows if not r.get("reused_from"))  # first-seen order; None: not recorded
+    unknown = counts.pop(None, 0)
+    labels = {k: chr(ord("a") + i) for i, k in enumerate(counts)}
     text = []
-    for k in order:
-        run, n = json.loads(k), sum(_run_key(r) == k and not r.get("reused_from") for r in rows)
+    for k, n in counts.items():
+        run = json.loads(k)
         text.append(f"- run {labels[k]} ({n} rows, {run['date']}, {run['jobs']} worker(s) on {run['cores']} cores): "
                     f"{run['note'] or 'what else ran on the machine was not recorded'}")
-    unknown = sum(not r.get("reused_from") and not r.get("run") for r in rows)
     if unknown:
         text.append(f"- {unknown} rows from runs made before rows recorded their run's conditions")
     return labels, (text + [""] if text else [])
@@ -412,8 +410,8 @@ def markdown(data: dict) -> str:
             note = "; ".join(filter(None, ["built with " + ", ".join(f"{k}={v}" for k, v in r["built_for"].items()), note]))
         if r.get("reused_from"):
             note = "; ".join(filter(None, [f"measured in {r['reused_from']}", note]))
-        elif _run_key(r) in labels:
-            note = "; ".join(filter(None, [f"run {labels[_run_key(r)]}", note]))
+        elif label := labels.get(_run_key(r)):
+            note = "; ".join(filter(None, [f"run {label}", note]))
         flips = f"{_num(r['flip_rate_mean'], '.2%')} / {_num(r['flip_rate_last'], '.2%')}" if r["flip_rate_mean"] is not None else "-"
         lines.append(f"| {r['model']} | {r['source']} | {size} | {_num(r['fp_top1'], '.1f')} | "
                      f"{_num(r['binary_top1'], '.1f')} | {_num(r['gap'], '.1f')} | {flips} | {_num(r['seconds'], '.0f')} | {note} |")
