@@ -227,11 +227,13 @@ def real_model(spec: str, steps: int = STEPS, overrides: list[str] = (), report=
     return rec
 
 
-def plan_signatures(spec: str, built_for: dict | None, *policies: dict) -> list[tuple]:
-    """What each of `policies` decides for `spec` as zoo_real builds it, from its graph (built and analysed once):
-    each layer's mode and gain, the shortcuts, the activations replaced. Two policies with the same signature
-    convert the model the same way."""
+def plan_signatures(spec: str, built_for: dict | None, *policies: dict, size: tuple[int, ...] | None = None) -> list[tuple]:
+    """What each of `policies` decides for `spec` as zoo_real builds it, from its graph (built and analysed once,
+    at input `size` as binarize's calibration batch gives it): each layer's mode and gain, the shortcuts, the
+    activations replaced. Two policies with the same signature convert the model the same way."""
     import warnings
+
+    import torch
 
     from bench.zoo_check import sweep_model
     from irconvert.analyze import analyze
@@ -240,7 +242,8 @@ def plan_signatures(spec: str, built_for: dict | None, *policies: dict) -> list[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = sweep_model(spec, **(built_for or {}))
-        analysis, modules = analyze(model), dict(model.named_modules())
+        example = (torch.zeros((2, *size)),) if size else None
+        analysis, modules = analyze(model, example), dict(model.named_modules())
         plans = [plan(analysis, Policy(**policy), modules) for policy in policies]
     return [(tuple((n, lp.mode, lp.gain) for n, lp in p.layers.items()), p.shortcuts, p.hardtanh) for p in plans]
 
@@ -279,7 +282,8 @@ def unchanged_rows(old: dict, config: dict) -> tuple[list[dict], list[str]]:
     kept, rerun = [], []
     for r in old["rows"]:
         try:
-            before, after = plan_signatures(_spec(r), r.get("built_for"), old["config"]["policy"], config["policy"])
+            before, after = plan_signatures(_spec(r), r.get("built_for"), old["config"]["policy"], config["policy"],
+                                            size=tuple(r["input_size"]) if r.get("input_size") else None)
             same = before == after
         except Exception:  # the model does not build or trace any more: measure it again
             same = False

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import closure, ends, feature_layers, gates, owner_names, projections, trace, weighted_layers
+from .graph import closure, ends, feature_layers, gates, owner_names, projections, structure_trace, weighted_layers
 from .layers import can_binarize
 from .ops import SUPPORTED, fan_in, is_depthwise, magnitude
 
@@ -125,10 +125,12 @@ class Analysis:
     flow: Dataflow | None = None  # None when the model did not trace
 
 
-def analyze(model: nn.Module) -> Analysis:
-    """Return the per-layer facts of `model`, from its fx graph or, if tracing fails, module order."""
+def analyze(model: nn.Module, example: tuple | None = None) -> Analysis:
+    """Return the per-layer facts of `model`, from its fx graph or, if tracing fails, module order. With
+    `example` (the forward's arguments, or their shapes' stand-ins) the graph also sees inside timm's
+    notrace modules where it can (graph.structure_trace)."""
     try:
-        graph = trace(model)
+        graph = structure_trace(model, example)
     except Exception as exc:  # any trace failure: the fallback still gives an answer
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return _analyze_module_order(

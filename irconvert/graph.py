@@ -7,9 +7,15 @@ conv/linear one leaf node, and the layers at the graph's two ends.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
+import warnings
+from typing import Optional
 
+import torch
 from torch import fx, nn
+from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
 from .ops import SUPPORTED
 
@@ -29,19 +35,20 @@ class CalledTracer(fx.Tracer):
         return "bireal_conv" in vars(m) or super().is_leaf_module(m, qualname)
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    """timm's registered leaf modules and leaf functions (none without timm: it is optional for user models)."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
 class _Tracer(CalledTracer):
     """fx tracer with timm's leaf modules/functions registered and every conv/linear a leaf."""
 
     def __init__(self):
-        self._timm_leaves: tuple[type, ...] = ()
-        functions: tuple = ()
-        try:
-            from timm.layers import _fx as timm_fx
-
-            self._timm_leaves = tuple(timm_fx.get_notrace_modules())
-            functions = tuple(timm_fx.get_notrace_functions())
-        except ImportError:  # timm is optional for user models
-            pass
+        self._timm_leaves, functions = _timm_notrace()
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -54,6 +61,75 @@ def trace(model: nn.Module) -> fx.Graph:
     """Return the fx graph of `model` run as it is called, `model(x)` (raises whatever fx raises when it
     cannot trace): the forward's arguments that have a default are fixed at it."""
     return _Tracer().trace(model)
+
+
+def opaque_leaves(model: nn.Module, graph: fx.Graph) -> list[str]:
+    """The call_module nodes' targets in `graph` that run conv/linear layers inside them without being
+    one: timm's notrace modules (MobileViT's blocks, EfficientViT's attention, NF-Net's blocks), which
+    hide from the structure rules the sums, gates and norms around their layers."""
+    modules = dict(model.named_modules())
+    return [n.target for n in graph.nodes if n.op == "call_module" and not isinstance(modules.get(n.target), SUPPORTED)
+            and any(isinstance(m, SUPPORTED) for m in modules[n.target].modules())] if modules else []
+
+
+class _DeviceProxy(MetaProxy):
+    """A meta tracer's value whose device is the concrete meta device, not a traced attribute: a forward that
+    branches on `x.device.type` (EfficientViT's autocast guard) takes a branch, and tensors it makes on
+    that device are meta tensors like the rest."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("meta")
+
+
+class _OpenTracer(MetaTracer):
+    """fx tracer over meta tensors that opens timm's notrace modules: their forwards branch on shapes
+    (`if H % patch:`), which meta tensors make concrete. Every conv/linear is still one leaf node, and so
+    is each timm leaf without one inside (BatchNormAct2d: the BatchNorm after a conv)."""
+
+    def __init__(self):
+        self._closed, functions = _timm_notrace()
+        super().__init__(autowrap_functions=functions)
+
+    def proxy(self, node: fx.Node) -> MetaProxy:
+        return _DeviceProxy(node, self)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, SUPPORTED) or "bireal_conv" in vars(m):
+            return True
+        if self._closed and isinstance(m, self._closed):
+            return not any(isinstance(c, SUPPORTED) for c in m.modules())
+        return super().is_leaf_module(m, qualname)
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are meta tensors: no data is copied."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def structure_trace(model: nn.Module, example: Optional[tuple] = None) -> fx.Graph:
+    """Return the graph the structure rules read: `trace(model)`, or, where that graph has opaque leaves
+    (`opaque_leaves`) and an example input is given, the graph traced through them on meta tensors of
+    the example's shapes (the first forward argument; the others at their defaults). Falls back to
+    `trace(model)` where the opened trace fails; raises what `trace` raises."""
+    graph = trace(model)
+    first = example[0] if example else None
+    if not isinstance(first, torch.Tensor) or not opaque_leaves(model, graph):
+        return graph
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        concrete = {k: v for k, v in defaults(model).items() if k != params[0].name}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the meta tracer warns where it cannot size a value
+            return _OpenTracer().trace(_on_meta(model), meta_args={params[0].name: first.to("meta")},
+                                       concrete_args=concrete)
+    except Exception:  # any failure of the opened trace: the closed graph still holds
+        return graph
 
 
 def defaults(model: nn.Module) -> dict[str, object]:

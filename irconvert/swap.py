@@ -134,7 +134,7 @@ def binarize(model: nn.Module, policy: Optional[Policy] = None, inplace: bool = 
     if seen:  # the size the model has seen: summary's MACs and an embedded architecture use it
         model.irconvert_input_size = seen
     prepare_attention(model)
-    analysis = analyze(model)
+    analysis = analyze(model, _example(model, calibrate))
     the_plan = plan(analysis, policy, {n: model.get_submodule(n) for n in analysis.layers})
     if policy.activation == "rprelu" and the_plan.hardtanh:
         the_plan = _size_rprelu(model, analysis, the_plan, calibrate)
@@ -155,6 +155,15 @@ def _probe_args(model: nn.Module, calibrate) -> tuple[torch.Tensor, ...]:
     if calibrate is None or calibrate is True or calibrate is False:
         return (_default_batch(model),)
     return (calibrate,) if isinstance(calibrate, torch.Tensor) else tuple(calibrate)
+
+
+def _example(model: nn.Module, calibrate) -> Optional[tuple[torch.Tensor, ...]]:
+    """The forward's arguments whose shapes the structure trace uses: the calibration batch, else the
+    default batch's (None where the model's input size is unknown)."""
+    try:
+        return _probe_args(model, calibrate)
+    except Exception:  # no input size to read: analyze traces without one
+        return None
 
 
 def _seen_size(calibrate) -> Optional[tuple[int, ...]]:

@@ -208,3 +208,76 @@ def test_projections_stay_full_precision_unless_the_policy_says_otherwise():
     kept = irconvert.binarize(Branches(), w1a1_min_fan_in=0).irconvert_plan.layers
     assert kept["proj"].mode is None and kept["proj"].reason.startswith("projection shortcut")
     assert kept["b1"].mode == "W1A1" and kept["conv2"].mode is not None  # W1A32: fed by a functional relu
+
+
+from timm.layers import register_notrace_module  # noqa: E402
+
+from irconvert.graph import opaque_leaves, trace  # noqa: E402
+
+
+@register_notrace_module
+class ShapeBranchingBlock(nn.Module):
+    """A timm notrace block, as MobileViT's: it branches on its input's shape, which symbolic fx cannot,
+    and holds a squeeze-excitation gate and a residual sum that the structure rules must see."""
+
+    def __init__(self, c: int = 16, data_branch: bool = False):
+        super().__init__()
+        self.data_branch = data_branch
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c, 1)
+        self.conv2 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        if (x.sum() > 0) if self.data_branch else (x.shape[-1] % 2):  # data: no trace opens it
+            x = x * 1.0
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = y * torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return x + self.bn2(self.conv2(y))
+
+
+class WithBlock(nn.Module):
+    def __init__(self, data_branch: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = ShapeBranchingBlock(16, data_branch)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_the_structure_rules_see_inside_a_timm_notrace_block_traced_on_meta_tensors():
+    model = WithBlock()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    assert opaque_leaves(model, trace(model)) == ["block"]  # symbolic fx: the block is one node
+    closed, opened = analyze(model), analyze(model, (torch.zeros(2, 3, 9, 9),))
+    assert not closed.layers["block.fc1"].gate and not closed.layers["block.fc2"].gate
+    assert opened.layers["block.fc1"].gate and opened.layers["block.fc2"].gate  # squeeze-excitation, found
+    assert ("block.conv2",) in opened.flow.layers and ("block.conv2",) not in closed.flow.layers
+    assert opened.norm_after["block.conv1"] == "block.bn1" and "block.conv1" not in closed.norm_after
+    # the meta copy it traced left the model as it was: its tensors on the CPU, with the same values
+    assert all(p.device.type == "cpu" and torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    student = irconvert.binarize(model, calibrate=torch.randn(4, 3, 9, 9))
+    assert type(student.block.fc1) is nn.Conv2d and type(student.block.fc2) is nn.Conv2d  # keep_gates holds
+    assert isinstance(student.block.conv1, BinaryMixin)
+
+
+def test_a_notrace_block_that_branches_on_data_stays_one_node():
+    model = WithBlock(data_branch=True)
+    opened = analyze(model, (torch.zeros(2, 3, 9, 9),))
+    assert opened.traced and not opened.layers["block.fc1"].gate
+    assert opened.flow.layers == analyze(model).flow.layers  # the closed graph, as without an example
+
+
+def test_nf_regnet_keeps_its_squeeze_excitation_and_projections_real_valued():
+    """NF-RegNet's NormFreeBlock is a timm notrace module: before the graph opened it, its SE convs and its
+    downsample projections were binarized like any conv (zoo_real: 53.4 points below its FP twin)."""
+    model = timm.create_model("nf_regnet_b0").eval()
+    student = irconvert.binarize(model, calibrate=torch.randn(2, 3, 64, 64))
+    block = student.stages[1][0]
+    assert type(block.attn.fc1) is nn.Conv2d and type(block.attn.fc2) is nn.Conv2d
+    assert not isinstance(block.downsample.conv, BinaryMixin)
+    assert isinstance(block.conv3, BinaryMixin)
