@@ -68,8 +68,13 @@ def opaque_leaves(model: nn.Module, graph: fx.Graph) -> list[str]:
     one: timm's notrace modules (MobileViT's blocks, EfficientViT's attention, NF-Net's blocks), which
     hide from the structure rules the sums, gates and norms around their layers."""
     modules = dict(model.named_modules())
-    return [n.target for n in graph.nodes if n.op == "call_module" and not isinstance(modules.get(n.target), SUPPORTED)
-            and any(isinstance(m, SUPPORTED) for m in modules[n.target].modules())] if modules else []
+    return [n.target for n in graph.nodes if n.op == "call_module" and not isinstance(modules[n.target], SUPPORTED)
+            and _holds_layer(modules[n.target])]
+
+
+def _holds_layer(m: nn.Module) -> bool:
+    """True if `m` or a module inside it is a conv/linear layer."""
+    return any(isinstance(c, SUPPORTED) for c in m.modules())
 
 
 class _DeviceProxy(MetaProxy):
@@ -98,7 +103,7 @@ class _OpenTracer(MetaTracer):
         if isinstance(m, SUPPORTED) or "bireal_conv" in vars(m):
             return True
         if self._closed and isinstance(m, self._closed):
-            return not any(isinstance(c, SUPPORTED) for c in m.modules())
+            return not _holds_layer(m)
         return super().is_leaf_module(m, qualname)
 
 
